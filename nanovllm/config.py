@@ -1,0 +1,123 @@
+"""The engine's one configuration object: every engine argument, validated once, up front."""
+
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+_DTYPES = ("auto", "float32", "bfloat16", "float16")
+_BACKENDS = ("auto", "torch", "triton", "flash-attn")
+
+
+@dataclass
+class Config:
+    model: str
+    max_num_batched_tokens: int = 16384
+    max_num_seqs: int = 512
+    max_model_len: int = 4096
+    gpu_memory_utilization: float = 0.9
+    tensor_parallel_size: int = 1
+    enforce_eager: bool = False
+    kvcache_block_size: int = 256
+    num_kvcache_blocks: int = -1
+    dtype: str = "auto"
+    device: str = "auto"
+    seed: int = 0
+    attention_backend: str = "auto"
+    # Derived in __post_init__ (not engine arguments).
+    hf_config: Any = field(default=None, init=False, repr=False)
+    eos_token_id: int | list[int] | None = field(default=None, init=False)
+
+    @classmethod
+    def from_kwargs(cls, model: str, **engine_args: Any) -> "Config":
+        known = {f.name for f in fields(cls) if f.init}
+        unknown = sorted(set(engine_args) - known)
+        if unknown:
+            raise TypeError(
+                f"unknown engine argument(s) {', '.join(map(repr, unknown))}; "
+                f"known ones are: {', '.join(sorted(known - {'model'}))}"
+            )
+        return cls(model=model, **engine_args)
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str, lo: int = 1) -> None:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+                raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+
+        positive_int("max_num_batched_tokens")
+        positive_int("max_num_seqs")
+        positive_int("max_model_len")
+        positive_int("tensor_parallel_size")
+        if not 1 <= self.tensor_parallel_size <= 8:
+            raise ValueError(f"tensor_parallel_size must be between 1 and 8, got {self.tensor_parallel_size}")
+        bs = self.kvcache_block_size
+        if not isinstance(bs, int) or bs < 16 or bs > 512 or bs & (bs - 1):
+            raise ValueError(f"kvcache_block_size must be a power of two from 16 to 512, got {bs!r}")
+        if not isinstance(self.num_kvcache_blocks, int) or (
+            self.num_kvcache_blocks != -1 and self.num_kvcache_blocks < 1
+        ):
+            raise ValueError(
+                f"num_kvcache_blocks must be -1 (size automatically) or >= 1, got {self.num_kvcache_blocks!r}"
+            )
+        if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
+        if self.attention_backend not in _BACKENDS:
+            raise ValueError(f"attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        self._resolve_device_and_dtype()
+        self._load_model_config()
+
+    def _resolve_device_and_dtype(self) -> None:
+        import torch
+
+        if self.device == "auto":
+            self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was asked for but CUDA is not available; use device='cpu'")
+        if self.device == "cuda" and self.tensor_parallel_size > torch.cuda.device_count():
+            raise ValueError(
+                f"tensor_parallel_size={self.tensor_parallel_size} needs that many GPUs, "
+                f"but only {torch.cuda.device_count()} are visible"
+            )
+        if self.device == "cpu" and self.tensor_parallel_size > (os.cpu_count() or 1) * 4:
+            raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is too large for this CPU")
+
+    def _load_model_config(self) -> None:
+        from nanovllm.models.registry import load_hf_config, resolve_architecture
+
+        self.hf_config = load_hf_config(self.model)
+        resolve_architecture(self.hf_config)  # unsupported architectures fail here, before any weight is read
+        hf = self.hf_config
+        if self.dtype == "auto":
+            if self.device == "cpu":
+                self.dtype = "float32"
+            else:
+                ckpt = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
+                ckpt = str(ckpt).removeprefix("torch.") if ckpt is not None else "bfloat16"
+                self.dtype = ckpt if ckpt in ("bfloat16", "float16") else "bfloat16"
+        self.max_model_len = min(self.max_model_len, hf.max_position_embeddings)
+        if self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
+                f"({self.max_model_len}) so that any admissible prompt fits one prefill step; "
+                "raise max_num_batched_tokens or lower max_model_len"
+            )
+        heads, kv_heads, tp = hf.num_attention_heads, hf.num_key_value_heads, self.tensor_parallel_size
+        if heads % tp:
+            raise ValueError(
+                f"tensor_parallel_size={tp} must divide the number of attention heads ({heads})"
+            )
+        if kv_heads % tp and tp % kv_heads:
+            raise ValueError(
+                f"tensor_parallel_size={tp} and the number of KV heads ({kv_heads}) must divide one another"
+            )
+        self.eos_token_id = hf.eos_token_id
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return getattr(torch, self.dtype)

@@ -1,0 +1,76 @@
+"""One request's tokens and bookkeeping. Pure Python: no torch."""
+
+from copy import copy
+from enum import Enum, auto
+from itertools import count
+
+from nanovllm.sampling_params import SamplingParams
+
+
+class SequenceStatus(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """A prompt plus the tokens generated for it so far.
+
+    ``block_table`` lists the KV-cache blocks holding this sequence's tokens in order;
+    ``num_cached_tokens`` counts the leading tokens whose K/V are already in those blocks
+    (prefix-cache hits at admission, or all computed tokens while running).
+    """
+
+    _ids = count()
+
+    def __init__(self, token_ids: list[int], sampling_params: SamplingParams, block_size: int):
+        self.seq_id = next(Sequence._ids)
+        self.status = SequenceStatus.WAITING
+        self.token_ids = list(token_ids)
+        self.num_prompt_tokens = len(self.token_ids)
+        self.sampling_params = copy(sampling_params)
+        self.block_size = block_size
+        self.block_table: list[int] = []
+        self.num_cached_tokens = 0
+        # Prompt tokens served from the prefix cache at the first admission (reported to the user).
+        self.num_prompt_cached_tokens: int | None = None
+        self.finish_reason: str | None = None
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def last_token(self) -> int:
+        return self.token_ids[-1]
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_blocks(self) -> int:
+        """Blocks needed to hold K/V for every token (the last one included)."""
+        return (self.num_tokens + self.block_size - 1) // self.block_size
+
+    def block(self, i: int) -> list[int]:
+        """Token ids of logical block ``i``."""
+        return self.token_ids[i * self.block_size : (i + 1) * self.block_size]
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)

@@ -1,0 +1,93 @@
+"""Plain-torch attention over the paged KV cache: the CPU backend and the oracle for the GPU kernels.
+
+Paged KV cache layout (one tensor per layer for K, one for V)::
+
+    k_cache: [num_blocks, block_size, num_kv_heads, head_dim]
+
+    block_table of one sequence:  [ 7, 2, 9 ]          (physical block ids, in logical order)
+    token at position p lives in: block_table[p // block_size], row p % block_size
+    its "slot" is:                block_id * block_size + p % block_size
+
+New K/V are written through ``slot_mapping`` (one slot per new token, -1 = do not write) and read
+back through block tables. Padding entries of a block table (past a sequence's last block) may hold
+any value; they are never read.
+
+Prefill attention is causal and bottom-right aligned: a sequence with ``context_len`` keys of which
+the last ``q_len`` are new queries lets query ``i`` (0-based among the new ones) see keys
+``0 .. context_len - q_len + i``. Prefix-cache hits (and chunked prefill) are this same case.
+"""
+
+import torch
+
+
+def store_kvcache_ref(
+    key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [num_tokens], -1 = skip
+) -> None:
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep].to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep].to(v_cache.dtype)
+
+
+def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The first ``num_tokens`` cached rows of one sequence: [num_tokens, num_kv_heads, head_dim]."""
+    block_size = cache.shape[1]
+    num_blocks = (num_tokens + block_size - 1) // block_size
+    return cache[block_table[:num_blocks].long()].flatten(0, 1)[:num_tokens]
+
+
+def paged_decode_attention_ref(
+    q: torch.Tensor,  # [batch, num_heads, head_dim], one query token per sequence
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [batch, max_blocks] int
+    context_lens: torch.Tensor,  # [batch] int, keys per sequence (including the new token)
+    scale: float,
+) -> torch.Tensor:  # [batch, num_heads, head_dim]
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    max_len = int(context_lens.max())
+    max_blocks = (max_len + block_size - 1) // block_size
+    table = block_tables[:, :max_blocks].long().clamp(min=0)
+    k = k_cache[table].flatten(1, 2)[:, :max_len].float()  # [batch, max_len, num_kv_heads, head_dim]
+    v = v_cache[table].flatten(1, 2)[:, :max_len].float()
+    qg = q.float().view(batch, num_kv_heads, group, head_dim)
+    scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
+    pad = torch.arange(max_len, device=q.device)[None, :] >= context_lens[:, None].to(q.device)
+    scores.masked_fill_(pad[:, None, None, :], float("-inf"))
+    out = torch.einsum("bhgl,blhd->bhgd", scores.softmax(dim=-1), v)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,  # [num_new_tokens, num_heads, head_dim], sequences packed back to back
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,  # [batch + 1] int, offsets of each sequence's queries in q
+    context_lens: torch.Tensor,  # [batch] int, keys per sequence (cached prefix + new tokens)
+    block_tables: torch.Tensor,  # [batch, max_blocks] int
+    scale: float,
+) -> torch.Tensor:  # [num_new_tokens, num_heads, head_dim]
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    for b, ctx in enumerate(context_lens.tolist()):
+        start, end = cu[b], cu[b + 1]
+        q_len = end - start
+        k = gather_kv(k_cache, block_tables[b], ctx).float()  # [ctx, num_kv_heads, head_dim]
+        v = gather_kv(v_cache, block_tables[b], ctx).float()
+        qg = q[start:end].float().view(q_len, num_kv_heads, group, head_dim)
+        scores = torch.einsum("qhgd,khd->hgqk", qg, k) * scale
+        q_pos = torch.arange(ctx - q_len, ctx, device=q.device)
+        k_pos = torch.arange(ctx, device=q.device)
+        scores.masked_fill_(k_pos[None, :] > q_pos[:, None], float("-inf"))
+        o = torch.einsum("hgqk,khd->qhgd", scores.softmax(dim=-1), v)
+        out[start:end] = o.reshape(q_len, num_heads, head_dim).to(q.dtype)
+    return out
