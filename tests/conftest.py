@@ -14,3 +14,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """A factory: tiny_ckpt("qwen3") -> path of a cached tiny random checkpoint."""
+    from tests.tiny import make_checkpoint
+
+    cache = {}
+
+    def get(arch: str = "qwen3") -> str:
+        if arch not in cache:
+            cache[arch] = make_checkpoint(str(tmp_path_factory.mktemp(arch)), arch)
+        return cache[arch]
+
+    return get

@@ -1,0 +1,274 @@
+"""Runs the model: builds each step's input tensors, owns the KV cache and the decode CUDA graphs."""
+
+import logging
+import math
+
+import torch
+
+from nanovllm.config import Config
+from nanovllm.engine.sequence import Sequence
+from nanovllm.layers.attention import Attention, get_backend
+from nanovllm.models.llama import head_dim_of
+from nanovllm.models.registry import model_class
+from nanovllm.utils.context import Context, forward_context
+from nanovllm.utils.loader import iter_safetensors, load_weights
+
+logger = logging.getLogger("nanovllm")
+
+CPU_KV_CACHE_BYTES = 4 << 30  # like vLLM's CPU backend default (VLLM_CPU_KVCACHE_SPACE=4 GiB)
+
+
+class ModelRunner:
+    def __init__(self, config: Config, rank: int = 0):
+        self.config = config
+        self.rank = rank
+        hf = config.hf_config
+        self.block_size = config.kvcache_block_size
+        self.device = torch.device(config.device, rank) if config.device == "cuda" else torch.device("cpu")
+        self.dtype = config.torch_dtype
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(config.seed)
+
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+        try:
+            with torch.device(self.device):
+                self.model = model_class(hf)(hf)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        load_weights(self.model, self._weights())
+        self.model.eval()
+        self.backend = get_backend(config.attention_backend, config.device)
+        self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        for layer in self.attention_layers:
+            layer.backend = self.backend
+        self.sampler = self._make_sampler()
+
+        self.num_kv_heads = self.attention_layers[0].num_kv_heads
+        self.head_dim = head_dim_of(hf)
+        self.num_blocks = self._allocate_kv_cache()
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        if self.device.type == "cuda" and not config.enforce_eager:
+            self._capture_cudagraphs()
+
+    def _weights(self):
+        return iter_safetensors(self.config.model)
+
+    def _make_sampler(self):
+        from nanovllm.layers.sampler import Sampler
+
+        return Sampler()
+
+    # ---- KV cache ------------------------------------------------------------------------
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one KV block over all layers (K and V) on this rank."""
+        n = len(self.attention_layers) * 2 * self.block_size * self.num_kv_heads * self.head_dim
+        return n * self.dtype.itemsize
+
+    def _allocate_kv_cache(self) -> int:
+        """Size and allocate the cache; returns the number of blocks.
+
+        Layout: one tensor [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]; layer i
+        reads ``kv_cache[0, i]`` (K) and ``kv_cache[1, i]`` (V).
+        """
+        cfg = self.config
+        if cfg.num_kvcache_blocks > 0:
+            num_blocks = cfg.num_kvcache_blocks
+        elif self.device.type == "cuda":
+            num_blocks = self._blocks_that_fit_on_gpu()
+        else:
+            needed = cfg.max_num_seqs * math.ceil(cfg.max_model_len / self.block_size)
+            num_blocks = max(1, min(needed, CPU_KV_CACHE_BYTES // self.block_bytes))
+        if num_blocks * self.block_size < cfg.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks x {self.block_size} tokens = "
+                f"{num_blocks * self.block_size} tokens, fewer than one sequence of max_model_len="
+                f"{cfg.max_model_len}; raise num_kvcache_blocks (or gpu_memory_utilization) or lower max_model_len"
+            )
+        shape = (2, len(self.attention_layers), num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.attention_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+        gib = num_blocks * self.block_bytes / (1 << 30)
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB", num_blocks, self.block_size,
+            num_blocks * self.block_size, gib,
+        )
+        return num_blocks
+
+    def _blocks_that_fit_on_gpu(self) -> int:
+        """Blocks that fit in ``gpu_memory_utilization`` of the card after a warm-up forward at
+        ``max_num_batched_tokens`` has shown the activations' peak."""
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        cfg = self.config
+        num_seqs = max(1, min(cfg.max_num_batched_tokens // cfg.max_model_len, cfg.max_num_seqs))
+        seqs = [Sequence([0] * cfg.max_model_len, _WARMUP_PARAMS, self.block_size) for _ in range(num_seqs)]
+        self.run_prefill_without_cache(seqs)
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        used = total - free
+        peak = torch.cuda.memory_stats()["allocated_bytes.all.peak"]
+        current = torch.cuda.memory_stats()["allocated_bytes.all.current"]
+        budget = total * cfg.gpu_memory_utilization - used - peak + current
+        self.kv_budget_bytes = int(budget)
+        return max(0, int(budget) // self.block_bytes)
+
+    @torch.inference_mode()
+    def run_prefill_without_cache(self, seqs: list[Sequence]) -> None:
+        input_ids, positions, context = self.prepare_prefill(seqs)
+        with forward_context(context):
+            self.model.compute_logits(self.model(input_ids, positions))
+
+    # ---- inputs --------------------------------------------------------------------------
+
+    def _to_device(self, data, dtype) -> torch.Tensor:
+        t = torch.tensor(data, dtype=dtype)
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        return t
+
+    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
+        width = max(len(s.block_table) for s in seqs)
+        return self._to_device([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
+
+    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, Context]:
+        input_ids, positions, slot_mapping, cu_seqlens_q, context_lens = [], [], [], [0], []
+        max_seqlen_q = 0
+        bs = self.block_size
+        for seq in seqs:
+            start, end = seq.num_cached_tokens, seq.num_tokens
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
+            context_lens.append(end)
+            max_seqlen_q = max(max_seqlen_q, end - start)
+            if seq.block_table:
+                for i in range(start // bs, seq.num_blocks):
+                    base = seq.block_table[i] * bs
+                    lo, hi = max(start, i * bs), min(end, (i + 1) * bs)
+                    slot_mapping.extend(range(base + lo - i * bs, base + hi - i * bs))
+        context = Context(
+            is_prefill=True,
+            cu_seqlens_q=self._to_device(cu_seqlens_q, torch.int32),
+            max_seqlen_q=max_seqlen_q,
+            context_lens=self._to_device(context_lens, torch.int32),
+            max_context_len=max(context_lens),
+            block_tables=self._block_tables(seqs) if seqs[0].block_table else None,
+            slot_mapping=self._to_device(slot_mapping, torch.int64) if slot_mapping else None,
+        )
+        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), context
+
+    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, Context]:
+        bs = self.block_size
+        input_ids = [s.last_token for s in seqs]
+        positions = [s.num_tokens - 1 for s in seqs]
+        slots = [s.block_table[(s.num_tokens - 1) // bs] * bs + (s.num_tokens - 1) % bs for s in seqs]
+        context_lens = [s.num_tokens for s in seqs]
+        context = Context(
+            is_prefill=False,
+            context_lens=self._to_device(context_lens, torch.int32),
+            max_context_len=max(context_lens),
+            block_tables=self._block_tables(seqs),
+            slot_mapping=self._to_device(slots, torch.int64),
+        )
+        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), context
+
+    # ---- forward -------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, context: Context) -> torch.Tensor:
+        batch = input_ids.shape[0]
+        if context.is_prefill or not self.graphs or batch > self.graph_batch_sizes[-1]:
+            with forward_context(context):
+                return self.model.compute_logits(self.model(input_ids, positions))
+        return self._replay_graph(input_ids, positions, context)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        """One engine step: forward the scheduled sequences and sample one token for each."""
+        prepare = self.prepare_prefill if is_prefill else self.prepare_decode
+        input_ids, positions, context = prepare(seqs)
+        logits = self.run_model(input_ids, positions, context)
+        if self.rank != 0:
+            return []
+        return self.sampler(logits.float(), seqs).tolist()
+
+    # ---- CUDA graphs for decode -----------------------------------------------------------
+
+    def _capture_cudagraphs(self) -> None:
+        """Capture one decode graph per batch size (1, 2, 4, 8, then every 16 up to max_num_seqs).
+
+        A batch runs in the smallest graph that holds it; the unused rows get slot -1 (no K/V
+        write) and a context length of 1, and their outputs are ignored. Every graph shares one
+        memory pool and one set of input buffers, so graphs cost little memory beyond the largest.
+        The decode kernel is given ``max_model_len`` as its context bound, so nothing in the graph
+        depends on the batch's actual lengths.
+        """
+        cfg = self.config
+        max_bs = min(cfg.max_num_seqs, 512)
+        sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
+        self.graph_batch_sizes = sorted(set(sizes))
+        max_blocks = math.ceil(cfg.max_model_len / self.block_size)
+        dev = self.device
+        self.graph_vars = dict(
+            input_ids=torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            positions=torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            slot_mapping=torch.full((max_bs,), -1, dtype=torch.int64, device=dev),
+            context_lens=torch.ones(max_bs, dtype=torch.int32, device=dev),
+            block_tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev),
+        )
+        hidden = self.config.hf_config.hidden_size
+        self.graph_vars["hidden"] = torch.zeros(max_bs, hidden, dtype=self.dtype, device=dev)
+        pool = None
+        gv = self.graph_vars
+        for bs in reversed(self.graph_batch_sizes):
+            graph = torch.cuda.CUDAGraph()
+            context = Context(
+                is_prefill=False,
+                context_lens=gv["context_lens"][:bs],
+                max_context_len=cfg.max_model_len,
+                block_tables=gv["block_tables"][:bs],
+                slot_mapping=gv["slot_mapping"][:bs],
+            )
+            with forward_context(context):
+                gv["hidden"][:bs] = self.model(gv["input_ids"][:bs], gv["positions"][:bs])  # warm-up
+                with torch.cuda.graph(graph, pool):
+                    gv["hidden"][:bs] = self.model(gv["input_ids"][:bs], gv["positions"][:bs])
+            if pool is None:
+                pool = graph.pool()
+            self.graphs[bs] = graph
+            torch.cuda.synchronize()
+
+    def _replay_graph(self, input_ids: torch.Tensor, positions: torch.Tensor, context: Context) -> torch.Tensor:
+        batch = input_ids.shape[0]
+        bs = next(b for b in self.graph_batch_sizes if b >= batch)
+        gv = self.graph_vars
+        gv["input_ids"][:batch] = input_ids
+        gv["positions"][:batch] = positions
+        gv["slot_mapping"].fill_(-1)
+        gv["slot_mapping"][:batch] = context.slot_mapping
+        gv["context_lens"].fill_(1)
+        gv["context_lens"][:batch] = context.context_lens
+        gv["block_tables"][:batch, : context.block_tables.shape[1]] = context.block_tables
+        self.graphs[bs].replay()
+        with forward_context(context):
+            return self.model.compute_logits(gv["hidden"][:batch])
+
+    def shutdown(self) -> None:
+        self.graphs.clear()
+        for layer in self.attention_layers:
+            layer.k_cache = layer.v_cache = None
+        self.kv_cache = None
+
+
+class _WarmupParams:
+    temperature = 0.0
+    max_tokens = 1
+    ignore_eos = True
+
+
+_WARMUP_PARAMS = _WarmupParams()

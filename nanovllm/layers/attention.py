@@ -1,0 +1,98 @@
+"""Attention over the paged KV cache, behind a backend chosen once at start-up.
+
+Every backend implements three calls on the same cache layout (see kernels/reference.py):
+``store`` writes the step's new K/V through the slot mapping, ``prefill`` attends packed
+variable-length queries to their cached context, ``decode`` attends one query per sequence.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanovllm.kernels import reference
+from nanovllm.utils.context import get_context
+
+
+class TorchBackend:
+    """Plain torch: the CPU path, and the oracle for the others."""
+
+    name = "torch"
+
+    @staticmethod
+    def store(key, value, k_cache, v_cache, slot_mapping):
+        reference.store_kvcache_ref(key, value, k_cache, v_cache, slot_mapping)
+
+    @staticmethod
+    def prefill(q, k_cache, v_cache, ctx, scale):
+        return reference.paged_prefill_attention_ref(
+            q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale
+        )
+
+    @staticmethod
+    def decode(q, k_cache, v_cache, ctx, scale):
+        return reference.paged_decode_attention_ref(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
+
+
+def get_backend(name: str, device: str):
+    """Resolve ``attention_backend`` ("auto", "torch", "triton", "flash-attn") to a backend."""
+    if name == "auto":
+        if device == "cpu":
+            name = "torch"
+        else:
+            try:
+                import flash_attn  # noqa: F401
+
+                name = "flash-attn"
+            except ImportError:
+                name = "triton"
+    if name == "torch":
+        return TorchBackend
+    if device == "cpu":
+        raise ValueError(f"attention_backend={name!r} needs a CUDA device; use 'torch' on the CPU")
+    if name == "triton":
+        from nanovllm.layers.attention_triton import TritonBackend
+
+        return TritonBackend
+    if name == "flash-attn":
+        from nanovllm.layers.attention_flash import FlashAttnBackend
+
+        return FlashAttnBackend
+    raise ValueError(f"unknown attention backend {name!r}")
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int):
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale, self.num_kv_heads = num_heads, head_dim, scale, num_kv_heads
+        self.backend = TorchBackend
+        # Set by the model runner once the KV cache exists: [num_blocks, block_size, num_kv_heads, head_dim].
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        ctx = get_context()
+        if self.k_cache is None:  # warm-up forward before the cache exists
+            return self._no_cache_prefill(q, k, v, ctx)
+        self.backend.store(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if ctx.is_prefill:
+            return self.backend.prefill(q, self.k_cache, self.v_cache, ctx, self.scale)
+        return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale)
+
+    def _no_cache_prefill(self, q, k, v, ctx) -> torch.Tensor:
+        out = torch.empty_like(q)
+        cu = ctx.cu_seqlens_q.tolist()
+        for start, end in zip(cu[:-1], cu[1:]):
+            o = F.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1),
+                k[start:end].transpose(0, 1).repeat_interleave(self.num_heads // self.num_kv_heads, 0),
+                v[start:end].transpose(0, 1).repeat_interleave(self.num_heads // self.num_kv_heads, 0),
+                is_causal=True,
+                scale=self.scale,
+            )
+            out[start:end] = o.transpose(0, 1)
+        return out

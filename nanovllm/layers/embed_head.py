@@ -1,0 +1,48 @@
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanovllm.distributed import all_reduce, gather_to_rank0, tp_rank, tp_size
+from nanovllm.utils.context import get_context
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Embedding whose vocabulary rows are split across ranks; each rank looks up the ids it owns
+    (others give zeros) and an all-reduce assembles the full embeddings."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.tp_rank, self.tp_size = tp_rank(), tp_size()
+        self.vocab_size = vocab_size
+        self.shard_size = (vocab_size + self.tp_size - 1) // self.tp_size
+        self.vocab_start = self.tp_rank * self.shard_size
+        self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size), requires_grad=False)
+        self.weight.weight_loader = self.weight_loader
+
+    def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        shard = loaded[self.vocab_start : self.vocab_start + self.shard_size]
+        param.data[: shard.shape[0]].copy_(shard)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        mine = (local >= 0) & (local < self.shard_size)
+        y = F.embedding(local.clamp(0, self.shard_size - 1), self.weight) * mine.unsqueeze(-1)
+        return all_reduce(y)
+
+
+class ParallelLMHead(VocabParallelEmbedding):
+    """Logits for the sequences' last positions only during prefill; vocab shards gathered to rank 0
+    (other ranks return None)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__(vocab_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        context = get_context()
+        if context.is_prefill:
+            hidden_states = hidden_states[context.cu_seqlens_q[1:] - 1]
+        logits = F.linear(hidden_states, self.weight)  # [num_seqs, shard_size]
+        logits = gather_to_rank0(logits)
+        return logits[:, : self.vocab_size] if logits is not None else None
