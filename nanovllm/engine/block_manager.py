@@ -86,14 +86,16 @@ class BlockManager:
 
     # ---- admission (prefill) -------------------------------------------------------------
 
-    def num_blocks_to_allocate(self, seq: Sequence) -> int:
-        """Free blocks that admitting ``seq`` would take (hits on free blocks count too)."""
+    def lookup(self, seq: Sequence) -> tuple[int, int]:
+        """(prompt tokens a new admission would serve from the cache, free blocks it would take).
+
+        Hits on free blocks take them out of the free list, so they count as taken too."""
         _, hits = self._cached_blocks(seq)
         hits_on_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
-        return seq.num_blocks - len(hits) + hits_on_free
+        return len(hits) * self.block_size, seq.num_blocks - len(hits) + hits_on_free
 
     def can_allocate(self, seq: Sequence) -> bool:
-        return self.num_blocks_to_allocate(seq) <= self.num_free_blocks
+        return self.lookup(seq)[1] <= self.num_free_blocks
 
     def allocate(self, seq: Sequence) -> None:
         """Give ``seq`` a block table for all its tokens, reusing cached prefix blocks."""

@@ -109,7 +109,6 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.seqs:
             return [], StepStats(sched.is_prefill, 0, 0.0)
-        num_tokens = sched.num_batched_tokens if sched.is_prefill else len(sched.seqs)
         token_ids = self.model_runner.run(sched.seqs, sched.is_prefill)
         self.scheduler.update(sched, token_ids)
         outputs = []
@@ -127,7 +126,7 @@ class LLMEngine:
             )
             if seq.is_finished:
                 self.requests.pop(seq.seq_id, None)
-        return outputs, StepStats(sched.is_prefill, num_tokens, time.perf_counter() - start)
+        return outputs, StepStats(sched.is_prefill, sched.num_batched_tokens, time.perf_counter() - start)
 
     def shutdown(self) -> None:
         if self._closed:

@@ -23,12 +23,7 @@ from nanovllm.engine.sequence import Sequence, SequenceStatus
 class SchedulerOutput:
     seqs: list[Sequence]
     is_prefill: bool
-
-    @property
-    def num_batched_tokens(self) -> int:
-        if self.is_prefill:
-            return sum(s.num_tokens - s.num_cached_tokens for s in self.seqs)
-        return len(self.seqs)
+    num_batched_tokens: int  # tokens the model computes this step
 
 
 class Scheduler:
@@ -62,13 +57,15 @@ class Scheduler:
         num_batched_tokens = 0
         while self.waiting and len(self.running) + len(scheduled) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.block_manager.can_allocate(seq):
+            num_cached, num_new_blocks = self.block_manager.lookup(seq)
+            num_new_tokens = seq.num_tokens - num_cached
+            if num_new_blocks > self.block_manager.num_free_blocks or (
+                scheduled and num_batched_tokens + num_new_tokens > self.max_num_batched_tokens
+            ):
                 break
+            # Blocks are hashed now, before the step computes their K/V: nothing can read them
+            # in between, since the step runs right after scheduling.
             self.block_manager.allocate(seq)
-            num_new_tokens = seq.num_tokens - seq.num_cached_tokens
-            if scheduled and num_batched_tokens + num_new_tokens > self.max_num_batched_tokens:
-                self.block_manager.deallocate(seq)
-                break
             num_batched_tokens += num_new_tokens
             if seq.num_prompt_cached_tokens is None:
                 seq.num_prompt_cached_tokens = seq.num_cached_tokens
@@ -77,7 +74,7 @@ class Scheduler:
             scheduled.append(seq)
         if scheduled:
             self.running.extend(scheduled)
-            return SchedulerOutput(scheduled, is_prefill=True)
+            return SchedulerOutput(scheduled, True, num_batched_tokens)
 
         while self.running and len(scheduled) < self.max_num_seqs:
             seq = self.running.popleft()
@@ -91,7 +88,7 @@ class Scheduler:
                 self.block_manager.may_append(seq)
                 scheduled.append(seq)
         self.running.extendleft(reversed(scheduled))
-        return SchedulerOutput(scheduled, is_prefill=False)
+        return SchedulerOutput(scheduled, False, len(scheduled))
 
     def _preempt(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
