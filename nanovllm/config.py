@@ -23,6 +23,7 @@ class Config:
     device: str = "auto"
     seed: int = 0
     attention_backend: str = "auto"
+    skip_tokenizer_init: bool = False  # prompts must then be token ids and outputs carry no text
     # Derived in __post_init__ (not engine arguments).
     hf_config: Any = field(default=None, init=False, repr=False)
     eos_token_id: int | list[int] | None = field(default=None, init=False)

@@ -78,7 +78,7 @@ class LLM:
 
     def _to_dict(self, out) -> dict:
         return {
-            "text": self.tokenizer.decode(out.token_ids, skip_special_tokens=True),
+            "text": self.tokenizer.decode(out.token_ids, skip_special_tokens=True) if self.tokenizer else "",
             "token_ids": out.token_ids,
             "finish_reason": out.finish_reason,
             "num_cached_tokens": out.num_cached_tokens,

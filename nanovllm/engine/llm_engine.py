@@ -1,7 +1,9 @@
 """The engine loop: requests in, one scheduler step and one model step at a time, outputs out."""
 
 import atexit
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -52,14 +54,23 @@ class LLMEngine:
         atexit.register(self.shutdown)
 
     def _load_tokenizer(self):
+        if self.config.skip_tokenizer_init:
+            return None
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.config.model)
 
     def _eos_token_ids(self) -> set[int]:
-        ids = self.config.eos_token_id
-        eos = set(ids if isinstance(ids, list) else [] if ids is None else [ids])
-        if not eos and self.tokenizer.eos_token_id is not None:
+        """EOS ids from config.json, generation_config.json (as HF generate uses), else the tokenizer."""
+        eos: set[int] = set()
+        ids = [self.config.eos_token_id]
+        gen_path = os.path.join(self.config.model, "generation_config.json")
+        if os.path.isfile(gen_path):
+            with open(gen_path) as f:
+                ids.append(json.load(f).get("eos_token_id"))
+        for i in ids:
+            eos.update(i if isinstance(i, list) else [] if i is None else [i])
+        if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         return eos
 
@@ -67,6 +78,8 @@ class LLMEngine:
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("text prompts need a tokenizer; pass token ids or drop skip_tokenizer_init")
             return self.tokenizer.encode(prompt)
         return list(prompt)
 

@@ -39,7 +39,7 @@ class ModelRunner:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, self._weights())
         self.model.eval()
-        self.backend = get_backend(config.attention_backend, config.device)
+        self.backend = get_backend(config.attention_backend, config.device, self.block_size)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer in self.attention_layers:
             layer.backend = self.backend
@@ -171,7 +171,7 @@ class ModelRunner:
         context = Context(
             is_prefill=False,
             context_lens=self._to_device(context_lens, torch.int32),
-            max_context_len=max(context_lens),
+            max_context_len=self.config.max_model_len,  # as in the CUDA graphs: same kernel split
             block_tables=self._block_tables(seqs),
             slot_mapping=self._to_device(slots, torch.int64),
         )

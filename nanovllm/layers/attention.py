@@ -33,7 +33,7 @@ class TorchBackend:
         return reference.paged_decode_attention_ref(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
 
 
-def get_backend(name: str, device: str):
+def get_backend(name: str, device: str, block_size: int = 256):
     """Resolve ``attention_backend`` ("auto", "torch", "triton", "flash-attn") to a backend."""
     if name == "auto":
         if device == "cpu":
@@ -42,7 +42,7 @@ def get_backend(name: str, device: str):
             try:
                 import flash_attn  # noqa: F401
 
-                name = "flash-attn"
+                name = "flash-attn" if block_size % 256 == 0 else "triton"
             except ImportError:
                 name = "triton"
     if name == "torch":
@@ -54,6 +54,8 @@ def get_backend(name: str, device: str):
 
         return TritonBackend
     if name == "flash-attn":
+        if block_size % 256:
+            raise ValueError(f"flash-attn's paged kernels need kvcache_block_size % 256 == 0, got {block_size}")
         from nanovllm.layers.attention_flash import FlashAttnBackend
 
         return FlashAttnBackend

@@ -1,0 +1,35 @@
+"""The project's own Triton kernels as an attention backend (the default on CUDA without flash-attn)."""
+
+from nanovllm.kernels.decode_attention import choose_num_splits, paged_decode_attention
+from nanovllm.kernels.prefill_attention import paged_prefill_attention
+from nanovllm.kernels.store_kvcache import store_kvcache
+
+
+def decode_batch_bucket(batch: int) -> int:
+    """The CUDA-graph batch size that holds ``batch`` (1, 2, 4, 8, then multiples of 16)."""
+    if batch <= 8:
+        return 1 << (batch - 1).bit_length()
+    return (batch + 15) // 16 * 16
+
+
+class TritonBackend:
+    name = "triton"
+
+    @staticmethod
+    def store(key, value, k_cache, v_cache, slot_mapping):
+        store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+
+    @staticmethod
+    def prefill(q, k_cache, v_cache, ctx, scale):
+        return paged_prefill_attention(
+            q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale, ctx.max_seqlen_q
+        )
+
+    @staticmethod
+    def decode(q, k_cache, v_cache, ctx, scale):
+        # The split count depends only on the graph bucket and the context bound, so a batch run
+        # eagerly and the same batch replayed in a CUDA graph do identical arithmetic.
+        splits = choose_num_splits(decode_batch_bucket(q.shape[0]), k_cache.shape[2], ctx.max_context_len)
+        return paged_decode_attention(
+            q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, ctx.max_context_len, splits
+        )
