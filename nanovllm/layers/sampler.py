@@ -155,12 +155,20 @@ def gather_logprobs(
     """Top-N and sampled-token logprobs of the raw distribution, with one device-to-host copy."""
     top_lp, top_ids = raw_logprobs.topk(md.max_num_logprobs, dim=-1)  # [batch, N]
     sampled_lp = raw_logprobs.gather(1, token_ids.unsqueeze(1))  # [batch, 1]
-    # float64 holds both token ids and float32 logprobs exactly: pack them in one transfer.
-    packed = torch.cat([top_ids.double(), token_ids.unsqueeze(1).double(), top_lp.double(), sampled_lp.double()], 1)
+    # float64 holds both token ids and float32 logprobs exactly: pack them for one transfer.
+    packed = torch.cat(
+        [top_ids.double(), token_ids.unsqueeze(1).double(), top_lp.double(), sampled_lp.double()], 1
+    )
+    return _logprobs_to_lists(packed, md.num_logprobs)
+
+
+@torch.compiler.disable
+def _logprobs_to_lists(packed: torch.Tensor, num_logprobs: list[int | None]) -> list[dict[int, float] | None]:
+    """``packed`` is ``[batch, 2 * (N + 1)]``: N top ids, the sampled id, then their logprobs."""
     rows = packed.cpu().tolist()
-    n = md.max_num_logprobs + 1
+    n = packed.shape[1] // 2
     out: list[dict[int, float] | None] = []
-    for row, num in zip(rows, md.num_logprobs):
+    for row, num in zip(rows, num_logprobs, strict=True):
         if num is None:
             out.append(None)
             continue

@@ -63,7 +63,7 @@ class SamplingMetadata:
         eos = list(eos_token_ids or [])
         params = [seq.sampling_params for seq in seqs]
         greedy = [p.greedy for p in params]
-        sampled = [p for p, g in zip(params, greedy) if not g]
+        sampled = [p for p, g in zip(params, greedy, strict=True) if not g]
         all_greedy = all(greedy)
         any_greedy = any(greedy)
         no_top_k = all(p.top_k == 0 or p.top_k >= vocab_size for p in sampled)
@@ -77,9 +77,9 @@ class SamplingMetadata:
         # One host-to-device copy for all per-row float parameters.
         floats = torch.tensor(
             [
-                [1.0 if g else p.temperature for p, g in zip(params, greedy)],
-                [1.0 if g else p.top_p for p, g in zip(params, greedy)],
-                [0.0 if g else p.min_p for p, g in zip(params, greedy)],
+                [1.0 if g else p.temperature for p, g in zip(params, greedy, strict=True)],
+                [1.0 if g else p.top_p for p, g in zip(params, greedy, strict=True)],
+                [0.0 if g else p.min_p for p, g in zip(params, greedy, strict=True)],
                 [p.presence_penalty for p in params],
                 [p.frequency_penalty for p in params],
                 [p.repetition_penalty for p in params],
@@ -89,7 +89,10 @@ class SamplingMetadata:
         temperatures, top_p, min_p, presence, frequency, repetition = floats.unbind(0)
         top_k = max_top_k = None
         if not no_top_k:
-            ks = [vocab_size if g or p.top_k == 0 else min(p.top_k, vocab_size) for p, g in zip(params, greedy)]
+            ks = [
+                vocab_size if g or p.top_k == 0 else min(p.top_k, vocab_size)
+                for p, g in zip(params, greedy, strict=True)
+            ]
             max_top_k = max(k for k in ks if k < vocab_size)
             top_k = torch.tensor(ks, dtype=torch.int64).to(device, non_blocking=True)
 
@@ -97,18 +100,23 @@ class SamplingMetadata:
         if not no_penalties:
             prompt_mask, counts = _token_occurrences(seqs, vocab_size, device)
 
-        seeded = [i for i, (p, g) in enumerate(zip(params, greedy)) if not g and p.seed is not None]
+        seeded = [
+            i for i, (p, g) in enumerate(zip(params, greedy, strict=True)) if not g and p.seed is not None
+        ]
         seeded_rows = seeds = steps = None
         if seeded:
             keys = [params[i].seed & 0xFFFFFFFFFFFFFFFF for i in seeded]
             host = torch.tensor(
-                [[i, k & 0xFFFFFFFF, k >> 32, seqs[i].num_completion_tokens] for i, k in zip(seeded, keys)],
+                [
+                    [i, k & 0xFFFFFFFF, k >> 32, seqs[i].num_completion_tokens]
+                    for i, k in zip(seeded, keys, strict=True)
+                ],
                 dtype=torch.int64,
             ).to(device, non_blocking=True)
             seeded_rows, seeds, steps = host[:, 0], host[:, 1:3], host[:, 3]
 
         min_rows, min_ids = [], []
-        for i, (seq, p) in enumerate(zip(seqs, params)):
+        for i, (seq, p) in enumerate(zip(seqs, params, strict=True)):
             if seq.num_completion_tokens < p.min_tokens:
                 ids = set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos))
                 ids = sorted(t for t in ids if t < vocab_size)
@@ -178,5 +186,7 @@ def _token_occurrences(
     prompt_mask = torch.zeros(batch * vocab_size, dtype=torch.bool, device=flat.device)
     prompt_mask[prompt_rows * vocab_size + flat[:p]] = True
     counts = torch.zeros(batch * vocab_size, dtype=torch.int32, device=flat.device)
-    counts.index_add_(0, output_rows * vocab_size + flat[p : p + o], torch.ones(o, dtype=torch.int32, device=flat.device))
+    counts.index_add_(
+        0, output_rows * vocab_size + flat[p : p + o], torch.ones(o, dtype=torch.int32, device=flat.device)
+    )
     return prompt_mask.view(batch, vocab_size), counts.view(batch, vocab_size)

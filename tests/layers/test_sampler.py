@@ -66,7 +66,12 @@ CASES = [
     (dict(min_p=0.1), lambda: [MinPLogitsWarper(0.1)]),
     (
         dict(temperature=0.8, top_k=10, top_p=0.9, min_p=0.05),
-        lambda: [TemperatureLogitsWarper(0.8), TopKLogitsWarper(10), TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)],
+        lambda: [
+            TemperatureLogitsWarper(0.8),
+            TopKLogitsWarper(10),
+            TopPLogitsWarper(0.9),
+            MinPLogitsWarper(0.05),
+        ],
     ),
 ]
 
@@ -133,7 +138,7 @@ def _generate(seed_row: int, companions: list[SamplingParams], params: SamplingP
         seqs = others[:seed_row] + [target] + others[seed_row:]
         logits = table[[s.last_token % 50 for s in seqs]]
         tokens = sample(logits, seqs).token_ids.tolist()
-        for seq, t in zip(seqs, tokens):
+        for seq, t in zip(seqs, tokens, strict=True):
             seq.append_token(t)
     return target.completion_token_ids
 
@@ -141,8 +146,17 @@ def _generate(seed_row: int, companions: list[SamplingParams], params: SamplingP
 def test_same_seed_same_tokens_whatever_the_batch():
     params = SamplingParams(seed=1234, temperature=1.0, top_p=0.95)
     alone = _generate(0, [], params)
-    batched = _generate(3, [SamplingParams(), SamplingParams(seed=5), SamplingParams(temperature=0),
-                            SamplingParams(top_k=4, logprobs=2), SamplingParams(seed=1235)], params)
+    batched = _generate(
+        3,
+        [
+            SamplingParams(),
+            SamplingParams(seed=5),
+            SamplingParams(temperature=0),
+            SamplingParams(top_k=4, logprobs=2),
+            SamplingParams(seed=1235),
+        ],
+        params,
+    )
     assert alone == batched
     other_seed = _generate(0, [], SamplingParams(seed=4321, temperature=1.0, top_p=0.95))
     assert alone != other_seed
@@ -235,7 +249,11 @@ def test_logprobs_are_raw_log_softmax_with_top_n_order():
 
 def test_bf16_logits():
     logits = torch.randn(3, VOCAB).to(torch.bfloat16)
-    seqs = [make_seq(SamplingParams(temperature=0)), make_seq(SamplingParams(top_p=0.9)), make_seq(SamplingParams())]
+    seqs = [
+        make_seq(SamplingParams(temperature=0)),
+        make_seq(SamplingParams(top_p=0.9)),
+        make_seq(SamplingParams()),
+    ]
     out = sample(logits, seqs)
     assert out.token_ids.dtype == torch.int64 and out.token_ids[0] == logits[0].float().argmax()
 
@@ -253,3 +271,20 @@ def test_hash_matches_python_reference():
 
     xs = [0, 1, 2**31 - 1, 2**31, 2**32 - 1, 0xDEADBEEF, 123456789]
     assert _mix32(torch.tensor(xs, dtype=torch.int64)).tolist() == [ref(x) for x in xs]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [dict(temperature=0), dict(temperature=0.7), dict(temperature=0.7, seed=3)]
+)
+def test_fast_paths_trace_as_one_graph(kwargs):
+    """The engine wraps the sampler in torch.compile on CUDA: the greedy, temperature-only and
+    seeded paths must have no graph break (traced here with the eager backend, no compiler)."""
+    torch._dynamo.reset()
+    compiled = torch.compile(Sampler(), backend="eager", fullgraph=True)
+    seqs = [make_seq(SamplingParams(**kwargs)) for _ in range(4)]
+    logits = torch.randn(4, VOCAB)
+    out = compiled(logits.clone(), SamplingMetadata.build(seqs, VOCAB, DEVICE))
+    if kwargs["temperature"] == 0:
+        assert torch.equal(out.token_ids, logits.argmax(-1))
+    else:
+        assert ((out.token_ids >= 0) & (out.token_ids < VOCAB)).all()
