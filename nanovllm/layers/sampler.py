@@ -51,14 +51,15 @@ def seeded_exponentials(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: in
     """Exp(1) noise that depends only on (seed, step, token id): ``[S, vocab_size]`` float32.
 
     ``seeds`` is ``[S, 2]`` int64 (low and high 32 bits of each 64-bit seed), ``steps`` is
-    ``[S]`` int64 (tokens generated so far). Each row gets a 32-bit key from its seed and step;
-    each element hashes (key, token id) through two more mixing rounds. The top 24 bits give
+    ``[S]`` int64 (tokens generated so far). Each row gets a 32-bit key from its seed and step,
+    each token id a 32-bit hash, and each element one mixing round of (key xor token hash): the
+    only per-element integer work, since seeded rows pay it on every step. The top 24 bits give
     ``u`` in (0, 1) exactly representable in float32, and ``-log(u)`` is Exp(1).
     """
     key = _mix32(seeds[:, 0] ^ _mix32(seeds[:, 1] ^ _mix32(steps + 0x9E3779B9)))  # [S]
-    key2 = _mix32(key ^ 0x85EBCA6B)  # [S]
     token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)  # [V]
-    bits = _mix32(_mix32(token[None, :] ^ key[:, None]) + key2[:, None])  # [S, V]
+    token_hash = _mix32(_mix32(token) ^ 0x85EBCA6B)  # [V]
+    bits = _mix32(token_hash[None, :] ^ key[:, None])  # [S, V]
     u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
     return -torch.log(u)
 
