@@ -76,11 +76,16 @@ class LLM:
             bar.close()
         return results
 
-    def _to_dict(self, out) -> dict:
+    @staticmethod
+    def _to_dict(out) -> dict:
+        """vLLM's fields, flattened as Nano-vLLM returns them; ``outputs`` holds all n completions."""
+        completions = [
+            {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason, "logprobs": c.logprobs}
+            for c in out.outputs
+        ]
         return {
-            "text": self.tokenizer.decode(out.token_ids, skip_special_tokens=True) if self.tokenizer else "",
-            "token_ids": out.token_ids,
-            "finish_reason": out.finish_reason,
-            "num_cached_tokens": out.num_cached_tokens,
+            **completions[0],
             "prompt_token_ids": out.prompt_token_ids,
+            "num_cached_tokens": out.num_cached_tokens,
+            "outputs": completions,
         }

@@ -50,7 +50,7 @@ def test_bad_request_does_not_lose_others(llm):
         for out in engine.step()[0]:
             if out.finished:
                 finished[out.request_id] = out
-    assert len(finished[good].token_ids) == 4
+    assert len(finished[good].outputs[0].token_ids) == 4
 
 
 def test_generation_stops_at_max_model_len(llm):

@@ -1,13 +1,19 @@
-"""The engine loop: requests in, one scheduler step and one model step at a time, outputs out."""
+"""The engine loop: requests in, one scheduler step and one model step at a time, outputs out.
+
+A request with ``n > 1`` becomes n sequences that share the prompt (and, through prefix caching,
+its full KV blocks). Stop strings and text deltas come from incremental detokenization, done only
+for requests that need it (a stop string, or streaming); other texts are decoded once at the end.
+"""
 
 import atexit
 import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from nanovllm.config import Config
+from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
@@ -23,14 +29,37 @@ class StepStats:
 
 
 @dataclass
+class CompletionOutput:
+    index: int
+    token_ids: list[int]
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[dict[int, float]] | None = None
+    new_token_ids: list[int] = field(default_factory=list)  # this step's tokens
+    text_delta: str = ""  # this step's text (streaming requests only)
+
+
+@dataclass
 class RequestOutput:
     request_id: int
     prompt_token_ids: list[int]
-    token_ids: list[int]
+    outputs: list[CompletionOutput]
     finished: bool
-    finish_reason: str | None = None
     num_cached_tokens: int = 0
-    new_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class _Request:
+    request_id: int
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence]
+    detokenizers: list[IncrementalDetokenizer | None]
+    texts: list[str]
+
+    @property
+    def finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)
 
 
 class LLMEngine:
@@ -41,6 +70,7 @@ class LLMEngine:
         self.tokenizer = self._load_tokenizer()
         self.model_runner = ModelRunner(config)
         self.eos_token_ids = self._eos_token_ids()
+        self.model_runner.eos_token_ids = sorted(self.eos_token_ids)
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -49,7 +79,9 @@ class LLMEngine:
             block_size=config.kvcache_block_size,
             eos_token_ids=self.eos_token_ids,
         )
-        self.requests: dict[int, Sequence] = {}
+        self.requests: dict[int, _Request] = {}
+        self._seq_to_request: dict[int, _Request] = {}
+        self._next_request_id = 0
         self._closed = False
         atexit.register(self.shutdown)
 
@@ -97,18 +129,42 @@ class LLMEngine:
                 "shorten it or raise max_model_len"
             )
 
-    def add_request(self, prompt: str | list[int], sampling_params: SamplingParams) -> int:
+    def add_request(self, prompt: str | list[int], sampling_params: SamplingParams, stream: bool = False) -> int:
+        """Queue a request; returns its id. ``stream=True`` fills ``text_delta`` at every step."""
         token_ids = self.tokenize(prompt)
         self.validate(token_ids)
-        seq = Sequence(token_ids, sampling_params, self.config.kvcache_block_size)
-        self.requests[seq.seq_id] = seq
-        self.scheduler.add(seq)
-        return seq.seq_id
+        params = sampling_params
+        seqs = []
+        for i in range(params.n):
+            child = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
+            seqs.append(Sequence(token_ids, child, self.config.kvcache_block_size))
+        incremental = self.tokenizer is not None and (stream or bool(params.stop))
+        request = _Request(
+            request_id=self._next_request_id,
+            prompt_token_ids=token_ids,
+            params=params,
+            seqs=seqs,
+            detokenizers=[
+                IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if incremental else None
+                for _ in seqs
+            ],
+            texts=[""] * len(seqs),
+        )
+        self._next_request_id += 1
+        self.requests[request.request_id] = request
+        for seq in seqs:
+            self._seq_to_request[seq.seq_id] = request
+            self.scheduler.add(seq)
+        return request.request_id
 
     def abort_request(self, request_id: int) -> None:
-        seq = self.requests.pop(request_id, None)
-        if seq is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "abort")
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return
+        for seq in request.seqs:
+            self._seq_to_request.pop(seq.seq_id, None)
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
         return not self.scheduler.is_finished()
@@ -122,24 +178,82 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.seqs:
             return [], StepStats(sched.is_prefill, 0, 0.0)
-        token_ids = self.model_runner.run(sched.seqs, sched.is_prefill)
+        token_ids, logprobs = self.model_runner.run(sched.seqs, sched.is_prefill)
+        if logprobs is not None:
+            for seq, lp in zip(sched.seqs, logprobs):
+                if lp is not None:
+                    seq.logprobs.append(lp)
         self.scheduler.update(sched, token_ids)
-        outputs = []
+        touched: dict[int, tuple[_Request, dict[int, CompletionOutput]]] = {}
         for seq, token_id in zip(sched.seqs, token_ids):
+            request = self._seq_to_request[seq.seq_id]
+            index = request.seqs.index(seq)
+            delta = self._detokenize(request, index, seq)
+            out = self._completion(request, index)
+            out.new_token_ids, out.text_delta = [token_id], delta
+            touched.setdefault(request.request_id, (request, {}))[1][index] = out
+        outputs = []
+        for request, fresh in touched.values():
+            finished = request.finished
+            completions = [fresh.get(i) or self._completion(request, i) for i in range(len(request.seqs))]
+            if finished:
+                for i, c in enumerate(completions):
+                    c.text = request.texts[i] = self._final_text(request, i)
+                self.requests.pop(request.request_id, None)
+                for seq in request.seqs:
+                    self._seq_to_request.pop(seq.seq_id, None)
             outputs.append(
                 RequestOutput(
-                    request_id=seq.seq_id,
-                    prompt_token_ids=seq.prompt_token_ids,
-                    token_ids=seq.completion_token_ids,
-                    finished=seq.is_finished,
-                    finish_reason=seq.finish_reason,
-                    num_cached_tokens=seq.num_prompt_cached_tokens or 0,
-                    new_token_ids=[token_id],
+                    request_id=request.request_id,
+                    prompt_token_ids=request.prompt_token_ids,
+                    outputs=completions,
+                    finished=finished,
+                    num_cached_tokens=request.seqs[0].num_prompt_cached_tokens or 0,
                 )
             )
-            if seq.is_finished:
-                self.requests.pop(seq.seq_id, None)
         return outputs, StepStats(sched.is_prefill, sched.num_batched_tokens, time.perf_counter() - start)
+
+    def _completion(self, request: _Request, i: int) -> CompletionOutput:
+        seq = request.seqs[i]
+        return CompletionOutput(
+            index=i,
+            token_ids=seq.completion_token_ids,
+            text=request.texts[i],
+            finish_reason=seq.finish_reason,
+            logprobs=list(seq.logprobs) if request.params.logprobs is not None else None,
+        )
+
+    def _detokenize(self, request: _Request, i: int, seq: Sequence) -> str:
+        """Advance incremental detokenization; finish ``seq`` on a stop string. Returns the delta."""
+        detok = request.detokenizers[i]
+        if detok is None:
+            return ""
+        tokens = seq.completion_token_ids
+        before = len(detok.text)
+        detok.step(tokens)
+        if seq.is_finished:
+            detok.flush(tokens)
+        params = request.params
+        if params.stop and seq.num_completion_tokens >= params.min_tokens:
+            start = max(0, before - max(len(s) for s in params.stop) + 1)
+            for stop in params.stop:
+                at = detok.text.find(stop, start)
+                if at != -1:
+                    detok.text = detok.text[: at + len(stop) if params.include_stop_str_in_output else at]
+                    if not seq.is_finished:
+                        self.scheduler.finish(seq, "stop")
+                    seq.finish_reason = "stop"
+                    break
+        request.texts[i] = detok.text
+        return detok.text[before:] if len(detok.text) > before else ""
+
+    def _final_text(self, request: _Request, i: int) -> str:
+        if request.detokenizers[i] is not None:
+            return request.texts[i]
+        if self.tokenizer is None:
+            return ""
+        ids = request.seqs[i].completion_token_ids
+        return self.tokenizer.decode(ids, skip_special_tokens=request.params.skip_special_tokens)
 
     def shutdown(self) -> None:
         if self._closed:

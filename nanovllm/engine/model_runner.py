@@ -58,6 +58,7 @@ class ModelRunner:
     def _make_sampler(self):
         from nanovllm.layers.sampler import Sampler
 
+        self.eos_token_ids: list[int] = []  # set by the engine
         return Sampler()
 
     # ---- KV cache ------------------------------------------------------------------------
@@ -188,14 +189,22 @@ class ModelRunner:
         return self._replay_graph(input_ids, positions, context)
 
     @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
-        """One engine step: forward the scheduled sequences and sample one token for each."""
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list | None]:
+        """One engine step: forward the scheduled sequences and sample one token for each.
+
+        Returns the token ids and, when some sequence asked for them, per-row logprobs dicts."""
+        from nanovllm.layers.sampler import SamplingMetadata
+
         prepare = self.prepare_prefill if is_prefill else self.prepare_decode
         input_ids, positions, context = prepare(seqs)
+        metadata = None
+        if self.rank == 0:  # built before the forward so its host-to-device copies overlap it
+            metadata = SamplingMetadata.build(seqs, self.config.hf_config.vocab_size, self.device, self.eos_token_ids)
         logits = self.run_model(input_ids, positions, context)
         if self.rank != 0:
-            return []
-        return self.sampler(logits.float(), seqs).tolist()
+            return [], None
+        out = self.sampler(logits, metadata)
+        return out.token_ids.tolist(), out.logprobs
 
     # ---- CUDA graphs for decode -----------------------------------------------------------
 

@@ -35,6 +35,7 @@ class Sequence:
         # Prompt tokens served from the prefix cache at the first admission (reported to the user).
         self.num_prompt_cached_tokens: int | None = None
         self.finish_reason: str | None = None
+        self.logprobs: list[dict[int, float]] = []  # one dict per generated token, when asked
 
     def __len__(self) -> int:
         return len(self.token_ids)
