@@ -11,6 +11,7 @@ gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pi
 
 from nanovllm.utils.gguf import (  # noqa: E402
     DefaultModelNotInstalled,
+    GGUFFile,
     default_model_path,
     gguf_to_hf_name,
     is_gguf,
@@ -40,7 +41,11 @@ def _random_blocks(kind, rng: np.random.Generator) -> bytes:
         elif kind == Q.Q4_0:  # f16 scale, 16 bytes of nibble pairs
             out += d + rng.integers(0, 256, BLOCK // 2, dtype=np.uint8).tobytes()
         elif kind == Q.Q4_1:  # f16 scale, f16 min, 16 bytes of nibble pairs
-            out += d + _f16_bytes(rng.uniform(-1, 1)) + rng.integers(0, 256, BLOCK // 2, dtype=np.uint8).tobytes()
+            out += (
+                d
+                + _f16_bytes(rng.uniform(-1, 1))
+                + rng.integers(0, 256, BLOCK // 2, dtype=np.uint8).tobytes()
+            )
     return out
 
 
@@ -122,7 +127,8 @@ def test_qk_rows_are_unpermuted(tmp_path):
         out = np.empty_like(w)
         for h in range(heads):
             for i in range(half):
-                for j in range(2):  # GGUF row 2i + j holds HF row j * half + i (rotate_half pairs i, i + half)
+                # GGUF row 2i + j holds HF row j * half + i (rotate_half pairs rows i and i + half)
+                for j in range(2):
                     out[h * head_dim + 2 * i + j] = w[h * head_dim + j * half + i]
         return out
 
@@ -137,6 +143,40 @@ def test_qk_rows_are_unpermuted(tmp_path):
     loaded = dict(iter_gguf_weights(str(tmp_path / "qk.gguf")))
     assert torch.equal(loaded["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(q))
     assert torch.equal(loaded["model.layers.0.self_attn.k_proj.weight"], torch.from_numpy(k))
+
+
+def test_header_parser_agrees_with_gguf_reader(tmp_path):
+    """Our header parser against gguf-py's reader: every metadata value and every tensor's bytes."""
+    writer = _new_writer(tmp_path / "meta.gguf")
+    writer.add_custom_alignment(64)
+    writer.add_string("tokenizer.chat_template", "{{ messages[0]['content'] }} — ok")
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "a", "é", ""])
+    writer.add_array("tokenizer.ggml.token_type", [3, 1, 1, 1])
+    writer.add_bool("tokenizer.ggml.add_bos_token", True)
+    writer.add_uint64("nanovllm.test.u64", 2**40 + 3)
+    writer.add_float64("nanovllm.test.f64", 0.1)
+    rng = np.random.default_rng(2)
+    writer.add_tensor("output_norm.weight", rng.standard_normal(COLS).astype(np.float32))
+    writer.add_tensor(
+        "blk.0.ffn_down.weight",
+        np.frombuffer(_random_blocks(Q.Q8_0, rng), np.uint8).reshape(ROWS, -1),
+        raw_dtype=Q.Q8_0,
+    )
+    _write(writer)
+
+    ours, theirs = GGUFFile(str(tmp_path / "meta.gguf")), gguf.GGUFReader(str(tmp_path / "meta.gguf"))
+    expected = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, float):  # float32 fields come back as the nearest Python float on both sides
+            assert ours.metadata[key] == pytest.approx(value, rel=1e-7), key
+        else:
+            assert ours.metadata[key] == value, key
+    assert ours.tensors.keys() == {t.name for t in theirs.tensors}
+    for t in theirs.tensors:
+        shape, qtype, _ = ours.tensors[t.name]
+        assert qtype == t.tensor_type and shape == tuple(int(n) for n in reversed(t.shape))
+        assert np.array_equal(ours.tensor_bytes(t.name).view(np.uint8), t.data.view(np.uint8))
 
 
 def test_default_model_path_says_how_to_install():
@@ -179,10 +219,12 @@ def hf_model(smollm2):
 def test_weights_equal_transformers(smollm2, hf_model):
     expected = hf_model.state_dict()
     ours = dict(iter_gguf_weights(smollm2))
-    assert "lm_head.weight" not in ours  # SmolLM2 ties lm_head to the embedding; the GGUF has no output.weight
+    # SmolLM2 ties lm_head to the embedding: the GGUF has no output.weight.
+    assert "lm_head.weight" not in ours
     assert ours.keys() == expected.keys() - {"lm_head.weight"}
     for name, weight in ours.items():
-        # Both sides run the same block decoding, so the tolerance is 0; q_proj/k_proj also check the un-permutation.
+        # Both sides run gguf-py's block decoding, so the tolerance is 0.
+        # q_proj/k_proj also check the Q/K un-permutation against transformers' own.
         assert weight.dtype == torch.float32
         assert torch.equal(weight, expected[name]), name
 
@@ -196,8 +238,10 @@ def test_config_agrees_with_transformers(smollm2, hf_model):
         "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act",
     ]:  # fmt: skip
         assert getattr(ours, key) == getattr(theirs, key), key
-    rope = lambda c: getattr(c, "rope_parameters", None) or {"rope_theta": c.rope_theta, "scaling": c.rope_scaling}
-    assert rope(ours) == rope(theirs)
+    if hasattr(theirs, "rope_parameters"):  # transformers >= 5
+        assert ours.rope_parameters == theirs.rope_parameters
+    else:
+        assert (ours.rope_theta, ours.rope_scaling) == (theirs.rope_theta, theirs.rope_scaling)
     assert ours.tie_word_embeddings is True and ours.max_position_embeddings == 8192
     assert ours.num_key_value_heads == 3 and ours.head_dim == 64
     assert getattr(ours, "dtype", None) in (torch.float32, "float32") or ours.torch_dtype == torch.float32
@@ -208,8 +252,13 @@ def test_tokenizer_agrees_with_transformers(smollm2):
 
     ours = load_gguf_tokenizer(smollm2)
     theirs = AutoTokenizer.from_pretrained(os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2))
-    tokens = gguf.GGUFReader(smollm2).fields["tokenizer.ggml.tokens"].contents()
-    for text in ["Hello, world!", "  two spaces and a tab\there", "naïve café — 東京 🙂", "<|im_start|>user\nhi"]:
+    tokens = GGUFFile(smollm2).metadata["tokenizer.ggml.tokens"]
+    for text in [
+        "Hello, world!",
+        "  two spaces and a tab\there",
+        "naïve café — 東京 🙂",
+        "<|im_start|>user\nhi",
+    ]:
         ids = ours.encode(text, add_special_tokens=False)
         assert ids == theirs.encode(text, add_special_tokens=False)
         assert ours.convert_ids_to_tokens(ids) == [tokens[i] for i in ids]  # ids index the GGUF's vocabulary
