@@ -71,8 +71,8 @@ def _reference_dequantize(kind, raw: bytes) -> np.ndarray:
     return np.array(values, dtype=np.float64).reshape(ROWS, COLS)
 
 
-def _new_writer(path, num_heads: int = 2, num_kv_heads: int = 1):
-    writer = gguf.GGUFWriter(str(path), "llama")
+def _new_writer(path, num_heads: int = 2, num_kv_heads: int = 1, arch: str = "llama"):
+    writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(2)
     writer.add_context_length(128)
     writer.add_embedding_length(COLS)
@@ -143,6 +143,34 @@ def test_qk_rows_are_unpermuted(tmp_path):
     loaded = dict(iter_gguf_weights(str(tmp_path / "qk.gguf")))
     assert torch.equal(loaded["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(q))
     assert torch.equal(loaded["model.layers.0.self_attn.k_proj.weight"], torch.from_numpy(k))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_config_and_unpermuted_rows(tmp_path, arch):
+    """Qwen2/Qwen3 use NEOX rope in llama.cpp: Q/K rows are stored in HF order and come back unchanged."""
+    writer = _new_writer(tmp_path / "qwen.gguf", num_heads=2, num_kv_heads=1, arch=arch)
+    writer.add_key_length(16)  # head_dim, independent of hidden_size / num_heads (= 32 here)
+    writer.add_rope_freq_base(1e6)
+    q = np.arange(2 * 16 * COLS, dtype=np.float32).reshape(2 * 16, COLS)
+    writer.add_tensor("blk.0.attn_q.weight", q)
+    writer.add_tensor("blk.0.attn_q.bias", q[:, 0].copy())
+    writer.add_tensor("blk.0.attn_q_norm.weight", np.ones(16, np.float32))
+    writer.add_tensor("output.weight", np.ones((ROWS, COLS), np.float32))
+    _write(writer)
+
+    path = str(tmp_path / "qwen.gguf")
+    config = load_gguf_config(path)
+    assert config.architectures == [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]]
+    assert config.model_type == arch and config.head_dim == 16 and config.tie_word_embeddings is False
+    assert (config.num_attention_heads, config.num_key_value_heads, config.max_position_embeddings) == (
+        2,
+        1,
+        128,
+    )
+    loaded = dict(iter_gguf_weights(path))
+    assert torch.equal(loaded["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(q))
+    assert torch.equal(loaded["model.layers.0.self_attn.q_proj.bias"], torch.from_numpy(q[:, 0]))
+    assert set(loaded) >= {"model.layers.0.self_attn.q_norm.weight", "lm_head.weight"}
 
 
 def test_header_parser_agrees_with_gguf_reader(tmp_path):
