@@ -19,6 +19,9 @@ What this module relies on in the file (GGUF v3, as written by llama.cpp's ``con
   ``[half, 2]``-major to interleaved: GGUF row ``2i + j`` is HF row ``j * head_dim/2 + i``. We undo it by
   viewing each head's rows as ``[head_dim/2, 2]`` and transposing to ``[2, head_dim/2]``; ``attn_k`` uses the
   KV head count. Qwen2/Qwen3 use llama.cpp's NEOX rope (same pairing as HF), so they are not permuted.
+
+The header is parsed here (``GGUFFile``; gguf-py's reader takes seconds on a 49k-token vocabulary); the
+block formats (Q4_0, Q8_0, K-quants, ...) are decoded by gguf-py's ``gguf.quants.dequantize``.
 """
 
 import importlib.metadata
