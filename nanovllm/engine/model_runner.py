@@ -53,6 +53,10 @@ class ModelRunner:
             self._capture_cudagraphs()
 
     def _weights(self):
+        if self.config.is_gguf:
+            from nanovllm.utils.gguf import iter_gguf_weights
+
+            return iter_gguf_weights(self.config.model)
         return iter_safetensors(self.config.model)
 
     def _make_sampler(self):

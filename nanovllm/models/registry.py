@@ -15,9 +15,13 @@ def supported_architectures() -> list[str]:
 
 
 def load_hf_config(model: str):
-    """The transformers config of a model directory."""
+    """The transformers config of a model directory or a GGUF file."""
+    from nanovllm.utils.gguf import is_gguf, load_gguf_config
+
+    if os.path.isfile(model) and is_gguf(model):
+        return load_gguf_config(model)
     if not os.path.isdir(model):
-        raise ValueError(f"model path {model!r} is not a directory; pass a Hugging Face model directory")
+        raise ValueError(f"model path {model!r} is neither a directory nor a GGUF file")
     if not os.path.isfile(os.path.join(model, "config.json")):
         raise ValueError(f"model directory {model!r} has no config.json")
     from transformers import AutoConfig
