@@ -229,7 +229,9 @@ class TensorParallelRunner:
         kind, payload = _recv(self.conns[rank - 1]) if self.conns[rank - 1].poll() else (None, None)
         if kind == "error":
             return f"tensor-parallel worker rank {rank} raised:\n{payload}"
-        message = f"tensor-parallel worker rank {rank} died (exit code {self.procs[rank - 1].exitcode})"
+        proc = self.procs[rank - 1]
+        proc.join(timeout=1)  # its pipe may close a moment before its exit code is known
+        message = f"tensor-parallel worker rank {rank} died (exit code {proc.exitcode})"
         if self.runner is None:
             message += ("; it is a spawned process, so a script that starts the engine must do so "
                         "under `if __name__ == '__main__':`")
@@ -261,13 +263,15 @@ class TensorParallelRunner:
         deadline = time.monotonic() + DEATH_GRACE_S
         while pending and time.monotonic() < deadline:
             for rank, (proc, conn) in list(pending.items()):
+                if not proc.is_alive():
+                    return self._dead_rank_message(rank)
                 if conn.poll():
                     kind, payload = _recv(conn)
                     if kind == "error":
                         return f"tensor-parallel worker rank {rank} raised:\n{payload}"
+                    if kind is None:  # its pipe closed: it is dying
+                        return self._dead_rank_message(rank)
                     del pending[rank]  # this one answered normally
-                elif not proc.is_alive():
-                    return self._dead_rank_message(rank)
             time.sleep(0.02)
         return None
 
