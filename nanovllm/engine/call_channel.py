@@ -62,8 +62,8 @@ class StepSequence:
         return cls(seq.num_tokens, seq.num_cached_tokens, seq.block_size, seq.block_table, tail)
 
     def __reduce__(self):  # a bare tuple pickles in a fraction of the bytes of the slots' dict
-        tail = self.token_ids.ids
-        return StepSequence, (self.num_tokens, self.num_cached_tokens, self.block_size, self.block_table, tail)
+        n, tail = self.num_tokens, self.token_ids.ids
+        return StepSequence, (n, self.num_cached_tokens, self.block_size, self.block_table, tail)
 
     @property
     def last_token(self) -> int:

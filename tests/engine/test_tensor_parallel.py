@@ -67,7 +67,8 @@ def test_greedy_matches_one_rank_and_hf(reference, arch, tp):
 
 def test_preemption_under_tensor_parallelism(reference):
     path, hf, _ = reference("qwen3")
-    with LLM(path, tensor_parallel_size=2, kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=9) as llm:
+    engine = dict(kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=9)
+    with LLM(path, tensor_parallel_size=2, **engine) as llm:
         out = generate(llm, prompts())
         assert llm.engine.scheduler.num_preemptions > 0
     assert out == hf
@@ -81,7 +82,8 @@ def _free_port() -> int:
 
 def test_shutdown_ends_workers_group_and_shared_memory(reference):
     path, hf, _ = reference("qwen3")
-    llm = LLM(path, tensor_parallel_size=2, distributed_init_method=f"tcp://127.0.0.1:{_free_port()}", **ENGINE)
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    llm = LLM(path, tensor_parallel_size=2, distributed_init_method=address, **ENGINE)
     runner = llm.engine.model_runner
     procs, shm_name = list(runner.procs), runner.sender.name
     assert generate(llm, prompts(2)) == hf[:2]
