@@ -189,3 +189,45 @@ def test_worker_that_raises_is_reported_with_its_traceback(reference):
         runner._wait_replies("ok", timeout=30)
     llm.shutdown()
     assert not mp.active_children()
+
+
+_ORPHAN_SCRIPT = """
+import os, signal, sys
+from nanovllm import LLM, SamplingParams
+if __name__ == "__main__":
+    llm = LLM(sys.argv[1], tensor_parallel_size=2, kvcache_block_size=16, max_model_len=256)
+    llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
+    print(*[p.pid for p in llm.engine.model_runner.procs], flush=True)
+    if sys.argv[2] == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif sys.argv[2] == "sigint":
+        raise KeyboardInterrupt
+    # "exit": no shutdown() call; the interpreter's exit must end the workers
+"""
+
+
+@pytest.mark.parametrize("how", ["exit", "sigint", "sigkill"])
+def test_no_worker_outlives_its_parent(tiny_ckpt, tmp_path, how):
+    import subprocess
+    import sys
+
+    script = tmp_path / "engine.py"
+    script.write_text(_ORPHAN_SCRIPT)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root)
+    out = subprocess.run([sys.executable, str(script), tiny_ckpt("qwen3"), how], env=env, capture_output=True,
+                         text=True, timeout=120)
+    pids = [int(p) for p in out.stdout.split()]
+    assert pids, out.stderr
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"  # a zombie has exited; only its parent may reap it
+    except FileNotFoundError:
+        return False
