@@ -40,8 +40,15 @@ DEATH_GRACE_S = 5.0  # after a collective fails, how long to wait for the culpri
 
 def make_model_runner(config: Config):
     """A plain ``ModelRunner`` for one rank, a ``TensorParallelRunner`` for several."""
+    import torch.distributed as dist
+
     from nanovllm.engine.model_runner import ModelRunner
 
+    if dist.is_initialized():  # the layers would shard themselves over that group
+        raise RuntimeError(
+            "a torch.distributed process group is already active in this process (another "
+            "tensor-parallel engine?); shut that engine down before starting this one"
+        )
     if config.tensor_parallel_size == 1:
         return ModelRunner(config)
     return TensorParallelRunner(config)

@@ -87,6 +87,8 @@ def test_shutdown_ends_workers_group_and_shared_memory(reference):
     runner = llm.engine.model_runner
     procs, shm_name = list(runner.procs), runner.sender.name
     assert generate(llm, prompts(2)) == hf[:2]
+    with pytest.raises(RuntimeError, match="process group is already active"):
+        LLM(path, **ENGINE)  # its layers would shard over the running engine's group
     llm.shutdown()
     llm.shutdown()  # idempotent
     assert not any(p.is_alive() for p in procs)
