@@ -1,8 +1,8 @@
 """Per-step cost of the tensor-parallel call channel (CPU only; no model, no GPU).
 
-For a decode step of N sequences it times, on rank 0: building the compact StepSequences, pickling,
+For a decode step of N sequences it times, on rank 0: packing the compact StepBatch, pickling,
 the shared-memory write and the event sets ("send"); and the whole round trip through W worker
-processes that unpickle the call, run a no-op and reply on their pipes ("round trip"). In the
+processes that unpickle the call, unpack its sequences and reply on their pipes ("round trip"). In the
 engine the round trip overlaps rank 0's own forward, so "send" is what a step pays for sure.
 
     python benchmarks/bench_tp_channel.py --seqs 256 --workers 1 --block-size 16
@@ -16,15 +16,15 @@ import random
 import statistics
 import time
 
-from nanovllm.engine.call_channel import CallReceiver, CallSender, StepSequence, channel_bytes
+from nanovllm.engine.call_channel import CallReceiver, CallSender, StepBatch, channel_bytes
 from nanovllm.engine.parallel import serve
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
 
 
 class _NoOp:
-    def run(self, seqs, is_prefill) -> None:
-        pass
+    def run(self, batch: StepBatch, is_prefill: bool) -> None:
+        batch.sequences()  # what a worker does before building its inputs
 
 
 def _worker(name: str, event, conn) -> None:
@@ -63,7 +63,7 @@ def main() -> None:
     try:
         for i in range(args.iters):
             t0 = time.perf_counter()
-            sender.send("run", [StepSequence.of(s, False) for s in seqs], False)
+            sender.send("run", StepBatch.of(seqs, False), False)
             t1 = time.perf_counter()
             for parent, _ in pipes:
                 assert parent.recv() == ("ok", None)
@@ -71,7 +71,7 @@ def main() -> None:
             if i >= 50:  # warm-up: the workers' imports and first wake-ups
                 send_us.append((t1 - t0) * 1e6)
                 trip_us.append((t2 - t0) * 1e6)
-        payload = len(pickle.dumps(("run", ([StepSequence.of(s, False) for s in seqs], False))))
+        payload = len(pickle.dumps(("run", (StepBatch.of(seqs, False), False))))
     finally:
         sender.send("shutdown")
         for p in procs:

@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from nanovllm.config import Config
-from nanovllm.engine.call_channel import CallReceiver, CallSender, StepSequence, channel_bytes
+from nanovllm.engine.call_channel import CallReceiver, CallSender, StepBatch, channel_bytes
 from nanovllm.engine.sequence import Sequence
 
 logger = logging.getLogger("nanovllm")
@@ -130,13 +130,23 @@ def _worker_main(config: Config, rank: int, host: str, port: int, channel_name: 
         receiver = CallReceiver(channel_name, event)
         runner = ModelRunner(config, rank)
         conn.send(("ready", None))
-        serve(receiver, conn, runner)
+        serve(receiver, conn, _WorkerCalls(runner))
     except BaseException:
         with contextlib.suppress(Exception):  # rank 0 may be gone already
             conn.send(("error", traceback.format_exc()))
         raise SystemExit(1) from None
     finally:
         _worker_cleanup(runner, receiver)
+
+
+class _WorkerCalls:
+    """The calls a worker answers, each mirroring one of rank 0's."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def run(self, batch: StepBatch, is_prefill: bool) -> None:
+        self.runner.run(batch.sequences(), is_prefill)
 
 
 def serve(receiver: CallReceiver, conn, target: Any) -> None:
@@ -216,7 +226,7 @@ class TensorParallelRunner:
 
     def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
         self._check_workers()
-        self.sender.send("run", [StepSequence.of(s, is_prefill) for s in seqs], is_prefill)
+        self.sender.send("run", StepBatch.of(seqs, is_prefill), is_prefill)
         token_ids = self._guard(lambda: self.runner.run(seqs, is_prefill))
         self._wait_replies("ok", STEP_TIMEOUT_S)
         return token_ids

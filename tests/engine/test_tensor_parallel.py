@@ -15,7 +15,7 @@ import pytest
 import torch.distributed as dist
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.call_channel import StepSequence
+from nanovllm.engine.call_channel import StepBatch, StepSequence
 from nanovllm.engine.parallel import check_tensor_parallel
 from nanovllm.engine.sequence import Sequence
 from tests.tiny import hf_greedy, hf_model
@@ -180,6 +180,9 @@ def test_step_sequence_carries_what_the_inputs_need():
     dec = pickle.loads(pickle.dumps(StepSequence.of(seq, is_prefill=False)))
     assert (dec.last_token, dec.num_tokens, dec.block_table) == (139, 40, [7, 3, 9])
     assert len(pickle.dumps(StepSequence.of(seq, False))) < 120
+    (packed,) = pickle.loads(pickle.dumps(StepBatch.of([seq], is_prefill=True))).sequences()
+    assert (packed.num_tokens, packed.num_cached_tokens, packed.block_table) == (40, 32, [7, 3, 9])
+    assert packed.token_ids[32:40] == seq.token_ids[32:40]
 
 
 def test_worker_that_raises_is_reported_with_its_traceback(reference):
