@@ -16,6 +16,7 @@ class Config:
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
     tensor_parallel_size: int = 1
+    distributed_init_method: str | None = None  # "tcp://host:port" of rank 0's store; None: a free local port
     enforce_eager: bool = False
     kvcache_block_size: int = 256
     num_kvcache_blocks: int = -1
@@ -66,6 +67,10 @@ class Config:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")
         if self.attention_backend not in _BACKENDS:
             raise ValueError(f"attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
+        if self.distributed_init_method is not None:
+            from nanovllm.engine.parallel import check_init_method
+
+            check_init_method(self.distributed_init_method)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         self._resolve_device_and_dtype()
@@ -114,15 +119,10 @@ class Config:
                 f"({self.max_model_len}) so that any admissible prompt fits one prefill step; "
                 "raise max_num_batched_tokens or lower max_model_len"
             )
-        heads, kv_heads, tp = hf.num_attention_heads, hf.num_key_value_heads, self.tensor_parallel_size
-        if heads % tp:
-            raise ValueError(
-                f"tensor_parallel_size={tp} must divide the number of attention heads ({heads})"
-            )
-        if kv_heads % tp and tp % kv_heads:
-            raise ValueError(
-                f"tensor_parallel_size={tp} and the number of KV heads ({kv_heads}) must divide one another"
-            )
+        if self.tensor_parallel_size > 1:
+            from nanovllm.engine.parallel import check_tensor_parallel
+
+            check_tensor_parallel(hf, self.tensor_parallel_size)
         self.eos_token_id = hf.eos_token_id
 
     @property

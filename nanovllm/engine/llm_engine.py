@@ -64,11 +64,11 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, config: Config):
-        from nanovllm.engine.model_runner import ModelRunner
+        from nanovllm.engine.parallel import make_model_runner
 
         self.config = config
         self.tokenizer = self._load_tokenizer()
-        self.model_runner = ModelRunner(config)
+        self.model_runner = make_model_runner(config)  # ModelRunner, or one per rank
         self.eos_token_ids = self._eos_token_ids()
         self.model_runner.eos_token_ids = sorted(self.eos_token_ids)
         self.scheduler = Scheduler(

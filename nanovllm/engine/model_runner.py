@@ -6,6 +6,7 @@ import math
 import torch
 
 from nanovllm.config import Config
+from nanovllm.distributed import min_over_ranks
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention, get_backend
 from nanovllm.models.llama import head_dim_of
@@ -87,6 +88,7 @@ class ModelRunner:
         else:
             needed = cfg.max_num_seqs * math.ceil(cfg.max_model_len / self.block_size)
             num_blocks = max(1, min(needed, CPU_KV_CACHE_BYTES // self.block_bytes))
+        num_blocks = min_over_ranks(num_blocks)  # one block table serves every rank
         if num_blocks * self.block_size < cfg.max_model_len:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks x {self.block_size} tokens = "

@@ -1,0 +1,344 @@
+"""Tensor parallelism: one engine over N GPUs (NCCL) or N CPU processes (gloo).
+
+Rank 0 is the engine's own process: it schedules, runs its model shard and samples. Ranks
+1..N-1 are spawned worker processes that each hold one shard and mirror every model call rank 0
+makes (see call_channel.py for how calls travel). Inside a forward the ranks meet in the
+collectives of the layers (all-reduce after row-parallel linears, a gather of the logits to rank 0).
+
+Failure handling, so that nothing hangs and nothing is left behind:
+- a worker that raises reports its traceback on its pipe and exits; one that dies is seen through
+  its process sentinel. Rank 0 checks both before each call and while waiting for replies, and
+  raises RuntimeError naming the rank. Gloo collectives fail at once when a peer's socket closes;
+  a monitor thread aborts the NCCL communicator when a worker dies so a blocked GPU step returns.
+- workers ignore SIGINT (rank 0 handles Ctrl-C and shuts them down) and a watchdog thread in each
+  ends it when rank 0 disappears; they are daemon processes besides.
+"""
+
+import contextlib
+import logging
+import multiprocessing as mp
+import os
+import signal
+import threading
+import time
+import traceback
+from datetime import timedelta
+from multiprocessing.connection import wait
+from typing import Any
+from urllib.parse import urlparse
+
+from nanovllm.config import Config
+from nanovllm.engine.call_channel import CallReceiver, CallSender, StepBatch, channel_bytes
+from nanovllm.engine.sequence import Sequence
+
+logger = logging.getLogger("nanovllm")
+
+START_TIMEOUT_S = 900.0  # loading a large checkpoint on every rank
+STEP_TIMEOUT_S = 300.0  # a worker that is alive but silent this long after rank 0's step is stuck
+DEATH_GRACE_S = 5.0  # after a collective fails, how long to wait for the culprit to show itself
+
+
+def make_model_runner(config: Config):
+    """A plain ``ModelRunner`` for one rank, a ``TensorParallelRunner`` for several."""
+    import torch.distributed as dist
+
+    from nanovllm.engine.model_runner import ModelRunner
+
+    if dist.is_initialized():  # the layers would shard themselves over that group
+        raise RuntimeError(
+            "a torch.distributed process group is already active in this process (another "
+            "tensor-parallel engine?); shut that engine down before starting this one"
+        )
+    if config.tensor_parallel_size == 1:
+        return ModelRunner(config)
+    return TensorParallelRunner(config)
+
+
+def check_tensor_parallel(hf_config, tp: int) -> None:
+    """Raise ValueError unless the model splits evenly over ``tp`` ranks. (The vocabulary need not:
+    its shards are padded.)"""
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    inter = hf_config.intermediate_size
+    if heads % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must divide the number of attention heads ({heads})")
+    if kv_heads % tp and tp % kv_heads:
+        raise ValueError(
+            f"tensor_parallel_size={tp} and the number of KV heads ({kv_heads}) must divide one another "
+            "(with more ranks than KV heads, each KV head is replicated on tp / num_kv_heads ranks)"
+        )
+    if inter % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must divide the MLP intermediate_size ({inter})")
+
+
+def check_init_method(init_method: str) -> None:
+    url = urlparse(init_method) if isinstance(init_method, str) else None
+    try:
+        ok = url is not None and url.scheme == "tcp" and bool(url.hostname) and url.port is not None
+    except ValueError:  # a port that is not a number or out of range
+        ok = False
+    if not ok:
+        raise ValueError(f"distributed_init_method must look like 'tcp://host:port', got {init_method!r}")
+
+
+def _recv(conn) -> tuple[str | None, Any]:
+    """A worker's next reply; (None, None) once its end of the pipe has closed."""
+    try:
+        return conn.recv()
+    except (EOFError, OSError):
+        return None, None
+
+
+def _store_address(init_method: str | None) -> tuple[str, int]:
+    if init_method is None:
+        return "127.0.0.1", 0  # port 0: the store binds a free port, read back from store.port
+    url = urlparse(init_method)
+    return url.hostname, url.port
+
+
+def _open_store(host: str, port: int, world_size: int, is_master: bool):
+    import torch.distributed as dist
+
+    return dist.TCPStore(host, port, world_size, is_master=is_master, wait_for_workers=False,
+                         timeout=timedelta(seconds=START_TIMEOUT_S))
+
+
+# ---- worker process ------------------------------------------------------------------------
+
+
+def _watch_parent(parent_pid: int) -> None:
+    while os.getppid() == parent_pid:
+        time.sleep(0.5)
+    os._exit(1)  # rank 0 is gone: nobody will ever send the next call
+
+
+def _worker_main(config: Config, rank: int, host: str, port: int, channel_name: str, event, conn,
+                 parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
+    runner = receiver = None
+    try:
+        import torch
+
+        from nanovllm.distributed import init_tensor_parallel
+        from nanovllm.engine.model_runner import ModelRunner
+
+        if config.device == "cpu":
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
+        store = _open_store(host, port, config.tensor_parallel_size, is_master=False)
+        conn.send(("connected", None))
+        init_tensor_parallel(rank, config.tensor_parallel_size, store, config.device)
+        receiver = CallReceiver(channel_name, event)
+        runner = ModelRunner(config, rank)
+        conn.send(("ready", None))
+        serve(receiver, conn, _WorkerCalls(runner))
+    except BaseException:
+        with contextlib.suppress(Exception):  # rank 0 may be gone already
+            conn.send(("error", traceback.format_exc()))
+        raise SystemExit(1) from None
+    finally:
+        _worker_cleanup(runner, receiver)
+
+
+class _WorkerCalls:
+    """The calls a worker answers, each mirroring one of rank 0's."""
+
+    def __init__(self, runner):
+        self.runner = runner
+
+    def run(self, batch: StepBatch, is_prefill: bool) -> None:
+        self.runner.run(batch.sequences(), is_prefill)
+
+
+def serve(receiver: CallReceiver, conn, target: Any) -> None:
+    """Run each call rank 0 sends on ``target`` and reply "ok", until "shutdown"."""
+    while True:
+        method, args = receiver.recv()
+        if method == "shutdown":
+            return
+        getattr(target, method)(*args)
+        conn.send(("ok", None))
+
+
+def _worker_cleanup(runner, receiver) -> None:
+    from nanovllm.distributed import destroy_tensor_parallel
+
+    if runner is not None:
+        runner.shutdown()
+    if receiver is not None:
+        receiver.close()
+    destroy_tensor_parallel()
+
+
+# ---- rank 0 ---------------------------------------------------------------------------------
+
+
+class WorkerError(RuntimeError):
+    pass
+
+
+class TensorParallelRunner:
+    """Rank 0's model runner plus the workers that mirror it; used like a ``ModelRunner``."""
+
+    def __init__(self, config: Config):
+        from nanovllm.distributed import init_tensor_parallel
+        from nanovllm.engine.model_runner import ModelRunner
+
+        self.config = config
+        self.world_size = n = config.tensor_parallel_size
+        self.runner = None
+        self.procs: list = []
+        self._closed = False
+        self._failure: str | None = None
+        ctx = mp.get_context("spawn")
+        host, port = _store_address(config.distributed_init_method)
+        self.store = _open_store(host, port, n, is_master=True)
+        events = [ctx.Event() for _ in range(n - 1)]
+        size = channel_bytes(config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len,
+                             config.kvcache_block_size)
+        self.sender = CallSender(events, size)
+        self.conns = []
+        try:
+            for rank in range(1, n):
+                parent_end, child_end = ctx.Pipe()
+                args = (config, rank, host, self.store.port, self.sender.name, events[rank - 1], child_end,
+                        os.getpid())
+                proc = ctx.Process(target=_worker_main, args=args, name=f"nanovllm-tp{rank}", daemon=True)
+                proc.start()
+                child_end.close()
+                self.procs.append(proc)
+                self.conns.append(parent_end)
+            self._wait_replies("connected", START_TIMEOUT_S)
+            init_tensor_parallel(0, n, self.store, config.device)
+            self._monitor = threading.Thread(target=self._watch_workers, daemon=True)
+            self._monitor.start()
+            self.runner = self._guard(lambda: ModelRunner(config, 0))
+            self._wait_replies("ready", START_TIMEOUT_S)
+        except BaseException:
+            self.shutdown()
+            raise
+        self.num_blocks = self.runner.num_blocks
+
+    def __getattr__(self, name: str) -> Any:  # rank 0's runner answers the rest (kv_cache, device, ...)
+        runner = self.__dict__.get("runner")
+        if runner is None:
+            raise AttributeError(name)
+        return getattr(runner, name)
+
+    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+        self._check_workers()
+        self.sender.send("run", StepBatch.of(seqs, is_prefill), is_prefill)
+        token_ids = self._guard(lambda: self.runner.run(seqs, is_prefill))
+        self._wait_replies("ok", STEP_TIMEOUT_S)
+        return token_ids
+
+    # ---- failures --------------------------------------------------------------------------
+
+    def _fail(self, message: str) -> WorkerError:
+        """Remember the first failure (the engine cannot go on) and stop every worker."""
+        if self._failure is None:
+            self._failure = message
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+        return WorkerError(self._failure)
+
+    def _dead_rank_message(self, rank: int) -> str:
+        kind, payload = _recv(self.conns[rank - 1]) if self.conns[rank - 1].poll() else (None, None)
+        if kind == "error":
+            return f"tensor-parallel worker rank {rank} raised:\n{payload}"
+        proc = self.procs[rank - 1]
+        proc.join(timeout=1)  # its pipe may close a moment before its exit code is known
+        message = f"tensor-parallel worker rank {rank} died (exit code {proc.exitcode})"
+        if self.runner is None:
+            message += ("; it is a spawned process, so a script that starts the engine must do so "
+                        "under `if __name__ == '__main__':`")
+        return message
+
+    def _check_workers(self) -> None:
+        if self._closed:
+            raise RuntimeError("the engine has been shut down")
+        if self._failure is not None:
+            raise WorkerError(self._failure)
+        for rank, proc in enumerate(self.procs, start=1):
+            if not proc.is_alive():
+                raise self._fail(self._dead_rank_message(rank))
+
+    def _guard(self, fn):
+        """Run rank 0's part of a call. If it fails, blame the worker that died or raised if there
+        is one; either way the ranks are out of step now, so the engine is marked failed."""
+        try:
+            return fn()
+        except BaseException as e:
+            culprit = self._find_culprit() if isinstance(e, Exception) else None
+            if culprit is not None:
+                raise self._fail(culprit) from e
+            self._fail(f"a tensor-parallel call failed on rank 0 ({e!r}); the engine cannot go on")
+            raise
+
+    def _find_culprit(self) -> str | None:
+        pending = dict(enumerate(zip(self.procs, self.conns, strict=True), start=1))
+        deadline = time.monotonic() + DEATH_GRACE_S
+        while pending and time.monotonic() < deadline:
+            for rank, (proc, conn) in list(pending.items()):
+                if not proc.is_alive():
+                    return self._dead_rank_message(rank)
+                if conn.poll():
+                    kind, payload = _recv(conn)
+                    if kind == "error":
+                        return f"tensor-parallel worker rank {rank} raised:\n{payload}"
+                    if kind is None:  # its pipe closed: it is dying
+                        return self._dead_rank_message(rank)
+                    del pending[rank]  # this one answered normally
+            time.sleep(0.02)
+        return None
+
+    def _wait_replies(self, expected: str, timeout: float) -> None:
+        for rank, (proc, conn) in enumerate(zip(self.procs, self.conns, strict=True), start=1):
+            deadline = time.monotonic() + timeout
+            while not wait([conn, proc.sentinel], timeout=max(0.0, deadline - time.monotonic())):
+                raise self._fail(f"tensor-parallel worker rank {rank} did not answer within {timeout:.0f} s")
+            kind, payload = _recv(conn) if conn.poll() else (None, None)
+            if kind is None:
+                raise self._fail(self._dead_rank_message(rank))
+            if kind == "error":
+                raise self._fail(f"tensor-parallel worker rank {rank} raised:\n{payload}")
+            if kind != expected:
+                raise self._fail(f"tensor-parallel worker rank {rank} answered {kind!r}, not {expected!r}")
+
+    def _watch_workers(self) -> None:
+        """On a worker's death, abort NCCL so that a step blocked in a collective returns."""
+        wait([p.sentinel for p in self.procs])
+        if self._closed or self.config.device != "cuda":
+            return  # gloo collectives fail by themselves when a peer's socket closes
+        try:
+            import torch.distributed.distributed_c10d as c10d
+
+            c10d._abort_process_group()
+        except Exception:  # best effort: the step then fails on the NCCL timeout instead
+            logger.exception("could not abort the NCCL process group")
+
+    # ---- shutdown --------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop every worker, destroy the process group and unlink the shared memory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        from nanovllm.distributed import destroy_tensor_parallel
+
+        if self._failure is None and any(p.is_alive() for p in self.procs):
+            with contextlib.suppress(Exception):
+                self.sender.send("shutdown")
+        if self.runner is not None:
+            self.runner.shutdown()
+        for proc in self.procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+        for conn in self.conns:
+            conn.close()
+        with contextlib.suppress(Exception):  # an aborted NCCL group may refuse
+            destroy_tensor_parallel()
+        self.sender.close()
+        self.store = None
