@@ -93,7 +93,7 @@ def test_unsupported_architecture(tiny_ckpt, tmp_path):
     (path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="supported: LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
         LLM(str(path))
-    with pytest.raises(ValueError, match="not a directory"):
+    with pytest.raises(ValueError, match="not a local path"):
         LLM(os.path.join(str(tmp_path), "missing"))
 
 
