@@ -1,6 +1,6 @@
 import pytest
 import torch
-from paged_kv import device, make_paged_kv
+from tests.kernels.paged_kv import device, make_paged_kv
 
 pytest.importorskip("triton")
 

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from paged_kv import device
+from tests.kernels.paged_kv import device
 
 pytest.importorskip("triton")
 
