@@ -53,12 +53,25 @@ def test_decode_block_table_padding(pad):
     check([5, 40, 64], 4, 2, 32, 16, torch.float16, pad=pad, max_context_len=64)
 
 
+QWEN3_0_6B = (128, 16, 8)  # head_dim, num_heads, num_kv_heads
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size", [16, 256, 512])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(128, 16, 8), (128, 32, 8), (64, 8, 8), (128, 16, 2)])
 @pytest.mark.parametrize("batch,max_len", [(1, 4096), (7, 1000), (256, 1024), (64, 4096)])
-def test_decode_gpu(block_size, dtype, head_dim, num_heads, num_kv_heads, batch, max_len):
+def test_decode_gpu(block_size, dtype, batch, max_len):
+    check_random_batch(batch, max_len, *QWEN3_0_6B, block_size, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(128, 32, 8), (64, 8, 8), (128, 16, 2), (64, 16, 4)])
+@pytest.mark.parametrize("batch,max_len", [(1, 4096), (33, 2000)])
+def test_decode_gpu_heads(head_dim, num_heads, num_kv_heads, batch, max_len):
+    check_random_batch(batch, max_len, head_dim, num_heads, num_kv_heads, 256, torch.bfloat16)
+
+
+def check_random_batch(batch, max_len, head_dim, num_heads, num_kv_heads, block_size, dtype):
     gen = torch.Generator().manual_seed(batch)
     lens = torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
     lens[0] = max_len
