@@ -60,7 +60,9 @@ def bench_decode(batch: int, context_len: int, copy_gbs: float, gen: torch.Gener
     max_len = max(context_lens)
     # Timed as the engine runs decode: replayed from a CUDA graph, so small batches are not
     # measuring Python launch overhead.
-    run = lambda: paged_decode_attention(q, k_cache, v_cache, table, lens, HEAD_DIM**-0.5, max_context_len=max_len)
+    run = lambda: paged_decode_attention(
+        q, k_cache, v_cache, table, lens, HEAD_DIM**-0.5, max_context_len=max_len
+    )
     run()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -83,12 +85,19 @@ def bench_prefill(batch: int, seq_len: int, gen: torch.Generator) -> dict:
     q = torch.randn(batch * seq_len, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     cu = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * seq_len
     ms = triton.testing.do_bench(
-        lambda: paged_prefill_attention(q, k_cache, v_cache, cu, lens, table, HEAD_DIM**-0.5, max_seqlen_q=seq_len),
+        lambda: paged_prefill_attention(
+            q, k_cache, v_cache, cu, lens, table, HEAD_DIM**-0.5, max_seqlen_q=seq_len
+        ),
         warmup=25,
         rep=200,
     )
     flops = batch * NUM_HEADS * 4 * HEAD_DIM * seq_len * seq_len / 2
-    return {"batch": batch, "seq_len": seq_len, "us": round(ms * 1e3, 1), "tflops": round(flops / ms / 1e9, 1)}
+    return {
+        "batch": batch,
+        "seq_len": seq_len,
+        "us": round(ms * 1e3, 1),
+        "tflops": round(flops / ms / 1e9, 1),
+    }
 
 
 def main() -> None:
@@ -100,16 +109,21 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=Path(__file__).parent).stdout.strip() or None,  # fmt: skip
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+        or None,  # fmt: skip
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "copy_gbs": round(copy_gbs, 1),
-        "decode": [bench_decode(b, n, copy_gbs, gen) for b, n in [(256, 1000), (64, 4096), (1, 4096), (8, 2048)]],
+        "decode": [
+            bench_decode(b, n, copy_gbs, gen) for b, n in [(256, 1000), (64, 4096), (1, 4096), (8, 2048)]
+        ],
         "prefill": [bench_prefill(8, 1024, gen)],
     }
     for d in result["decode"]:
-        print(f"decode  batch {d['batch']:>3} ctx ~{d['mean_context_len']:>6.0f} splits {d['num_splits']:>2}: "
-              f"{d['us']:>8.1f} us  {d['kv_gbs']:>7.1f} GB/s  {d['frac_of_copy_bw']:.0%} of copy")  # fmt: skip
+        shape = f"batch {d['batch']:>3} ctx ~{d['mean_context_len']:>6.0f} splits {d['num_splits']:>2}"
+        speed = f"{d['us']:>8.1f} us  {d['kv_gbs']:>7.1f} GB/s  {d['frac_of_copy_bw']:.0%} of copy"
+        print(f"decode  {shape}: {speed}")
     for p in result["prefill"]:
         print(f"prefill batch {p['batch']} x {p['seq_len']}: {p['us']:.1f} us  {p['tflops']} TFLOP/s")
     line = json.dumps(result)

@@ -37,13 +37,18 @@ def _decode_split_kernel(
     v_cache_ptr,
     block_tables_ptr,  # [batch, max_blocks]
     context_lens_ptr,  # [batch]
-    out_ptr,  # NUM_SPLITS == 1: [batch, num_heads, head_dim]; else [batch, num_heads, NUM_SPLITS, head_dim] fp32
+    out_ptr,  # one split: [batch, num_heads, head_dim]; else [batch, num_heads, NUM_SPLITS, head_dim] fp32
     lse_ptr,  # [batch, num_heads, NUM_SPLITS] fp32 (unused when NUM_SPLITS == 1)
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
-    stride_qb, stride_qh,
-    stride_cb, stride_cs, stride_ch,
+    stride_qb,
+    stride_qh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
     stride_bt,
-    stride_ob, stride_oh, stride_os,
+    stride_ob,
+    stride_oh,
+    stride_os,
     num_heads,
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # >= 16, power of two
@@ -110,7 +115,8 @@ def _merge_splits_kernel(
     partial_ptr,  # [batch, num_heads, NUM_SPLITS, head_dim] fp32
     lse_ptr,  # [batch, num_heads, NUM_SPLITS] fp32, base 2
     out_ptr,  # [batch, num_heads, head_dim]
-    stride_ob, stride_oh,
+    stride_ob,
+    stride_oh,
     num_heads,
     HEAD_DIM: tl.constexpr,
     NUM_SPLITS: tl.constexpr,

@@ -25,8 +25,20 @@ import triton.language as tl
 
 @triton.jit
 def _attend_tile(
-    q, q_pos, m_i, l_i, acc,
-    k_cache_ptr, v_cache_ptr, table, kv_head_off, start_n, seen_end, qk_scale, stride_cb, stride_cs,
+    q,
+    q_pos,
+    m_i,
+    l_i,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    table,
+    kv_head_off,
+    start_n,
+    seen_end,
+    qk_scale,
+    stride_cb,
+    stride_cs,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -71,10 +83,14 @@ def _prefill_kernel(
     block_tables_ptr,  # [batch, max_blocks]
     out_ptr,  # [num_tokens, num_heads, head_dim]
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
-    stride_qt, stride_qh,
-    stride_cb, stride_cs, stride_ch,
+    stride_qt,
+    stride_qh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
     stride_bt,
-    stride_ot, stride_oh,
+    stride_ot,
+    stride_oh,
     GROUP: tl.constexpr,  # query heads per KV head
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block

@@ -17,9 +17,16 @@ def _store_kvcache_kernel(
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,
     slot_mapping_ptr,  # [num_tokens]
-    stride_kt, stride_kh, stride_kd,
-    stride_vt, stride_vh, stride_vd,
-    stride_cb, stride_cs, stride_ch, stride_cd,  # K and V caches share one layout
+    stride_kt,
+    stride_kh,
+    stride_kd,
+    stride_vt,
+    stride_vh,
+    stride_vd,
+    stride_cb,  # K and V caches share one layout
+    stride_cs,
+    stride_ch,
+    stride_cd,
     num_kv_heads,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -33,7 +40,9 @@ def _store_kvcache_kernel(
     dims = tl.arange(0, HEAD_DIM)
     mask = heads[:, None] < num_kv_heads
 
-    key = tl.load(key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :] * stride_kd, mask=mask)
+    key = tl.load(
+        key_ptr + token * stride_kt + heads[:, None] * stride_kh + dims[None, :] * stride_kd, mask=mask
+    )
     value = tl.load(
         value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :] * stride_vd, mask=mask
     )

@@ -29,7 +29,7 @@ def make_paged_kv(
     max_blocks = max(blocks_per_seq) + 1  # at least one padding entry per row
     pad_value = {"poison": 1, "-1": -1, "0": 0}[pad]
     block_tables = torch.full((len(context_lens), max_blocks), pad_value, dtype=torch.int32)
-    for i, (n, nb) in enumerate(zip(context_lens, blocks_per_seq)):
+    for i, (n, nb) in enumerate(zip(context_lens, blocks_per_seq, strict=True)):
         own, ids = ids[:nb], ids[nb:]
         block_tables[i, :nb] = torch.tensor(own, dtype=torch.int32)
         rows = torch.tensor(own)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from tests.kernels.paged_kv import device, make_paged_kv
 
 pytest.importorskip("triton")
@@ -65,7 +66,9 @@ def test_decode_gpu(block_size, dtype, batch, max_len):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(128, 32, 8), (64, 8, 8), (128, 16, 2), (64, 16, 4)])
+@pytest.mark.parametrize(
+    "head_dim,num_heads,num_kv_heads", [(128, 32, 8), (64, 8, 8), (128, 16, 2), (64, 16, 4)]
+)
 @pytest.mark.parametrize("batch,max_len", [(1, 4096), (33, 2000)])
 def test_decode_gpu_heads(head_dim, num_heads, num_kv_heads, batch, max_len):
     check_random_batch(batch, max_len, head_dim, num_heads, num_kv_heads, 256, torch.bfloat16)
@@ -83,10 +86,13 @@ def test_decode_cuda_graph():
     """Captured once with a fixed max_context_len, replayed over other context lengths."""
     num_heads, num_kv_heads, head_dim, block_size, max_len = 16, 8, 128, 256, 4096
     batch = 4
-    k_cache, v_cache, block_tables, lens = make_paged_kv([max_len] * batch, num_kv_heads, head_dim, block_size,
-                                                         torch.bfloat16)  # fmt: skip
+    k_cache, v_cache, block_tables, lens = make_paged_kv(
+        [max_len] * batch, num_kv_heads, head_dim, block_size, torch.bfloat16
+    )
     q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=torch.bfloat16)
-    run = lambda: paged_decode_attention(q, k_cache, v_cache, block_tables, lens, 0.1, max_context_len=max_len)
+    run = lambda: paged_decode_attention(
+        q, k_cache, v_cache, block_tables, lens, 0.1, max_context_len=max_len
+    )
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from tests.kernels.paged_kv import device, make_paged_kv
 
 pytest.importorskip("triton")
@@ -16,18 +17,32 @@ TOLERANCE = {
 }
 
 
-def check(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, pad="poison", max_seqlen_q=None):
+def check(
+    q_lens,
+    context_lens,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    dtype,
+    pad="poison",
+    max_seqlen_q=None,
+):
     k_cache, v_cache, block_tables, lens = make_paged_kv(
         context_lens, num_kv_heads, head_dim, block_size, dtype, pad=pad, seed=sum(q_lens)
     )
     gen = torch.Generator().manual_seed(2)
     num_tokens = sum(q_lens)
     # q as a view into a fused qkv output: a stride on dim 0.
-    qkv = torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype).to(device())
+    qkv = (
+        torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype).to(device())
+    )
     q = qkv[:, :num_heads]
     cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device())
     scale = head_dim**-0.5
-    out = paged_prefill_attention(q, k_cache, v_cache, cu, lens, block_tables, scale, max_seqlen_q=max_seqlen_q)
+    out = paged_prefill_attention(
+        q, k_cache, v_cache, cu, lens, block_tables, scale, max_seqlen_q=max_seqlen_q
+    )
     ref = paged_prefill_attention_ref(q, k_cache, v_cache, cu, lens, block_tables, scale)
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
 
@@ -63,5 +78,5 @@ def test_prefill_gpu(block_size, dtype, head_dim, num_heads, num_kv_heads):
     gen = torch.Generator().manual_seed(block_size)
     q_lens = [1, 127, 128, 129, 1000, 2048] + torch.randint(1, 600, (10,), generator=gen).tolist()
     cached = [0, 0, 256, 3, 1024, 2048] + torch.randint(0, 1000, (10,), generator=gen).tolist()
-    context_lens = [q + c for q, c in zip(q_lens, cached)]
+    context_lens = [q + c for q, c in zip(q_lens, cached, strict=True)]
     check(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype)

@@ -1,5 +1,6 @@
 import pytest
 import torch
+
 from tests.kernels.paged_kv import device
 
 pytest.importorskip("triton")
@@ -38,7 +39,9 @@ def run_case(num_tokens, num_heads, num_kv_heads, head_dim, block_size, dtype, c
 )
 @pytest.mark.parametrize("num_kv_heads", [1, 3])  # 3: a head count that is not a power of two
 def test_store_kvcache(block_size, dtype, cache_dtype, num_kv_heads):
-    run_case(37, 2 * num_kv_heads, num_kv_heads, 32, block_size, dtype, cache_dtype, seed=block_size + num_kv_heads)
+    run_case(
+        37, 2 * num_kv_heads, num_kv_heads, 32, block_size, dtype, cache_dtype, seed=block_size + num_kv_heads
+    )
 
 
 @pytest.mark.gpu
