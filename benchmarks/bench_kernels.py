@@ -1,0 +1,136 @@
+"""Benchmark the paged-attention kernels on a CUDA GPU; ends with one JSON line.
+
+Decode is bound by memory: it is reported as GB/s of K/V read and as a fraction of the bandwidth of
+a large device-to-device copy measured here. Prefill is reported in TFLOP/s (causal: half of the
+dense 4 * q_len * context_len * head_dim flops per head).
+
+    python benchmarks/bench_kernels.py   # Qwen3-0.6B attention shapes, bf16, one layer
+
+The JSON line is also appended to benchmarks/results.jsonl (device, commit and date included).
+"""
+
+import json
+import math
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nanovllm.kernels.decode_attention import choose_num_splits, paged_decode_attention  # noqa: E402
+from nanovllm.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
+
+NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 256
+DTYPE = torch.bfloat16
+
+
+def copy_bandwidth_gbs() -> float:
+    """Read + write bytes per second of a 1 GiB device copy: the practical HBM ceiling."""
+    src = torch.empty(1 << 29, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300)
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def paged_cache(context_lens: list[int], gen: torch.Generator):
+    """A cache holding exactly these sequences, blocks shuffled; block table padded with -1."""
+    blocks = [math.ceil(n / BLOCK_SIZE) for n in context_lens]
+    num_blocks = sum(blocks)
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
+    v_cache = torch.randn(shape, dtype=DTYPE, device="cuda")
+    ids = torch.randperm(num_blocks, generator=gen).to(torch.int32)
+    table = torch.full((len(context_lens), max(blocks)), -1, dtype=torch.int32)
+    used = 0
+    for i, nb in enumerate(blocks):
+        table[i, :nb] = ids[used : used + nb]
+        used += nb
+    lens = torch.tensor(context_lens, dtype=torch.int32, device="cuda")
+    return k_cache, v_cache, table.cuda(), lens
+
+
+def bench_decode(batch: int, context_len: int, copy_gbs: float, gen: torch.Generator) -> dict:
+    jitter = torch.randint(-context_len // 8, context_len // 8 + 1, (batch,), generator=gen)
+    context_lens = (context_len + jitter).clamp(min=1).tolist()
+    k_cache, v_cache, table, lens = paged_cache(context_lens, gen)
+    q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    max_len = max(context_lens)
+    # Timed as the engine runs decode: replayed from a CUDA graph, so small batches are not
+    # measuring Python launch overhead.
+    run = lambda: paged_decode_attention(
+        q, k_cache, v_cache, table, lens, HEAD_DIM**-0.5, max_context_len=max_len
+    )
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200)
+    kv_bytes = sum(context_lens) * NUM_KV_HEADS * HEAD_DIM * 2 * k_cache.element_size()
+    gbs = kv_bytes / ms / 1e6
+    return {
+        "batch": batch,
+        "mean_context_len": sum(context_lens) / batch,
+        "num_splits": choose_num_splits(batch, NUM_KV_HEADS, max_len),
+        "us": round(ms * 1e3, 1),
+        "kv_gbs": round(gbs, 1),
+        "frac_of_copy_bw": round(gbs / copy_gbs, 3),
+    }
+
+
+def bench_prefill(batch: int, seq_len: int, gen: torch.Generator) -> dict:
+    k_cache, v_cache, table, lens = paged_cache([seq_len] * batch, gen)
+    q = torch.randn(batch * seq_len, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    cu = torch.arange(0, batch + 1, dtype=torch.int32, device="cuda") * seq_len
+    ms = triton.testing.do_bench(
+        lambda: paged_prefill_attention(
+            q, k_cache, v_cache, cu, lens, table, HEAD_DIM**-0.5, max_seqlen_q=seq_len
+        ),
+        warmup=25,
+        rep=200,
+    )
+    flops = batch * NUM_HEADS * 4 * HEAD_DIM * seq_len * seq_len / 2
+    return {
+        "batch": batch,
+        "seq_len": seq_len,
+        "us": round(ms * 1e3, 1),
+        "tflops": round(flops / ms / 1e9, 1),
+    }
+
+
+def main() -> None:
+    assert torch.cuda.is_available(), "the kernel benchmark needs a CUDA device"
+    gen = torch.Generator().manual_seed(0)
+    copy_gbs = copy_bandwidth_gbs()
+    result = {
+        "bench": "kernels",
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+        or None,  # fmt: skip
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "copy_gbs": round(copy_gbs, 1),
+        "decode": [
+            bench_decode(b, n, copy_gbs, gen) for b, n in [(256, 1000), (64, 4096), (1, 4096), (8, 2048)]
+        ],
+        "prefill": [bench_prefill(8, 1024, gen)],
+    }
+    for d in result["decode"]:
+        shape = f"batch {d['batch']:>3} ctx ~{d['mean_context_len']:>6.0f} splits {d['num_splits']:>2}"
+        speed = f"{d['us']:>8.1f} us  {d['kv_gbs']:>7.1f} GB/s  {d['frac_of_copy_bw']:.0%} of copy"
+        print(f"decode  {shape}: {speed}")
+    for p in result["prefill"]:
+        print(f"prefill batch {p['batch']} x {p['seq_len']}: {p['us']:.1f} us  {p['tflops']} TFLOP/s")
+    line = json.dumps(result)
+    print(line)
+    with open(Path(__file__).with_name("results.jsonl"), "a") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()

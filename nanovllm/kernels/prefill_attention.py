@@ -1,0 +1,186 @@
+"""Prefill attention over the paged KV cache: flash attention on packed, variable-length queries.
+
+The new tokens of all sequences are packed back to back in ``q`` (``cu_seqlens_q`` marks where each
+sequence starts); their K and V are already in the cache, behind any cached prefix, and are read
+back through the block table. The mask is causal and bottom-right aligned: with ``prefix =
+context_len - q_len`` cached keys, new query ``i`` sees keys ``0 .. prefix + i``::
+
+    grid = (num_heads, query tiles of the longest sequence, batch)
+
+                       keys 0 ......................................... context_len
+    query tile t       |== full tiles: every row sees them ==|\\ diagonal |  (skipped:
+    (BLOCK_M rows)     |   no mask is computed               | \\ tiles   |   nobody sees
+                                                               masked      |   these keys)
+
+The heads are the fastest grid axis, so the programs that read the same K/V tiles (the heads of a
+GQA group, and the other groups of the same tile) run together and share them through L2.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _attend_tile(
+    q,
+    q_pos,
+    m_i,
+    l_i,
+    acc,
+    k_cache_ptr,
+    v_cache_ptr,
+    table,
+    kv_head_off,
+    start_n,
+    seen_end,
+    qk_scale,
+    stride_cb,
+    stride_cs,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,  # the tile crosses the diagonal or the end of the keys
+    DOT_PRECISION: tl.constexpr,
+):
+    """One step of online softmax over keys start_n .. start_n + BLOCK_N."""
+    pos = start_n + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, HEAD_DIM)
+    if MASKED:
+        key_mask = pos < seen_end
+        block_ids = tl.load(table + pos // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+    else:
+        block_ids = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
+    kv_offs = (block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off)[:, None] + dims[None, :]
+    if MASKED:
+        k = tl.load(k_cache_ptr + kv_offs, mask=key_mask[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_offs, mask=key_mask[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache_ptr + kv_offs)
+        v = tl.load(v_cache_ptr + kv_offs)
+
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        s = tl.where((pos[None, :] <= q_pos[:, None]) & key_mask[None, :], s, float("-inf"))
+    # Every row sees key 0 in the first tile, so m_new is finite and no NaN can arise.
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr,  # [num_tokens, num_heads, head_dim]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache_ptr,
+    cu_seqlens_q_ptr,  # [batch + 1]
+    context_lens_ptr,  # [batch]
+    block_tables_ptr,  # [batch, max_blocks]
+    out_ptr,  # [num_tokens, num_heads, head_dim]
+    qk_scale,  # softmax scale * log2(e): scores are kept in base 2
+    stride_qt,
+    stride_qh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    stride_bt,
+    stride_ot,
+    stride_oh,
+    GROUP: tl.constexpr,  # query heads per KV head
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    BLOCK_M: tl.constexpr,  # queries per tile
+    BLOCK_N: tl.constexpr,  # keys per tile
+    DOT_PRECISION: tl.constexpr,
+):
+    head = tl.program_id(0)
+    q_tile = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(cu_seqlens_q_ptr + seq)
+    q_len = tl.load(cu_seqlens_q_ptr + seq + 1) - q_start
+    if q_tile * BLOCK_M >= q_len:
+        return
+    context_len = tl.load(context_lens_ptr + seq)
+    prefix = context_len - q_len
+
+    rows = q_tile * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the sequence
+    dims = tl.arange(0, HEAD_DIM)
+    row_mask = rows < q_len
+    q_offs = (q_start + rows).to(tl.int64)[:, None] * stride_qt + head * stride_qh + dims[None, :]
+    q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0)
+    q_pos = prefix + rows  # each query's position among the keys
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_head_off = (head // GROUP) * stride_ch
+    # Keys below full_end are seen by every row of the tile; keys from seen_end on by none.
+    full_end = (prefix + q_tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N
+    seen_end = tl.minimum(context_len, prefix + (q_tile + 1) * BLOCK_M)
+    for start_n in range(0, full_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head_off, start_n, seen_end,
+            qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+        )  # fmt: skip
+    for start_n in range(full_end, seen_end, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(
+            q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head_off, start_n, seen_end,
+            qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+        )  # fmt: skip
+
+    out = acc / l_i[:, None]
+    o_offs = (q_start + rows).to(tl.int64)[:, None] * stride_ot + head * stride_oh + dims[None, :]
+    tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [num_new_tokens, num_heads, head_dim], sequences packed back to back
+    k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,  # [batch + 1] int, offsets of each sequence's queries in q
+    context_lens: torch.Tensor,  # [batch] int, keys per sequence (cached prefix + new tokens)
+    block_tables: torch.Tensor,  # [batch, max_blocks] int
+    scale: float,
+    max_seqlen_q: int | None = None,  # longest q_len; None reads it from cu_seqlens_q (a host sync)
+) -> torch.Tensor:  # [num_new_tokens, num_heads, head_dim]
+    num_tokens, num_heads, head_dim = q.shape
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    batch = context_lens.shape[0]
+    assert num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
+    assert head_dim in (16, 32, 64, 128, 256), "head_dim must be a power of two"
+    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
+    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or batch == 0:
+        return out
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+    if q.is_cuda:
+        block_m, block_n = (128, 64) if head_dim <= 128 else (64, 32)
+        num_warps, num_stages = (8 if head_dim >= 128 else 4), 3
+    else:  # the interpreter: small tiles keep the CPU tests fast
+        block_m, block_n, num_warps, num_stages = 16, 16, 4, 1
+    grid = (num_heads, triton.cdiv(max_seqlen_q, block_m), batch)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out,
+        scale * math.log2(math.e),
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )  # fmt: skip
+    return out

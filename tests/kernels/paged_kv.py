@@ -1,0 +1,48 @@
+"""Builders for paged-KV test cases: a cache whose blocks are handed out in shuffled order."""
+
+import torch
+
+POISON = 1e4  # fills blocks no sequence owns: reading one by mistake shows up in the output
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def make_paged_kv(
+    context_lens: list[int],
+    num_kv_heads: int,
+    head_dim: int,
+    block_size: int,
+    dtype: torch.dtype,
+    pad: str = "poison",  # what fills block tables past each sequence's blocks: "poison", "-1" or "0"
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """k_cache, v_cache, block_tables, context_lens; each sequence owns random, non-adjacent blocks."""
+    gen = torch.Generator().manual_seed(seed)
+    blocks_per_seq = [(n + block_size - 1) // block_size for n in context_lens]
+    num_blocks = sum(blocks_per_seq) + 2  # + a poisoned spare block and block 0 left unused
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, POISON, dtype=torch.float32)
+    v_cache = torch.full(shape, POISON, dtype=torch.float32)
+    ids = (torch.randperm(num_blocks - 2, generator=gen) + 2).tolist()
+    max_blocks = max(blocks_per_seq) + 1  # at least one padding entry per row
+    pad_value = {"poison": 1, "-1": -1, "0": 0}[pad]
+    block_tables = torch.full((len(context_lens), max_blocks), pad_value, dtype=torch.int32)
+    for i, (n, nb) in enumerate(zip(context_lens, blocks_per_seq, strict=True)):
+        own, ids = ids[:nb], ids[nb:]
+        block_tables[i, :nb] = torch.tensor(own, dtype=torch.int32)
+        rows = torch.tensor(own)
+        # Rows past context_len inside the last block stay poisoned too.
+        k = torch.randn(nb * block_size, num_kv_heads, head_dim, generator=gen)
+        v = torch.randn(nb * block_size, num_kv_heads, head_dim, generator=gen)
+        k[n:], v[n:] = POISON, POISON
+        k_cache[rows] = k.view(nb, block_size, num_kv_heads, head_dim)
+        v_cache[rows] = v.view(nb, block_size, num_kv_heads, head_dim)
+    dev = device()
+    return (
+        k_cache.to(dtype).to(dev),
+        v_cache.to(dtype).to(dev),
+        block_tables.to(dev),
+        torch.tensor(context_lens, dtype=torch.int32, device=dev),
+    )

@@ -1,0 +1,109 @@
+import pytest
+import torch
+
+from tests.kernels.paged_kv import device, make_paged_kv
+
+pytest.importorskip("triton")
+
+from nanovllm.kernels.decode_attention import paged_decode_attention  # noqa: E402
+from nanovllm.kernels.reference import paged_decode_attention_ref  # noqa: E402
+
+# Reference and kernel both accumulate in fp32, in a different order. The kernel also rounds the
+# softmax weights to the input dtype before the P @ V matmul (as flash attention does), and both
+# round the output to the input dtype: a few units in the last place of the output dtype.
+TOLERANCE = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),  # summation order only
+    torch.float16: dict(atol=4e-3, rtol=4e-3),  # fp16 P (11-bit mantissa) + fp16 output rounding
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),  # bf16 P (8-bit mantissa) + bf16 output rounding
+}
+
+
+def check(context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, pad="poison", **kwargs):
+    k_cache, v_cache, block_tables, lens = make_paged_kv(
+        context_lens, num_kv_heads, head_dim, block_size, dtype, pad=pad, seed=len(context_lens)
+    )
+    gen = torch.Generator().manual_seed(1)
+    # q as a view into a wider projection output: a stride on dim 0.
+    q_wide = torch.randn(len(context_lens), num_heads + 2, head_dim, generator=gen).to(dtype).to(device())
+    q = q_wide[:, :num_heads]
+    scale = head_dim**-0.5
+    out = paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale, **kwargs)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, scale)
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+# Lengths around block boundaries: 1, one short of a block, exactly one block, one past it.
+def lens_around(block_size: int) -> list[int]:
+    return [1, block_size - 1, block_size, block_size + 1, 2 * block_size + 7]
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 256])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode(block_size, group, dtype):
+    check(lens_around(block_size), 2 * group, 2, 32, block_size, dtype)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 16])  # 16 > tiles of the short sequences: empty splits
+def test_decode_splits(num_splits):
+    check([1, 17, 100, 300], 4, 2, 64, 32, torch.float32, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("pad", ["-1", "0"])
+def test_decode_block_table_padding(pad):
+    check([5, 40, 64], 4, 2, 32, 16, torch.float16, pad=pad, max_context_len=64)
+
+
+QWEN3_0_6B = (128, 16, 8)  # head_dim, num_heads, num_kv_heads
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, 256, 512])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,max_len", [(1, 4096), (7, 1000), (256, 1024), (64, 4096)])
+def test_decode_gpu(block_size, dtype, batch, max_len):
+    check_random_batch(batch, max_len, *QWEN3_0_6B, block_size, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "head_dim,num_heads,num_kv_heads", [(128, 32, 8), (64, 8, 8), (128, 16, 2), (64, 16, 4)]
+)
+@pytest.mark.parametrize("batch,max_len", [(1, 4096), (33, 2000)])
+def test_decode_gpu_heads(head_dim, num_heads, num_kv_heads, batch, max_len):
+    check_random_batch(batch, max_len, head_dim, num_heads, num_kv_heads, 256, torch.bfloat16)
+
+
+def check_random_batch(batch, max_len, head_dim, num_heads, num_kv_heads, block_size, dtype):
+    gen = torch.Generator().manual_seed(batch)
+    lens = torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
+    lens[0] = max_len
+    check(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, max_context_len=max_len)
+
+
+@pytest.mark.gpu
+def test_decode_cuda_graph():
+    """Captured once with a fixed max_context_len, replayed over other context lengths."""
+    num_heads, num_kv_heads, head_dim, block_size, max_len = 16, 8, 128, 256, 4096
+    batch = 4
+    k_cache, v_cache, block_tables, lens = make_paged_kv(
+        [max_len] * batch, num_kv_heads, head_dim, block_size, torch.bfloat16
+    )
+    q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=torch.bfloat16)
+    run = lambda: paged_decode_attention(
+        q, k_cache, v_cache, block_tables, lens, 0.1, max_context_len=max_len
+    )
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    for new_lens in ([1, 2, 3, 4], [4096, 1, 255, 257], [1000, 2000, 3000, 4096]):
+        lens.copy_(torch.tensor(new_lens, dtype=lens.dtype))
+        q.normal_()
+        graph.replay()
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, 0.1)
+        torch.testing.assert_close(out, ref, **TOLERANCE[torch.bfloat16])

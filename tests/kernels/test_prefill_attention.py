@@ -1,0 +1,82 @@
+import pytest
+import torch
+
+from tests.kernels.paged_kv import device, make_paged_kv
+
+pytest.importorskip("triton")
+
+from nanovllm.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
+from nanovllm.kernels.reference import paged_prefill_attention_ref  # noqa: E402
+
+# As for decode: fp32 accumulation in both, softmax weights rounded to the input dtype before P @ V
+# in the kernel, output rounded to the input dtype in both.
+TOLERANCE = {
+    torch.float32: dict(atol=2e-5, rtol=2e-5),  # summation order only
+    torch.float16: dict(atol=4e-3, rtol=4e-3),  # fp16 P (11-bit mantissa) + fp16 output rounding
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),  # bf16 P (8-bit mantissa) + bf16 output rounding
+}
+
+
+def check(
+    q_lens,
+    context_lens,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    dtype,
+    pad="poison",
+    max_seqlen_q=None,
+):
+    k_cache, v_cache, block_tables, lens = make_paged_kv(
+        context_lens, num_kv_heads, head_dim, block_size, dtype, pad=pad, seed=sum(q_lens)
+    )
+    gen = torch.Generator().manual_seed(2)
+    num_tokens = sum(q_lens)
+    # q as a view into a fused qkv output: a stride on dim 0.
+    qkv = (
+        torch.randn(num_tokens, num_heads + 2 * num_kv_heads, head_dim, generator=gen).to(dtype).to(device())
+    )
+    q = qkv[:, :num_heads]
+    cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device())
+    scale = head_dim**-0.5
+    out = paged_prefill_attention(
+        q, k_cache, v_cache, cu, lens, block_tables, scale, max_seqlen_q=max_seqlen_q
+    )
+    ref = paged_prefill_attention_ref(q, k_cache, v_cache, cu, lens, block_tables, scale)
+    torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("block_size", [16, 32, 256])
+@pytest.mark.parametrize("group", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill(block_size, group, dtype):
+    # Fresh prompts of lengths around block and tile boundaries, packed into one batch.
+    lens = [1, block_size - 1, block_size + 1, 33] if block_size <= 32 else [1, 31, 70]
+    check(lens, lens, 2 * group, 2, 32, block_size, dtype)
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_prefill_prefix_cached(block_size, dtype):
+    # context_len > q_len: cached prefixes (whole blocks, or not, as in chunked prefill), one new token.
+    q_lens = [5, 1, 20, 16]
+    context_lens = [5 + block_size, 40, 20 + 2 * block_size, 16 + 3]
+    check(q_lens, context_lens, 4, 2, 32, block_size, dtype)
+
+
+@pytest.mark.parametrize("pad", ["-1", "0"])
+def test_prefill_block_table_padding(pad):
+    check([3, 16, 9], [19, 16, 40], 4, 4, 64, 16, torch.float16, pad=pad, max_seqlen_q=16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, 256, 512])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim,num_heads,num_kv_heads", [(128, 16, 8), (64, 8, 2), (128, 8, 8)])
+def test_prefill_gpu(block_size, dtype, head_dim, num_heads, num_kv_heads):
+    gen = torch.Generator().manual_seed(block_size)
+    q_lens = [1, 127, 128, 129, 1000, 2048] + torch.randint(1, 600, (10,), generator=gen).tolist()
+    cached = [0, 0, 256, 3, 1024, 2048] + torch.randint(0, 1000, (10,), generator=gen).tolist()
+    context_lens = [q + c for q, c in zip(q_lens, cached, strict=True)]
+    check(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
