@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from nanovllm.config import Config
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
@@ -28,15 +28,28 @@ class StepStats:
     seconds: float
 
 
-@dataclass
 class CompletionOutput:
-    index: int
-    token_ids: list[int]
-    text: str = ""
-    finish_reason: str | None = None
-    logprobs: list[dict[int, float]] | None = None
-    new_token_ids: list[int] = field(default_factory=list)  # this step's tokens
-    text_delta: str = ""  # this step's text (streaming requests only)
+    """One of a request's n completions. ``token_ids``, ``finish_reason`` and ``logprobs`` read the
+    live sequence, so building one per sequence per step costs nothing until they are read."""
+
+    __slots__ = ("index", "text", "new_token_ids", "text_delta", "_seq", "_with_logprobs")
+
+    def __init__(self, index: int, seq: Sequence, text: str, with_logprobs: bool):
+        self.index, self._seq, self.text, self._with_logprobs = index, seq, text, with_logprobs
+        self.new_token_ids: list[int] = []  # this step's tokens
+        self.text_delta = ""  # this step's text (streaming requests only)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._seq.completion_token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self._seq.finish_reason
+
+    @property
+    def logprobs(self) -> list[dict[int, float]] | None:
+        return list(self._seq.logprobs) if self._with_logprobs else None
 
 
 @dataclass
@@ -218,14 +231,7 @@ class LLMEngine:
         return outputs, StepStats(sched.is_prefill, sched.num_batched_tokens, time.perf_counter() - start)
 
     def _completion(self, request: _Request, i: int) -> CompletionOutput:
-        seq = request.seqs[i]
-        return CompletionOutput(
-            index=i,
-            token_ids=seq.completion_token_ids,
-            text=request.texts[i],
-            finish_reason=seq.finish_reason,
-            logprobs=list(seq.logprobs) if request.params.logprobs is not None else None,
-        )
+        return CompletionOutput(i, request.seqs[i], request.texts[i], request.params.logprobs is not None)
 
     def _detokenize(self, request: _Request, i: int, seq: Sequence) -> str:
         """Advance incremental detokenization; finish ``seq`` on a stop string. Returns the delta."""

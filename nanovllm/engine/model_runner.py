@@ -116,9 +116,10 @@ class ModelRunner:
         seqs = [Sequence([0] * cfg.max_model_len, _WARMUP_PARAMS, self.block_size) for _ in range(num_seqs)]
         self.run_prefill_without_cache(seqs)
         torch.cuda.synchronize()
+        peak = torch.cuda.memory_stats()["allocated_bytes.all.peak"]
+        torch.cuda.empty_cache()  # the warm-up's freed blocks must not count as used
         free, total = torch.cuda.mem_get_info()
         used = total - free
-        peak = torch.cuda.memory_stats()["allocated_bytes.all.peak"]
         current = torch.cuda.memory_stats()["allocated_bytes.all.current"]
         budget = total * cfg.gpu_memory_utilization - used - peak + current
         self.kv_budget_bytes = int(budget)

@@ -1,6 +1,27 @@
 import torch
 from torch import nn
 
+from nanovllm.utils.compile import compile_on_cuda
+
+
+@compile_on_cuda
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return x.to(dtype) * weight
+
+
+@compile_on_cuda
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    residual = x + residual  # rounded to the model dtype first, as HF does
+    dtype = residual.dtype
+    y = residual.float()
+    y = y * torch.rsqrt(y.pow(2).mean(dim=-1, keepdim=True) + eps)
+    return y.to(dtype) * weight, residual
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32. With ``residual`` it first adds it (the fused residual-add form)
@@ -11,15 +32,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(hidden_size))
 
-    def _norm(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        x = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
-        return x.to(dtype) * self.weight
-
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        dtype = x.dtype
         if residual is None:
-            return self._norm(x.float(), dtype)
-        residual = x + residual  # rounded to the model dtype first, as HF does
-        return self._norm(residual.float(), dtype), residual
+            return rms_norm(x, self.weight, self.eps)
+        return add_rms_norm(x, residual, self.weight, self.eps)

@@ -1,0 +1,81 @@
+"""Where one decode step's time goes (CUDA): host phases and GPU phases, synchronised between.
+
+    python benchmarks/profile_step.py [--batch 1 256]
+"""
+
+import argparse
+import json
+import random
+import time
+
+import torch
+
+from nanovllm import LLM, SamplingParams
+from nanovllm.benchmark import write_random_qwen3
+from nanovllm.layers.sampler import SamplingMetadata
+
+
+def profile(llm, batch: int, steps: int = 40) -> dict:
+    engine, runner = llm.engine, llm.engine.model_runner
+    rng = random.Random(0)
+    for _ in range(batch):
+        engine.add_request([rng.randint(0, 10000) for _ in range(512)],
+                           SamplingParams(temperature=0.6, max_tokens=steps + 2, ignore_eos=True))
+    engine.step()  # prefill
+    t = {k: 0.0 for k in ("schedule", "prepare", "metadata", "model", "sampler", "update", "step_total")}
+    sched = engine.scheduler
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        out = sched.schedule()
+        t1 = time.perf_counter()
+        ids, pos, ctx = runner.prepare_decode(out.seqs)
+        torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        md = SamplingMetadata.build(out.seqs, runner.config.hf_config.vocab_size, runner.device, runner.eos_token_ids)
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        logits = runner.run_model(ids, pos, ctx)
+        torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        tokens = runner.sampler(logits, md).token_ids.tolist()
+        t5 = time.perf_counter()
+        sched.update(out, tokens)
+        t6 = time.perf_counter()
+        for k, v in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t6 - t0)):
+            t[k] += v
+    while engine.has_unfinished_requests():
+        engine.step()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    n = 0
+    for _ in range(batch):
+        engine.add_request([rng.randint(0, 10000) for _ in range(512)],
+                           SamplingParams(temperature=0.6, max_tokens=steps + 2, ignore_eos=True))
+    engine.step()
+    start = time.perf_counter()
+    for _ in range(steps):
+        engine.step()
+        n += 1
+    unsynced = (time.perf_counter() - start) / n
+    while engine.has_unfinished_requests():
+        engine.step()
+    res = {k: round(1e3 * v / steps, 3) for k, v in t.items()}
+    res["engine_step_ms"] = round(1e3 * unsynced, 3)
+    res["batch"] = batch
+    return res
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 256])
+    p.add_argument("--ckpt-dir", default="/tmp/nanovllm-qwen3-0.6b-random")
+    args = p.parse_args()
+    llm = LLM(write_random_qwen3(args.ckpt_dir), skip_tokenizer_init=True, max_model_len=4096)
+    for b in args.batch:
+        print(json.dumps({"profile_ms": profile(llm, b)}))
+    llm.shutdown()
+
+
+if __name__ == "__main__":
+    main()
