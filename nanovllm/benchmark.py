@@ -52,11 +52,15 @@ def write_random_qwen3(path: str, dtype: str = "bfloat16") -> str:
 
 
 def git_commit() -> str:
+    if os.environ.get("NANOVLLM_COMMIT"):  # set where the checkout has no git history (the GPU machine)
+        return os.environ["NANOVLLM_COMMIT"]
     try:
         here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=here, text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except Exception:
-        return os.environ.get("NANOVLLM_COMMIT", "unknown")
+        return "unknown"
 
 
 def copy_bandwidth_gbs() -> float:
@@ -217,8 +221,12 @@ def main(argv: list[str] | None = None) -> dict:
             fraction_of_bound=round(bound / elapsed, 3),
             kv_cache_gib=round(runner.num_blocks * runner.block_bytes / (1 << 30), 2),
         )
-        if hasattr(runner, "kv_budget_bytes"):
-            result["kv_budget_gib"] = round(runner.kv_budget_bytes / (1 << 30), 2)
+        if hasattr(runner, "memory_profile"):
+            mem = runner.memory_profile
+            result["memory_gib"] = {k: round(v, 2) for k, v in mem.items()}
+            result["kv_share_of_memory_after_weights"] = round(
+                result["kv_cache_gib"] / (mem["total"] - mem["weights_and_buffers"]), 3
+            )
     if not args.no_latency:
         for bs in (1, 8, 64):
             result[f"decode_ms_bs{bs}"] = round(decode_latency_ms(llm, bs), 3)

@@ -39,7 +39,7 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, self._weights())
-        self.model.eval()
+        self.model.eval().requires_grad_(False)
         self.backend = get_backend(config.attention_backend, config.device, self.block_size)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer in self.attention_layers:
@@ -123,6 +123,11 @@ class ModelRunner:
         current = torch.cuda.memory_stats()["allocated_bytes.all.current"]
         budget = total * cfg.gpu_memory_utilization - used - peak + current
         self.kv_budget_bytes = int(budget)
+        self.memory_profile = {  # GiB, for the start-up log and the benchmark record
+            "total": total / 2**30, "weights_and_buffers": current / 2**30,
+            "activation_peak": (peak - current) / 2**30, "outside_torch": (used - current) / 2**30,
+        }
+        logger.info("memory (GiB): %s", {k: round(v, 2) for k, v in self.memory_profile.items()})
         return max(0, int(budget) // self.block_bytes)
 
     @torch.inference_mode()
@@ -215,6 +220,7 @@ class ModelRunner:
 
     # ---- CUDA graphs for decode -----------------------------------------------------------
 
+    @torch.inference_mode()
     def _capture_cudagraphs(self) -> None:
         """Capture one decode graph per batch size (1, 2, 4, 8, then every 16 up to max_num_seqs).
 

@@ -88,13 +88,16 @@ class Attention(nn.Module):
     def _no_cache_prefill(self, q, k, v, ctx) -> torch.Tensor:
         out = torch.empty_like(q)
         cu = ctx.cu_seqlens_q.tolist()
+        group = self.num_heads // self.num_kv_heads
         for start, end in zip(cu[:-1], cu[1:]):
+            # [1, heads, len, head_dim]: 4-D inputs let SDPA pick a fused kernel that never
+            # materialises the [len, len] score matrix (this forward also sizes the KV cache).
             o = F.scaled_dot_product_attention(
-                q[start:end].transpose(0, 1),
-                k[start:end].transpose(0, 1).repeat_interleave(self.num_heads // self.num_kv_heads, 0),
-                v[start:end].transpose(0, 1).repeat_interleave(self.num_heads // self.num_kv_heads, 0),
+                q[start:end].transpose(0, 1).unsqueeze(0),
+                k[start:end].transpose(0, 1).repeat_interleave(group, 0).unsqueeze(0),
+                v[start:end].transpose(0, 1).repeat_interleave(group, 0).unsqueeze(0),
                 is_causal=True,
                 scale=self.scale,
             )
-            out[start:end] = o.transpose(0, 1)
+            out[start:end] = o[0].transpose(0, 1)
         return out

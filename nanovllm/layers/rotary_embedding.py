@@ -1,4 +1,5 @@
 import math
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -22,7 +23,8 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Rotary position embedding in the rotate-half (GPT-NeoX) layout that HF Llama/Qwen use.
 
-    The cos/sin table for every position up to ``max_position`` is built once, in float32.
+    The cos/sin table for every position up to ``max_position`` is built once, in float32, and
+    shared by every layer (see ``get_rope``).
     """
 
     def __init__(self, head_dim: int, max_position: int, base: float, scaling: dict | None = None):
@@ -34,7 +36,8 @@ class RotaryEmbedding(nn.Module):
         elif kind not in ("default", None):
             raise ValueError(f"rope scaling type {kind!r} is not supported (supported: default, llama3)")
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
-        self.register_buffer("cos_sin_cache", torch.cat([freqs.cos(), freqs.sin()], dim=-1), persistent=False)
+        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()  # float32 whatever the default dtype
+        self.register_buffer("cos_sin_cache", cache, persistent=False)
 
     def forward(
         self,
@@ -43,6 +46,20 @@ class RotaryEmbedding(nn.Module):
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return apply_rotary(q, k, positions, self.cos_sin_cache)
+
+
+@lru_cache(maxsize=8)
+def _get_rope(head_dim: int, max_position: int, base: float, scaling_items: tuple | None, device: str):
+    scaling = dict(scaling_items) if scaling_items is not None else None
+    with torch.device(device):
+        return RotaryEmbedding(head_dim, max_position, base, scaling)
+
+
+def get_rope(head_dim: int, max_position: int, base: float, scaling: dict | None = None) -> RotaryEmbedding:
+    """One shared RotaryEmbedding per configuration (its table is ~20 MB at 40k positions)."""
+    items = tuple(sorted((k, v) for k, v in scaling.items() if not isinstance(v, (list, dict)))) if scaling else None
+    device = str(torch.empty(0).device)
+    return _get_rope(head_dim, max_position, float(base), items, device)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

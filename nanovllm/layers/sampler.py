@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from nanovllm.layers.sampling_metadata import SamplingMetadata
+from nanovllm.utils.compile import compile_on_cuda
 
 __all__ = ["Sampler", "SamplerOutput", "SamplingMetadata"]
 
@@ -93,6 +94,9 @@ class Sampler(nn.Module):
     @staticmethod
     def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         greedy = logits.argmax(dim=-1) if md.any_greedy else None
+        if md.no_top_k and md.no_top_p and md.no_min_p and md.seeded_rows is None:
+            sampled = sample_with_temperature(logits, md.temperatures)  # the common case, fused
+            return sampled if greedy is None else torch.where(md.greedy_mask, greedy, sampled)
         # Greedy rows carry temperature 1 here; their sample is replaced below.
         logits = logits.div_(md.temperatures.unsqueeze(1))
         if not md.no_top_k or not md.no_top_p:
@@ -107,6 +111,13 @@ class Sampler(nn.Module):
         if greedy is not None:
             sampled = torch.where(md.greedy_mask, greedy, sampled)
         return sampled
+
+
+@compile_on_cuda
+def sample_with_temperature(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
+    """Temperature, softmax and the exponential race in one pass (one fused kernel on CUDA)."""
+    probs = torch.softmax(logits / temperatures.unsqueeze(1), dim=-1)
+    return probs.div_(torch.empty_like(probs).exponential_()).argmax(dim=-1)
 
 
 def apply_penalties(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
