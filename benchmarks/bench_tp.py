@@ -114,7 +114,7 @@ def run_one(args) -> dict:
         generated = 0
         while engine.has_unfinished_requests():
             outputs, _ = engine.step()
-            generated += sum(len(o.new_token_ids) for o in outputs)
+            generated += sum(len(c.new_token_ids) for o in outputs for c in o.outputs)
         seconds = time.perf_counter() - start
     git = ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]
     commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
