@@ -52,10 +52,12 @@ def paged_decode_attention_ref(
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     max_len = int(context_lens.max())
-    max_blocks = (max_len + block_size - 1) // block_size
-    table = block_tables[:, :max_blocks].long().clamp(min=0)
-    k = k_cache[table].flatten(1, 2)[:, :max_len].float()  # [batch, max_len, num_kv_heads, head_dim]
-    v = v_cache[table].flatten(1, 2)[:, :max_len].float()
+    # Slot of every (sequence, position < max_len): gathers tokens, not whole blocks.
+    pos = torch.arange(max_len, device=q.device)
+    blocks = block_tables[:, pos // block_size].long().clamp(min=0)  # [batch, max_len]
+    slots = blocks * block_size + pos % block_size
+    k = k_cache.view(-1, num_kv_heads, head_dim)[slots].float()  # [batch, max_len, num_kv_heads, head_dim]
+    v = v_cache.view(-1, num_kv_heads, head_dim)[slots].float()
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
     pad = torch.arange(max_len, device=q.device)[None, :] >= context_lens[:, None].to(q.device)
