@@ -22,10 +22,22 @@ import sys
 import time
 
 QWEN3_8B = dict(
-    hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-    intermediate_size=12288, vocab_size=151936, max_position_embeddings=40960, rope_theta=1_000_000.0,
-    rms_norm_eps=1e-6, tie_word_embeddings=False, attention_bias=False, bos_token_id=151643,
-    eos_token_id=151645, torch_dtype="bfloat16", architectures=["Qwen3ForCausalLM"],
+    hidden_size=4096,
+    num_hidden_layers=36,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=12288,
+    vocab_size=151936,
+    max_position_embeddings=40960,
+    rope_theta=1_000_000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    attention_bias=False,
+    bos_token_id=151643,
+    eos_token_id=151645,
+    torch_dtype="bfloat16",
+    architectures=["Qwen3ForCausalLM"],
 )
 SHARD_BYTES = 2 << 30
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -119,11 +131,17 @@ def run_one(args) -> dict:
     git = ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]
     commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
     return {
-        "bench": "tp_throughput", "model": "qwen3-8b-random-bf16", "tp": args.tp,
+        "bench": "tp_throughput",
+        "model": "qwen3-8b-random-bf16",
+        "tp": args.tp,
         "device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name(0)}",
-        "num_seqs": args.num_seqs, "output_tokens": generated, "seconds": round(seconds, 2),
-        "output_tok_per_s": round(generated / seconds, 1), "enforce_eager": args.enforce_eager,
-        "commit": commit, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "num_seqs": args.num_seqs,
+        "output_tokens": generated,
+        "seconds": round(seconds, 2),
+        "output_tok_per_s": round(generated / seconds, 1),
+        "enforce_eager": args.enforce_eager,
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 
 
@@ -143,9 +161,22 @@ def main() -> None:
         print(f"wrote {args.model_dir} in {time.perf_counter() - t:.0f} s", file=sys.stderr)
     if len(args.tp) > 1:  # one process per size, so each starts with a clean GPU
         for tp in args.tp:
-            cmd = [sys.executable, __file__, "--tp", str(tp), "--model-dir", args.model_dir,
-                   "--num-seqs", str(args.num_seqs), "--max-input-len", str(args.max_input_len),
-                   "--max-output-len", str(args.max_output_len), "--seed", str(args.seed)]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--tp",
+                str(tp),
+                "--model-dir",
+                args.model_dir,
+                "--num-seqs",
+                str(args.num_seqs),
+                "--max-input-len",
+                str(args.max_input_len),
+                "--max-output-len",
+                str(args.max_output_len),
+                "--seed",
+                str(args.seed),
+            ]
             subprocess.run(cmd + ["--enforce-eager"] * args.enforce_eager, check=True)
         return
     args.tp = args.tp[0]

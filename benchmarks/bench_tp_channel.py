@@ -55,8 +55,10 @@ def main() -> None:
     events = [ctx.Event() for _ in range(args.workers)]
     sender = CallSender(events, channel_bytes(16384, 512, 4096, args.block_size))
     pipes = [ctx.Pipe() for _ in range(args.workers)]
-    procs = [ctx.Process(target=_worker, args=(sender.name, e, child), daemon=True)
-             for e, (_, child) in zip(events, pipes, strict=True)]
+    procs = [
+        ctx.Process(target=_worker, args=(sender.name, e, child), daemon=True)
+        for e, (_, child) in zip(events, pipes, strict=True)
+    ]
     for p in procs:
         p.start()
     send_us, trip_us = [], []
@@ -77,13 +79,20 @@ def main() -> None:
         for p in procs:
             p.join(timeout=10)
         sender.close()
-    print(json.dumps({
-        "bench": "tp_channel", "num_seqs": args.seqs, "workers": args.workers, "block_size": args.block_size,
-        "payload_bytes": payload,
-        "send_us_median": round(statistics.median(send_us), 1),
-        "round_trip_us_median": round(statistics.median(trip_us), 1),
-        "round_trip_us_p90": round(statistics.quantiles(trip_us, n=10)[-1], 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "bench": "tp_channel",
+                "num_seqs": args.seqs,
+                "workers": args.workers,
+                "block_size": args.block_size,
+                "payload_bytes": payload,
+                "send_us_median": round(statistics.median(send_us), 1),
+                "round_trip_us_median": round(statistics.median(trip_us), 1),
+                "round_trip_us_p90": round(statistics.quantiles(trip_us, n=10)[-1], 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

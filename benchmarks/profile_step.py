@@ -1,6 +1,6 @@
 """Where one decode step's time goes (CUDA): host phases and GPU phases, synchronised between.
 
-    python benchmarks/profile_step.py [--batch 1 256]
+python benchmarks/profile_step.py [--batch 1 256]
 """
 
 import argparse
@@ -19,8 +19,10 @@ def profile(llm, batch: int, steps: int = 40) -> dict:
     engine, runner = llm.engine, llm.engine.model_runner
     rng = random.Random(0)
     for _ in range(batch):
-        engine.add_request([rng.randint(0, 10000) for _ in range(512)],
-                           SamplingParams(temperature=0.6, max_tokens=steps + 2, ignore_eos=True))
+        engine.add_request(
+            [rng.randint(0, 10000) for _ in range(512)],
+            SamplingParams(temperature=0.6, max_tokens=steps + 2, ignore_eos=True),
+        )
     engine.step()  # prefill
     t = {k: 0.0 for k in ("schedule", "prepare", "metadata", "model", "sampler", "update", "step_total")}
     sched = engine.scheduler
@@ -32,7 +34,9 @@ def profile(llm, batch: int, steps: int = 40) -> dict:
         ids, pos, ctx = runner.prepare_decode(out.seqs)
         torch.cuda.synchronize()
         t2 = time.perf_counter()
-        md = SamplingMetadata.build(out.seqs, runner.config.hf_config.vocab_size, runner.device, runner.eos_token_ids)
+        md = SamplingMetadata.build(
+            out.seqs, runner.config.hf_config.vocab_size, runner.device, runner.eos_token_ids
+        )
         torch.cuda.synchronize()
         t3 = time.perf_counter()
         logits = runner.run_model(ids, pos, ctx)
@@ -42,7 +46,7 @@ def profile(llm, batch: int, steps: int = 40) -> dict:
         t5 = time.perf_counter()
         sched.update(out, tokens)
         t6 = time.perf_counter()
-        for k, v in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t6 - t0)):
+        for k, v in zip(t, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4, t6 - t5, t6 - t0), strict=False):
             t[k] += v
     while engine.has_unfinished_requests():
         engine.step()
@@ -50,8 +54,10 @@ def profile(llm, batch: int, steps: int = 40) -> dict:
     start = time.perf_counter()
     n = 0
     for _ in range(batch):
-        engine.add_request([rng.randint(0, 10000) for _ in range(512)],
-                           SamplingParams(temperature=0.6, max_tokens=steps + 2, ignore_eos=True))
+        engine.add_request(
+            [rng.randint(0, 10000) for _ in range(512)],
+            SamplingParams(temperature=0.6, max_tokens=steps + 2, ignore_eos=True),
+        )
     engine.step()
     start = time.perf_counter()
     for _ in range(steps):

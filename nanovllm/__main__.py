@@ -9,7 +9,9 @@ from nanovllm.sampling_params import SamplingParams
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model directory or .gguf file (default: bundled SmolLM2-135M)")
+    p.add_argument(
+        "--model", default=None, help="model directory or .gguf file (default: bundled SmolLM2-135M)"
+    )
     p.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate (default 256)")
     p.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6)")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -35,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _params(args) -> SamplingParams:
     return SamplingParams(
-        temperature=args.temperature, max_tokens=args.max_tokens, top_p=args.top_p, top_k=args.top_k, seed=args.seed
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
     )
 
 

@@ -17,9 +17,19 @@ import sys
 import time
 
 QWEN3_0_6B = dict(
-    hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-    intermediate_size=3072, vocab_size=151936, tie_word_embeddings=True, rope_theta=1_000_000.0,
-    max_position_embeddings=40960, rms_norm_eps=1e-6, eos_token_id=151645, bos_token_id=151643,
+    hidden_size=1024,
+    num_hidden_layers=28,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=128,
+    intermediate_size=3072,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    rope_theta=1_000_000.0,
+    max_position_embeddings=40960,
+    rms_norm_eps=1e-6,
+    eos_token_id=151645,
+    bos_token_id=151643,
 )
 
 
@@ -27,7 +37,9 @@ def workload(num_seqs: int = 256, max_input: int = 1024, max_output: int = 1024,
     from nanovllm import SamplingParams
 
     random.seed(seed)
-    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, max_input))] for _ in range(num_seqs)]
+    prompts = [
+        [random.randint(0, 10000) for _ in range(random.randint(100, max_input))] for _ in range(num_seqs)
+    ]
     params = [
         SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, max_output))
         for _ in range(num_seqs)
@@ -84,7 +96,7 @@ def copy_bandwidth_gbs() -> float:
 def run_steps(llm, prompts, params) -> list:
     """Drive the engine step by step (no progress bar) and return every step's stats."""
     engine = llm.engine
-    for p, sp in zip(prompts, params):
+    for p, sp in zip(prompts, params, strict=False):
         engine.add_request(p, sp)
     stats = []
     while engine.has_unfinished_requests():
@@ -125,9 +137,9 @@ def bandwidth_bound_s(hf_config, prompts, params, num_decode_steps: int, dtype_b
     weights = (c.num_hidden_layers * layer + v * h) * dtype_bytes
     kv_read = sum(
         kv_per_token * (len(p) * sp.max_tokens + sp.max_tokens * (sp.max_tokens - 1) // 2)
-        for p, sp in zip(prompts, params)
+        for p, sp in zip(prompts, params, strict=False)
     )
-    kv_write = kv_per_token * sum(len(p) + sp.max_tokens for p, sp in zip(prompts, params))
+    kv_write = kv_per_token * sum(len(p) + sp.max_tokens for p, sp in zip(prompts, params, strict=False))
     total = weights * num_decode_steps + kv_read + kv_write
     return total / (copy_gbs * 1e9), total
 
@@ -147,8 +159,15 @@ def hf_baseline_tok_s(model_path: str, prompts, params, chunk: int = 64) -> floa
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device="cuda")
         with torch.no_grad():
             model.generate(
-                ids, attention_mask=mask, do_sample=True, temperature=0.6, top_k=0, top_p=1.0,
-                max_new_tokens=max(sp.max_tokens for sp in sps), eos_token_id=None, pad_token_id=0,
+                ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=0.6,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max(sp.max_tokens for sp in sps),
+                eos_token_id=None,
+                pad_token_id=0,
             )
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -158,11 +177,18 @@ def hf_baseline_tok_s(model_path: str, prompts, params, chunk: int = 64) -> floa
 
 
 CHAT_TOPICS = [
-    "introduce yourself", "list all prime numbers within 100", "What is the capital of France?",
-    "Explain how a hash table works.", "Write a haiku about autumn leaves.", "Why is the sky blue?",
-    "Give me three tips for learning a new language.", "Summarise the plot of Romeo and Juliet.",
-    "What is the difference between a list and a tuple in Python?", "How do vaccines work?",
-    "Describe the water cycle for a ten-year-old.", "Suggest a name for a friendly robot.",
+    "introduce yourself",
+    "list all prime numbers within 100",
+    "What is the capital of France?",
+    "Explain how a hash table works.",
+    "Write a haiku about autumn leaves.",
+    "Why is the sky blue?",
+    "Give me three tips for learning a new language.",
+    "Summarise the plot of Romeo and Juliet.",
+    "What is the difference between a list and a tuple in Python?",
+    "How do vaccines work?",
+    "Describe the water cycle for a ten-year-old.",
+    "Suggest a name for a friendly robot.",
 ]
 
 
@@ -181,7 +207,9 @@ def cpu_chat_bench(args) -> dict:
         text = CHAT_TOPICS[i % len(CHAT_TOPICS)] + (f" Context: {extra}" if extra else "")
         convs.append([{"role": "user", "content": text}])
     prompts = [llm.apply_chat_template(c) for c in convs]
-    params = [SamplingParams(temperature=0.6, max_tokens=rng.randint(64, 256), ignore_eos=True) for _ in prompts]
+    params = [
+        SamplingParams(temperature=0.6, max_tokens=rng.randint(64, 256), ignore_eos=True) for _ in prompts
+    ]
     total = sum(p.max_tokens for p in params)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
     start = time.perf_counter()
@@ -190,9 +218,13 @@ def cpu_chat_bench(args) -> dict:
     model_path = llm.config.model
     llm.shutdown()
     result = {
-        "bench": "cpu_chat", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "device": f"cpu ({os.cpu_count()} cores)", "torch": torch.__version__,
-        "model": os.path.basename(model_path), "workload": f"32 chat prompts ({min(map(len, prompts))}-"
+        "bench": "cpu_chat",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "device": f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "model": os.path.basename(model_path),
+        "workload": f"32 chat prompts ({min(map(len, prompts))}-"
         f"{max(map(len, prompts))} tokens), 64-256 new tokens ({total}), temperature 0.6, ignore_eos",
         "engine_tok_s": round(total / engine_s, 1),
     }
@@ -201,15 +233,25 @@ def cpu_chat_bench(args) -> dict:
 
         directory, name = os.path.split(model_path)
         kwargs = {"gguf_file": name} if name.endswith(".gguf") else {}
-        model = AutoModelForCausalLM.from_pretrained(directory if kwargs else model_path, dtype=torch.float32,
-                                                     **kwargs).eval()
+        model = AutoModelForCausalLM.from_pretrained(
+            directory if kwargs else model_path, dtype=torch.float32, **kwargs
+        ).eval()
         width = max(map(len, prompts))
         ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=mask, do_sample=True, temperature=0.6, top_k=0, top_p=1.0,
-                           max_new_tokens=max(p.max_tokens for p in params), eos_token_id=None, pad_token_id=0)
+            model.generate(
+                ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=0.6,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max(p.max_tokens for p in params),
+                eos_token_id=None,
+                pad_token_id=0,
+            )
         result["baseline"] = "hf transformers generate, one left-padded batch of 32, float32, same GGUF"
         result["baseline_tok_s"] = round(total / (time.perf_counter() - start), 1)
         result["speedup_vs_baseline"] = round(result["engine_tok_s"] / result["baseline_tok_s"], 2)
@@ -224,17 +266,25 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-input", type=int, default=1024)
     parser.add_argument("--max-output", type=int, default=1024)
     parser.add_argument("--baseline", choices=["none", "hf"], default="none")
-    parser.add_argument("--baseline-seqs", type=int, default=None,
-                        help="run the HF baseline on the first N prompts only (it is slow); default all")
+    parser.add_argument(
+        "--baseline-seqs",
+        type=int,
+        default=None,
+        help="run the HF baseline on the first N prompts only (it is slow); default all",
+    )
     parser.add_argument("--no-latency", action="store_true", help="skip the decode-latency and prefill runs")
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
     parser.add_argument("--note", default="")
-    parser.add_argument("--preset", choices=["auto", "gpu", "cpu-chat"], default="auto",
-                        help="gpu: the throughput workload; cpu-chat: SmolLM2 chat prompts on the CPU "
-                        "(auto: gpu when CUDA is available)")
+    parser.add_argument(
+        "--preset",
+        choices=["auto", "gpu", "cpu-chat"],
+        default="auto",
+        help="gpu: the throughput workload; cpu-chat: SmolLM2 chat prompts on the CPU "
+        "(auto: gpu when CUDA is available)",
+    )
     args = parser.parse_args(argv)
 
     import torch
@@ -247,8 +297,12 @@ def main(argv: list[str] | None = None) -> dict:
     model = args.model or write_random_qwen3(args.ckpt_dir)
     prompts, params = workload(args.num_seqs, args.max_input, args.max_output)
     llm = LLM(
-        model, enforce_eager=args.enforce_eager, max_model_len=4096, attention_backend=args.attention_backend,
-        tensor_parallel_size=args.tensor_parallel_size, skip_tokenizer_init=True,
+        model,
+        enforce_eager=args.enforce_eager,
+        max_model_len=4096,
+        attention_backend=args.attention_backend,
+        tensor_parallel_size=args.tensor_parallel_size,
+        skip_tokenizer_init=True,
     )
     runner = llm.engine.model_runner
     llm.generate([[1, 2, 3]], params[0], use_tqdm=False)  # warm-up
@@ -282,7 +336,9 @@ def main(argv: list[str] | None = None) -> dict:
             llm.config.hf_config, prompts, params, decode_steps, runner.dtype.itemsize, copy_gbs
         )
         result.update(
-            copy_gbs=round(copy_gbs, 1), bound_s=round(bound, 3), bytes_moved_gb=round(total_bytes / 1e9, 1),
+            copy_gbs=round(copy_gbs, 1),
+            bound_s=round(bound, 3),
+            bytes_moved_gb=round(total_bytes / 1e9, 1),
             fraction_of_bound=round(bound / elapsed, 3),
             kv_cache_gib=round(runner.num_blocks * runner.block_bytes / (1 << 30), 2),
         )
@@ -299,7 +355,9 @@ def main(argv: list[str] | None = None) -> dict:
     llm.shutdown()
     if args.baseline == "hf":
         n = args.baseline_seqs or len(prompts)
-        result["baseline"] = f"hf transformers generate, sdpa, chunks of 64, left-padded, bf16, first {n} prompts"
+        result["baseline"] = (
+            f"hf transformers generate, sdpa, chunks of 64, left-padded, bf16, first {n} prompts"
+        )
         result["baseline_tok_s"] = round(hf_baseline_tok_s(model, prompts[:n], params[:n]), 1)
         result["speedup_vs_baseline"] = round(result["engine_tok_s"] / result["baseline_tok_s"], 2)
     if args.note:

@@ -61,7 +61,9 @@ class Config:
             raise ValueError(
                 f"num_kvcache_blocks must be -1 (size automatically) or >= 1, got {self.num_kvcache_blocks!r}"
             )
-        if not (isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1):
+        if not (
+            isinstance(self.gpu_memory_utilization, (int, float)) and 0 < self.gpu_memory_utilization <= 1
+        ):
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}")

@@ -51,7 +51,8 @@ class LLM:
         token_ids = [engine.tokenize(p) for p in prompts]
         for i, ids in enumerate(token_ids):
             engine.validate(ids, where=f"prompt {i}")
-        request_ids = [engine.add_request(ids, sp) for ids, sp in zip(token_ids, sampling_params)]
+        pairs = zip(token_ids, sampling_params, strict=True)
+        request_ids = [engine.add_request(ids, sp) for ids, sp in pairs]
         index = {rid: i for i, rid in enumerate(request_ids)}
         results: list[dict | None] = [None] * len(prompts)
         bar = tqdm(total=len(prompts), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
@@ -96,12 +97,16 @@ class LLM:
         for m in conversation:
             if not isinstance(m, dict) or "role" not in m or "content" not in m:
                 raise ValueError(f"each chat message must be a dict with 'role' and 'content', got {m!r}")
-        ids = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, **kwargs)
+        ids = self.tokenizer.apply_chat_template(
+            conversation, add_generation_prompt=True, tokenize=True, **kwargs
+        )
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # transformers 5 may return a BatchEncoding
             ids = ids["input_ids"]
         return list(ids)
 
-    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[dict]:
+    def stream(
+        self, prompt: str | list[int], sampling_params: SamplingParams | None = None
+    ) -> Iterator[dict]:
         """Generate for one prompt, yielding each step's increment: ``{"text_delta", "token_ids"
         (new ones), "finished", "finish_reason"}``. The text is correct across multi-byte characters."""
         params = sampling_params or SamplingParams()
@@ -117,8 +122,10 @@ class LLM:
                         continue
                     c = out.outputs[0]
                     yield {
-                        "text_delta": c.text_delta, "token_ids": c.new_token_ids,
-                        "finished": out.finished, "finish_reason": c.finish_reason,
+                        "text_delta": c.text_delta,
+                        "token_ids": c.new_token_ids,
+                        "finished": out.finished,
+                        "finish_reason": c.finish_reason,
                     }
                     if out.finished:
                         return
@@ -129,7 +136,12 @@ class LLM:
     def _to_dict(out) -> dict:
         """vLLM's fields, flattened as Nano-vLLM returns them; ``outputs`` holds all n completions."""
         completions = [
-            {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason, "logprobs": c.logprobs}
+            {
+                "text": c.text,
+                "token_ids": c.token_ids,
+                "finish_reason": c.finish_reason,
+                "logprobs": c.logprobs,
+            }
             for c in out.outputs
         ]
         return {

@@ -24,14 +24,21 @@ def test_generate_returns_dicts_in_order(llm):
     assert outs[0]["text"] == llm.tokenizer.decode(outs[0]["token_ids"], skip_special_tokens=True)
     single = llm.generate("hello world", GREEDY, use_tqdm=False)
     assert single[0]["token_ids"] == outs[0]["token_ids"]
-    per_prompt = llm.generate([[5, 6], [7, 8]], [GREEDY, SamplingParams(temperature=0, max_tokens=2)], use_tqdm=False)
+    per_prompt = llm.generate(
+        [[5, 6], [7, 8]], [GREEDY, SamplingParams(temperature=0, max_tokens=2)], use_tqdm=False
+    )
     assert [len(o["token_ids"]) for o in per_prompt] == [4, 2]
 
 
 @pytest.mark.parametrize(
     "prompt, message",
-    [("", "empty"), ([], "empty"), ([5, 10_000], "outside the vocabulary"), ([5, -1], "outside the vocabulary"),
-     ([5] * 65, "max_model_len")],
+    [
+        ("", "empty"),
+        ([], "empty"),
+        ([5, 10_000], "outside the vocabulary"),
+        ([5, -1], "outside the vocabulary"),
+        ([5] * 65, "max_model_len"),
+    ],
 )
 def test_bad_prompts_raise_and_engine_stays_usable(llm, prompt, message):
     with pytest.raises(ValueError, match=message):
@@ -54,7 +61,9 @@ def test_bad_request_does_not_lose_others(llm):
 
 
 def test_generation_stops_at_max_model_len(llm):
-    out = llm.generate([[5] * 60], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False)[0]
+    out = llm.generate(
+        [[5] * 60], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False
+    )[0]
     assert out["finish_reason"] == "length" and len(out["token_ids"]) == 4
 
 
@@ -72,8 +81,12 @@ def test_unknown_engine_argument_is_a_type_error(tiny_ckpt):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [(dict(kvcache_block_size=24), "power of two"), (dict(dtype="int8"), "dtype"),
-     (dict(max_num_batched_tokens=16), "max_num_batched_tokens"), (dict(device="tpu"), "device")],
+    [
+        (dict(kvcache_block_size=24), "power of two"),
+        (dict(dtype="int8"), "dtype"),
+        (dict(max_num_batched_tokens=16), "max_num_batched_tokens"),
+        (dict(device="tpu"), "device"),
+    ],
 )
 def test_bad_engine_arguments(tiny_ckpt, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -104,3 +117,9 @@ def test_every_block_size_generates_the_same(tiny_ckpt, block_size):
         ref = [o["token_ids"] for o in ref_llm.generate(prompts, GREEDY, use_tqdm=False)]
     with LLM(tiny_ckpt("llama"), kvcache_block_size=block_size, max_model_len=512, max_num_seqs=4) as llm:
         assert [o["token_ids"] for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == ref
+
+
+def test_hub_name_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="Hugging Face Hub"):
+        LLM("some-org/some-model-that-is-not-here")

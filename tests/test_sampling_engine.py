@@ -32,7 +32,7 @@ def test_logprobs_equal_hf_log_softmax(llm, hf):
     with torch.no_grad():
         logits = hf(torch.tensor([PROMPT + out["token_ids"]])).logits[0]
     ref = torch.log_softmax(logits[len(PROMPT) - 1 : -1].float(), dim=-1)
-    for step, (token, lp) in enumerate(zip(out["token_ids"], out["logprobs"])):
+    for step, (token, lp) in enumerate(zip(out["token_ids"], out["logprobs"], strict=False)):
         top = ref[step].topk(5)
         assert list(lp)[:5] == top.indices.tolist()
         for tid, value in lp.items():
@@ -44,9 +44,14 @@ def test_greedy_repetition_penalty_matches_hf_generate(llm, hf):
     out = greedy(llm, repetition_penalty=1.3, max_tokens=20)
     with torch.no_grad():
         ref = hf.generate(
-            torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long), max_new_tokens=20,
-            do_sample=False, repetition_penalty=1.3, eos_token_id=None, pad_token_id=0,
-        )[0, len(PROMPT):].tolist()
+            torch.tensor([PROMPT]),
+            attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+            max_new_tokens=20,
+            do_sample=False,
+            repetition_penalty=1.3,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(PROMPT) :].tolist()
     assert out["token_ids"] == ref
     assert out["token_ids"] != greedy(llm, max_tokens=20)["token_ids"]  # the penalty changed something
 
@@ -64,8 +69,10 @@ def test_stop_strings_spanning_tokens(llm):
     pieces = [tok.decode(base["token_ids"][: i + 1]) for i in range(len(base["token_ids"]))]
     # A stop string made of the end of token i's text and the start of token i+1's text.
     i = next(
-        i for i in range(2, len(pieces) - 1)
-        if len(pieces[i]) - len(pieces[i - 1]) >= 1 and len(pieces[i + 1]) - len(pieces[i]) >= 1
+        i
+        for i in range(2, len(pieces) - 1)
+        if len(pieces[i]) - len(pieces[i - 1]) >= 1
+        and len(pieces[i + 1]) - len(pieces[i]) >= 1
         and pieces[i][-1] + pieces[i + 1][len(pieces[i])] not in pieces[i - 1]
     )
     stop = pieces[i][-1] + pieces[i + 1][len(pieces[i])]
@@ -83,8 +90,9 @@ def test_min_tokens_suppresses_stop_ids(llm):
 
 
 def test_top_k_1_is_greedy(llm):
-    sampled = llm.generate([PROMPT], SamplingParams(temperature=1.0, top_k=1, max_tokens=16, ignore_eos=True),
-                           use_tqdm=False)[0]
+    sampled = llm.generate(
+        [PROMPT], SamplingParams(temperature=1.0, top_k=1, max_tokens=16, ignore_eos=True), use_tqdm=False
+    )[0]
     assert sampled["token_ids"] == greedy(llm)["token_ids"]
 
 
@@ -92,10 +100,13 @@ def test_seed_reproducible_in_any_batch(llm):
     seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=16, ignore_eos=True)
     other = SamplingParams(temperature=1.0, max_tokens=16, ignore_eos=True)
     alone = llm.generate([PROMPT], seeded, use_tqdm=False)[0]["token_ids"]
-    batched = llm.generate([[9, 9, 9], PROMPT, [4] * 30], [other, seeded, other], use_tqdm=False)[1]["token_ids"]
+    batched = llm.generate([[9, 9, 9], PROMPT, [4] * 30], [other, seeded, other], use_tqdm=False)[1][
+        "token_ids"
+    ]
     assert alone == batched
-    different = llm.generate([PROMPT], SamplingParams(temperature=1.0, seed=99, max_tokens=16, ignore_eos=True),
-                             use_tqdm=False)[0]["token_ids"]
+    different = llm.generate(
+        [PROMPT], SamplingParams(temperature=1.0, seed=99, max_tokens=16, ignore_eos=True), use_tqdm=False
+    )[0]["token_ids"]
     assert different != alone
 
 
@@ -104,14 +115,17 @@ def test_n_completions_share_prompt_blocks(llm):
     engine = llm.engine
     bm = engine.scheduler.block_manager
     free_before = bm.num_free_blocks
-    rid = engine.add_request(prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=16, ignore_eos=True))
+    rid = engine.add_request(
+        prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
+    )
     engine.step()  # prefill of all four children
     # 2 shared full prompt blocks + one partial block per child; without sharing it would be 12.
     assert free_before - bm.num_free_blocks == 2 + 4
     engine.abort_request(rid)
     assert bm.num_free_blocks == free_before
-    out = llm.generate([prompt], SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=16, ignore_eos=True),
-                       use_tqdm=False)[0]
+    out = llm.generate(
+        [prompt], SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=16, ignore_eos=True), use_tqdm=False
+    )[0]
     samples = [tuple(c["token_ids"]) for c in out["outputs"]]
     assert len(samples) == 4 and len(set(samples)) == 4
     assert out["token_ids"] == list(samples[0])

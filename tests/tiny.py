@@ -65,8 +65,11 @@ def make_checkpoint(path: str, arch: str = "qwen3", seed: int = 0, **overrides) 
     else:
         kwargs["tie_word_embeddings"] = False
         kwargs["rope_scaling"] = {
-            "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 256,
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
         }
         kwargs["rope_theta"] = 10000.0
     kwargs.update(overrides)
@@ -85,7 +88,9 @@ def hf_model(path: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
-def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None) -> list[int]:
+def hf_greedy(
+    model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: int | None = None
+) -> list[int]:
     """HF greedy generation of one prompt (no padding involved); returns the new tokens."""
     with torch.no_grad():
         out = model.generate(
@@ -96,4 +101,4 @@ def hf_greedy(model, prompt_ids: list[int], max_new_tokens: int, eos_token_id: i
             eos_token_id=eos_token_id,
             pad_token_id=0,
         )
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()

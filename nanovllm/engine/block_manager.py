@@ -178,8 +178,9 @@ class BlockManager:
             assert block.ref_count == users.get(block.block_id, 0), (
                 f"block {block.block_id}: ref_count {block.ref_count} != users {users.get(block.block_id, 0)}"
             )
-            assert (block.ref_count == 0) == (block.block_id in self.free_block_ids), (
-                f"block {block.block_id}: ref_count {block.ref_count} but free={block.block_id in self.free_block_ids}"
+            is_free = block.block_id in self.free_block_ids
+            assert (block.ref_count == 0) == is_free, (
+                f"block {block.block_id}: ref_count {block.ref_count} but free={is_free}"
             )
         used = sum(1 for b in self.blocks if b.ref_count > 0)
         assert used + self.num_free_blocks == len(self.blocks), "free + used != total"

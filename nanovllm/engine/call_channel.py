@@ -51,8 +51,14 @@ class StepSequence:
 
     __slots__ = ("num_tokens", "num_cached_tokens", "block_size", "block_table", "token_ids")
 
-    def __init__(self, num_tokens: int, num_cached_tokens: int, block_size: int, block_table: list[int],
-                 tail: list[int]):
+    def __init__(
+        self,
+        num_tokens: int,
+        num_cached_tokens: int,
+        block_size: int,
+        block_table: list[int],
+        tail: list[int],
+    ):
         self.num_tokens, self.num_cached_tokens = num_tokens, num_cached_tokens
         self.block_size, self.block_table = block_size, block_table
         self.token_ids = _TokenTail(num_tokens - len(tail), tail)
@@ -81,8 +87,14 @@ class StepBatch:
 
     __slots__ = ("block_size", "num_tokens", "num_cached_tokens", "block_tables", "tails")
 
-    def __init__(self, block_size: int, num_tokens: list[int], num_cached_tokens: list[int],
-                 block_tables: list[list[int]], tails: list[list[int]]):
+    def __init__(
+        self,
+        block_size: int,
+        num_tokens: list[int],
+        num_cached_tokens: list[int],
+        block_tables: list[list[int]],
+        tails: list[list[int]],
+    ):
         self.block_size, self.num_tokens, self.num_cached_tokens = block_size, num_tokens, num_cached_tokens
         self.block_tables, self.tails = block_tables, tails
 
@@ -92,8 +104,13 @@ class StepBatch:
             tails = [s.token_ids[s.num_cached_tokens :] for s in seqs]
         else:
             tails = [[s.last_token] for s in seqs]
-        return cls(seqs[0].block_size if seqs else 0, [s.num_tokens for s in seqs],
-                   [s.num_cached_tokens for s in seqs], [s.block_table for s in seqs], tails)
+        return cls(
+            seqs[0].block_size if seqs else 0,
+            [s.num_tokens for s in seqs],
+            [s.num_cached_tokens for s in seqs],
+            [s.block_table for s in seqs],
+            tails,
+        )
 
     def __reduce__(self):
         columns = (self.num_tokens, self.num_cached_tokens, self.block_tables, self.tails)
@@ -122,8 +139,10 @@ class CallSender:
     def send(self, method: str, *args: Any) -> None:
         data = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
         if _HEADER + len(data) > self.shm.size:
-            raise RuntimeError(f"a {method!r} call pickles to {len(data)} bytes, more than the "
-                               f"{self.shm.size}-byte channel; this is a bug in channel_bytes()")
+            raise RuntimeError(
+                f"a {method!r} call pickles to {len(data)} bytes, more than the "
+                f"{self.shm.size}-byte channel; this is a bug in channel_bytes()"
+            )
         buf = self.shm.buf
         buf[:_HEADER] = len(data).to_bytes(_HEADER, "little")
         buf[_HEADER : _HEADER + len(data)] = data

@@ -146,7 +146,9 @@ class LLMEngine:
                 "shorten it or raise max_model_len"
             )
 
-    def add_request(self, prompt: str | list[int], sampling_params: SamplingParams, stream: bool = False) -> int:
+    def add_request(
+        self, prompt: str | list[int], sampling_params: SamplingParams, stream: bool = False
+    ) -> int:
         """Queue a request; returns its id. ``stream=True`` fills ``text_delta`` at every step."""
         token_ids = self.tokenize(prompt)
         self.validate(token_ids)
@@ -197,12 +199,12 @@ class LLMEngine:
             return [], StepStats(sched.is_prefill, 0, 0.0)
         token_ids, logprobs = self.model_runner.run(sched.seqs, sched.is_prefill)
         if logprobs is not None:
-            for seq, lp in zip(sched.seqs, logprobs):
+            for seq, lp in zip(sched.seqs, logprobs, strict=True):
                 if lp is not None:
                     seq.logprobs.append(lp)
         self.scheduler.update(sched, token_ids)
         touched: dict[int, tuple[_Request, dict[int, CompletionOutput]]] = {}
-        for seq, token_id in zip(sched.seqs, token_ids):
+        for seq, token_id in zip(sched.seqs, token_ids, strict=True):
             request = self._seq_to_request[seq.seq_id]
             index = request.seqs.index(seq)
             delta = self._detokenize(request, index, seq)

@@ -93,7 +93,8 @@ class ModelRunner:
             raise ValueError(
                 f"the KV cache holds {num_blocks} blocks x {self.block_size} tokens = "
                 f"{num_blocks * self.block_size} tokens, fewer than one sequence of max_model_len="
-                f"{cfg.max_model_len}; raise num_kvcache_blocks (or gpu_memory_utilization) or lower max_model_len"
+                f"{cfg.max_model_len}; raise num_kvcache_blocks (or gpu_memory_utilization) "
+                "or lower max_model_len"
             )
         shape = (2, len(self.attention_layers), num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -101,8 +102,11 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         gib = num_blocks * self.block_bytes / (1 << 30)
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB", num_blocks, self.block_size,
-            num_blocks * self.block_size, gib,
+            "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB",
+            num_blocks,
+            self.block_size,
+            num_blocks * self.block_size,
+            gib,
         )
         return num_blocks
 
@@ -124,8 +128,10 @@ class ModelRunner:
         budget = total * cfg.gpu_memory_utilization - used - peak + current
         self.kv_budget_bytes = int(budget)
         self.memory_profile = {  # GiB, for the start-up log and the benchmark record
-            "total": total / 2**30, "weights_and_buffers": current / 2**30,
-            "activation_peak": (peak - current) / 2**30, "outside_torch": (used - current) / 2**30,
+            "total": total / 2**30,
+            "weights_and_buffers": current / 2**30,
+            "activation_peak": (peak - current) / 2**30,
+            "outside_torch": (used - current) / 2**30,
         }
         logger.info("memory (GiB): %s", {k: round(v, 2) for k, v in self.memory_profile.items()})
         return max(0, int(budget) // self.block_bytes)
@@ -146,7 +152,9 @@ class ModelRunner:
 
     def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
         width = max(len(s.block_table) for s in seqs)
-        return self._to_device([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32)
+        return self._to_device(
+            [s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32
+        )
 
     def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, Context]:
         input_ids, positions, slot_mapping, cu_seqlens_q, context_lens = [], [], [], [0], []
@@ -211,7 +219,9 @@ class ModelRunner:
         input_ids, positions, context = prepare(seqs)
         metadata = None
         if self.rank == 0:  # built before the forward so its host-to-device copies overlap it
-            metadata = SamplingMetadata.build(seqs, self.config.hf_config.vocab_size, self.device, self.eos_token_ids)
+            metadata = SamplingMetadata.build(
+                seqs, self.config.hf_config.vocab_size, self.device, self.eos_token_ids
+            )
         logits = self.run_model(input_ids, positions, context)
         if self.rank != 0:
             return [], None
@@ -265,7 +275,9 @@ class ModelRunner:
             self.graphs[bs] = graph
             torch.cuda.synchronize()
 
-    def _replay_graph(self, input_ids: torch.Tensor, positions: torch.Tensor, context: Context) -> torch.Tensor:
+    def _replay_graph(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, context: Context
+    ) -> torch.Tensor:
         batch = input_ids.shape[0]
         bs = next(b for b in self.graph_batch_sizes if b >= batch)
         gv = self.graph_vars

@@ -98,8 +98,14 @@ def _store_address(init_method: str | None) -> tuple[str, int]:
 def _open_store(host: str, port: int, world_size: int, is_master: bool):
     import torch.distributed as dist
 
-    return dist.TCPStore(host, port, world_size, is_master=is_master, wait_for_workers=False,
-                         timeout=timedelta(seconds=START_TIMEOUT_S))
+    return dist.TCPStore(
+        host,
+        port,
+        world_size,
+        is_master=is_master,
+        wait_for_workers=False,
+        timeout=timedelta(seconds=START_TIMEOUT_S),
+    )
 
 
 # ---- worker process ------------------------------------------------------------------------
@@ -111,8 +117,9 @@ def _watch_parent(parent_pid: int) -> None:
     os._exit(1)  # rank 0 is gone: nobody will ever send the next call
 
 
-def _worker_main(config: Config, rank: int, host: str, port: int, channel_name: str, event, conn,
-                 parent_pid: int) -> None:
+def _worker_main(
+    config: Config, rank: int, host: str, port: int, channel_name: str, event, conn, parent_pid: int
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     runner = receiver = None
@@ -193,15 +200,27 @@ class TensorParallelRunner:
         host, port = _store_address(config.distributed_init_method)
         self.store = _open_store(host, port, n, is_master=True)
         events = [ctx.Event() for _ in range(n - 1)]
-        size = channel_bytes(config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len,
-                             config.kvcache_block_size)
+        size = channel_bytes(
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            config.max_model_len,
+            config.kvcache_block_size,
+        )
         self.sender = CallSender(events, size)
         self.conns = []
         try:
             for rank in range(1, n):
                 parent_end, child_end = ctx.Pipe()
-                args = (config, rank, host, self.store.port, self.sender.name, events[rank - 1], child_end,
-                        os.getpid())
+                args = (
+                    config,
+                    rank,
+                    host,
+                    self.store.port,
+                    self.sender.name,
+                    events[rank - 1],
+                    child_end,
+                    os.getpid(),
+                )
                 proc = ctx.Process(target=_worker_main, args=args, name=f"nanovllm-tp{rank}", daemon=True)
                 proc.start()
                 child_end.close()
@@ -250,8 +269,10 @@ class TensorParallelRunner:
         proc.join(timeout=1)  # its pipe may close a moment before its exit code is known
         message = f"tensor-parallel worker rank {rank} died (exit code {proc.exitcode})"
         if self.runner is None:
-            message += ("; it is a spawned process, so a script that starts the engine must do so "
-                        "under `if __name__ == '__main__':`")
+            message += (
+                "; it is a spawned process, so a script that starts the engine must do so "
+                "under `if __name__ == '__main__':`"
+            )
         return message
 
     def _check_workers(self) -> None:

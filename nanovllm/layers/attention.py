@@ -30,7 +30,9 @@ class TorchBackend:
 
     @staticmethod
     def decode(q, k_cache, v_cache, ctx, scale):
-        return reference.paged_decode_attention_ref(q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale)
+        return reference.paged_decode_attention_ref(
+            q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale
+        )
 
 
 def get_backend(name: str, device: str, block_size: int = 256):
@@ -55,7 +57,9 @@ def get_backend(name: str, device: str, block_size: int = 256):
         return TritonBackend
     if name == "flash-attn":
         if block_size % 256:
-            raise ValueError(f"flash-attn's paged kernels need kvcache_block_size % 256 == 0, got {block_size}")
+            raise ValueError(
+                f"flash-attn's paged kernels need kvcache_block_size % 256 == 0, got {block_size}"
+            )
         from nanovllm.layers.attention_flash import FlashAttnBackend
 
         return FlashAttnBackend
@@ -65,7 +69,12 @@ def get_backend(name: str, device: str, block_size: int = 256):
 class Attention(nn.Module):
     def __init__(self, num_heads: int, head_dim: int, scale: float, num_kv_heads: int):
         super().__init__()
-        self.num_heads, self.head_dim, self.scale, self.num_kv_heads = num_heads, head_dim, scale, num_kv_heads
+        self.num_heads, self.head_dim, self.scale, self.num_kv_heads = (
+            num_heads,
+            head_dim,
+            scale,
+            num_kv_heads,
+        )
         self.backend = TorchBackend
         # Set by the model runner once the KV cache exists: [num_blocks, block_size, num_kv_heads, head_dim].
         self.k_cache: torch.Tensor | None = None
@@ -89,7 +98,7 @@ class Attention(nn.Module):
         out = torch.empty_like(q)
         cu = ctx.cu_seqlens_q.tolist()
         group = self.num_heads // self.num_kv_heads
-        for start, end in zip(cu[:-1], cu[1:]):
+        for start, end in zip(cu[:-1], cu[1:], strict=False):
             # [1, heads, len, head_dim]: 4-D inputs let SDPA pick a fused kernel that never
             # materialises the [len, len] score matrix (this forward also sizes the KV cache).
             o = F.scaled_dot_product_attention(

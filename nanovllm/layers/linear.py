@@ -68,7 +68,9 @@ class QKVParallelLinear(ColumnParallelLinear):
     """q, k and v projections in one matmul, split by heads. With more ranks than KV heads, each KV
     head is replicated on ``tp_size // num_kv_heads`` consecutive ranks."""
 
-    def __init__(self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False):
+    def __init__(
+        self, hidden_size: int, head_dim: int, num_heads: int, num_kv_heads: int, bias: bool = False
+    ):
         tp = tp_size()
         self.head_dim = head_dim
         self.num_heads = num_heads // tp

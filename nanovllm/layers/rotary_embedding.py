@@ -57,7 +57,11 @@ def _get_rope(head_dim: int, max_position: int, base: float, scaling_items: tupl
 
 def get_rope(head_dim: int, max_position: int, base: float, scaling: dict | None = None) -> RotaryEmbedding:
     """One shared RotaryEmbedding per configuration (its table is ~20 MB at 40k positions)."""
-    items = tuple(sorted((k, v) for k, v in scaling.items() if not isinstance(v, (list, dict)))) if scaling else None
+    items = (
+        tuple(sorted((k, v) for k, v in scaling.items() if not isinstance(v, (list, dict))))
+        if scaling
+        else None
+    )
     device = str(torch.empty(0).device)
     return _get_rope(head_dim, max_position, float(base), items, device)
 

@@ -1,6 +1,6 @@
 """Llama family (Llama 2/3/3.1, SmolLM, ...): the decoder skeleton the Qwen models reuse.
 
-    embed_tokens -> N x [ RMSNorm -> attention (+res) -> RMSNorm -> SwiGLU MLP (+res) ] -> RMSNorm -> lm_head
+embed_tokens -> N x [ RMSNorm -> attention (+res) -> RMSNorm -> SwiGLU MLP (+res) ] -> RMSNorm -> lm_head
 """
 
 import torch
@@ -23,7 +23,9 @@ def rope_of(config) -> tuple[float, dict | None]:
     """(rope_theta, scaling dict or None) from a transformers 4 or 5 config."""
     params = getattr(config, "rope_parameters", None) or {}
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
-    scaling = params if params.get("rope_type", "default") != "default" else getattr(config, "rope_scaling", None)
+    scaling = (
+        params if params.get("rope_type", "default") != "default" else getattr(config, "rope_scaling", None)
+    )
     return theta, scaling
 
 
@@ -38,10 +40,16 @@ class LlamaAttention(nn.Module):
         self.num_kv_heads = max(1, config.num_key_value_heads // tp)
         bias = self.qkv_bias or getattr(config, "attention_bias", False)
         self.qkv_proj = QKVParallelLinear(
-            config.hidden_size, self.head_dim, config.num_attention_heads, config.num_key_value_heads, bias=bias
+            config.hidden_size,
+            self.head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=bias,
         )
         self.o_proj = RowParallelLinear(
-            config.num_attention_heads * self.head_dim, config.hidden_size, bias=getattr(config, "attention_bias", False)
+            config.num_attention_heads * self.head_dim,
+            config.hidden_size,
+            bias=getattr(config, "attention_bias", False),
         )
         theta, scaling = rope_of(config)
         self.rotary_emb = get_rope(self.head_dim, config.max_position_embeddings, theta, scaling)

@@ -38,4 +38,6 @@ def forward_context(context: Context):
         yield context
     finally:
         _CONTEXT, _ACTIVE = Context(), False
+
+
 _ACTIVE = False

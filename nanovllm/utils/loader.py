@@ -48,7 +48,9 @@ def load_weights(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]) 
         loaded.add(name)
     missing = [n for n in params if n not in loaded and not (n == "lm_head.weight" and _tied(model))]
     if missing:
-        raise ValueError(f"checkpoint lacks weights for: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+        raise ValueError(
+            f"checkpoint lacks weights for: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}"
+        )
 
 
 def _tied(model: nn.Module) -> bool:

@@ -7,7 +7,9 @@ from nanovllm.sampling_params import SamplingParams
 EOS = 2
 
 
-def make_scheduler(num_blocks=8, block_size=16, max_num_seqs=4, max_num_batched_tokens=256, max_model_len=128):
+def make_scheduler(
+    num_blocks=8, block_size=16, max_num_seqs=4, max_num_batched_tokens=256, max_model_len=128
+):
     return Scheduler(
         max_num_seqs=max_num_seqs,
         max_num_batched_tokens=max_num_batched_tokens,
@@ -21,4 +23,6 @@ def make_scheduler(num_blocks=8, block_size=16, max_num_seqs=4, max_num_batched_
 def make_seq(tokens, block_size=16, max_tokens=8, ignore_eos=False):
     if isinstance(tokens, int):
         tokens = [10 + i % 50 for i in range(tokens)]
-    return Sequence(tokens, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos), block_size)
+    return Sequence(
+        tokens, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=ignore_eos), block_size
+    )

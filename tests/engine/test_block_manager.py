@@ -10,8 +10,8 @@ def test_engine_core_imports_no_torch():
     import subprocess
 
     code = (
-        "import sys; import nanovllm.engine.scheduler, nanovllm.engine.block_manager, nanovllm.engine.sequence;"
-        "import nanovllm; assert 'torch' not in sys.modules, 'torch imported'"
+        "import sys; import nanovllm.engine.scheduler, nanovllm.engine.block_manager, "
+        "nanovllm.engine.sequence, nanovllm; assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 

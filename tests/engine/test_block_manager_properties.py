@@ -20,7 +20,10 @@ actions = st.lists(
 @given(actions=actions, block_size=st.sampled_from([16, 32]), num_blocks=st.integers(5, 12))
 def test_random_workloads_keep_invariants(actions, block_size, num_blocks):
     sched = make_scheduler(
-        num_blocks=num_blocks, block_size=block_size, max_num_seqs=4, max_num_batched_tokens=160,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        max_num_seqs=4,
+        max_num_batched_tokens=160,
         max_model_len=min(80, num_blocks * block_size),
     )
     bm = sched.block_manager

@@ -74,7 +74,9 @@ def test_decode_preempts_most_recent_and_requeues_at_front():
     run_step(sched)  # prefill: 1 block each; after append both have 17 tokens
     waiting = make_seq(40)
     sched.add(waiting)
-    out, _ = run_step(sched)  # no room to admit `waiting`; decode: a takes the last free block, b is preempted
+    out, _ = run_step(
+        sched
+    )  # no room to admit `waiting`; decode: a takes the last free block, b is preempted
     assert not out.is_prefill and out.seqs == [a]
     assert b.status == SequenceStatus.WAITING and sched.waiting[0] is b and b.block_table == []
     assert sched.num_preemptions == 1

@@ -220,8 +220,13 @@ def test_no_worker_outlives_its_parent(tiny_ckpt, tmp_path, how):
     script.write_text(_ORPHAN_SCRIPT)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env = dict(os.environ, PYTHONPATH=root)
-    out = subprocess.run([sys.executable, str(script), tiny_ckpt("qwen3"), how], env=env, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(script), tiny_ckpt("qwen3"), how],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     pids = [int(p) for p in out.stdout.split()]
     assert pids, out.stderr
     deadline = time.monotonic() + 10

@@ -20,8 +20,12 @@ def test_greedy_float32_matches_hf(tiny_ckpt, arch):
     refs = [hf_greedy(model, p, 24, eos_token_id=None) for p in PROMPTS]
     with LLM(path, dtype="float32", **SMALL) as llm:
         assert llm.engine.model_runner.backend.name == "triton"
-        outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
-        again = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False)
+        outs = llm.generate(
+            PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False
+        )
+        again = llm.generate(
+            PROMPTS, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False
+        )
     assert [o["token_ids"] for o in outs] == refs
     assert [o["token_ids"] for o in again] == refs  # through prefix-cache hits
     assert any(o["num_cached_tokens"] > 0 for o in again)
@@ -29,8 +33,10 @@ def test_greedy_float32_matches_hf(tiny_ckpt, arch):
 
 def test_eager_and_cuda_graphs_identical(tiny_ckpt):
     path = tiny_ckpt("qwen3")
-    params = [SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
-              SamplingParams(temperature=0.8, seed=5, max_tokens=32, ignore_eos=True)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=32, ignore_eos=True),
+        SamplingParams(temperature=0.8, seed=5, max_tokens=32, ignore_eos=True),
+    ]
     results = []
     for eager in (True, False):
         with LLM(path, dtype="bfloat16", enforce_eager=eager, **SMALL) as llm:
@@ -57,7 +63,9 @@ def test_qwen3_0_6b_shaped_bf16_logits_match_hf(tmp_path):
 
     path = write_random_qwen3(str(tmp_path / "qwen3-0.6b"))
     prompts = [[(31 * i + 7 * j) % 150000 for j in range(n)] for i, n in enumerate((5, 300, 1000, 2100))]
-    with LLM(path, skip_tokenizer_init=True, max_model_len=4096, num_kvcache_blocks=64, max_num_seqs=8) as llm:
+    with LLM(
+        path, skip_tokenizer_init=True, max_model_len=4096, num_kvcache_blocks=64, max_num_seqs=8
+    ) as llm:
         runner = llm.engine.model_runner
         seqs = [Sequence(p, SamplingParams(), runner.block_size) for p in prompts]
         for s in seqs:
@@ -65,8 +73,10 @@ def test_qwen3_0_6b_shaped_bf16_logits_match_hf(tmp_path):
         ours = runner.run_model(*runner.prepare_prefill(seqs)).float()
         for s in seqs:
             llm.engine.scheduler.block_manager.deallocate(s)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16, attn_implementation="sdpa").cuda()
-    for p, row in zip(prompts, ours):
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.bfloat16, attn_implementation="sdpa"
+    ).cuda()
+    for p, row in zip(prompts, ours, strict=False):
         with torch.no_grad():
             ref = model(torch.tensor([p], device="cuda")).logits[0, -1].float()
         # bf16 through 28 layers: both sides round differently at every op (fused vs unfused

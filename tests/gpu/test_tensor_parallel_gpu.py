@@ -15,8 +15,14 @@ PROMPTS = [[5, 6, 7], list(range(3, 60)), [9] * 20, list(range(100, 300))]
 
 def greedy(path: str, tp: int, dtype: str, max_tokens: int) -> list[list[int]]:
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
-    with LLM(path, tensor_parallel_size=tp, dtype=dtype, kvcache_block_size=16, max_model_len=512,
-             gpu_memory_utilization=0.3) as llm:
+    with LLM(
+        path,
+        tensor_parallel_size=tp,
+        dtype=dtype,
+        kvcache_block_size=16,
+        max_model_len=512,
+        gpu_memory_utilization=0.3,
+    ) as llm:
         return [o["token_ids"] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
 
 

@@ -36,7 +36,7 @@ def test_prefill_logits_match_hf(arch_setup):
         for s in seqs:
             llm.engine.scheduler.block_manager.allocate(s)
         logits = runner.run_model(*runner.prepare_prefill(seqs))
-    for p, row in zip(prompts, logits):
+    for p, row in zip(prompts, logits, strict=False):
         with torch.no_grad():
             ref = model(torch.tensor([p])).logits[0, -1]
         # float32 on both sides; differences come only from summation order (~1e-5 relative).
@@ -48,7 +48,7 @@ def test_greedy_generation_matches_hf(arch_setup, block_size):
     arch, path, _, prompts, refs = arch_setup
     with LLM(path, kvcache_block_size=block_size, max_model_len=512) as llm:
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
-    for out, ref in zip(outs, refs):
+    for out, ref in zip(outs, refs, strict=False):
         assert out["token_ids"] == ref
         assert out["finish_reason"] == ("stop" if ref[-1] == 2 else "length")
     assert any(len(r) == MAX_NEW for r in refs)

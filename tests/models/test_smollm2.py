@@ -33,11 +33,16 @@ def hf_greedy_until_tie(model, ids: list[int], max_new: int, eos: set[int]) -> t
     logits are within 0.01 (a near-tie that float rounding may flip)."""
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), max_new_tokens=max_new,
-            do_sample=False, output_scores=True, return_dict_in_generate=True, eos_token_id=sorted(eos),
+            torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            max_new_tokens=max_new,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            eos_token_id=sorted(eos),
             pad_token_id=2,
         )
-    tokens = out.sequences[0, len(ids):].tolist()
+    tokens = out.sequences[0, len(ids) :].tolist()
     trusted = len(tokens)
     for i, scores in enumerate(out.scores):
         top2 = scores[0].float().topk(2).values
@@ -56,7 +61,7 @@ def test_greedy_chat_matches_hf(llm):
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
     outs = llm.chat(convs, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
     compared = 0
-    for conv, out in zip(convs, outs):
+    for conv, out in zip(convs, outs, strict=False):
         ids = llm.apply_chat_template(conv)
         ref, trusted = hf_greedy_until_tie(model, ids, MAX_NEW, llm.engine.eos_token_ids)
         assert out["token_ids"][:trusted] == ref[:trusted]
@@ -66,7 +71,9 @@ def test_greedy_chat_matches_hf(llm):
 
 @needs_smollm2
 def test_chat_accepts_one_conversation_and_rejects_bad_messages(llm):
-    out = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False)
+    out = llm.chat(
+        [{"role": "user", "content": "hi"}], SamplingParams(temperature=0, max_tokens=3), use_tqdm=False
+    )
     assert len(out) == 1 and len(out[0]["token_ids"]) <= 3
     with pytest.raises(ValueError, match="role"):
         llm.chat([{"content": "no role"}], use_tqdm=False)
