@@ -144,6 +144,21 @@ def bandwidth_bound_s(hf_config, prompts, params, num_decode_steps: int, dtype_b
     return total / (copy_gbs * 1e9), total
 
 
+def hf_generate_padded(model, prompts: list[list[int]], params: list, device: str) -> None:
+    """One transformers ``generate`` over a left-padded batch, sampling at temperature 0.6 with
+    no EOS, as long as the batch's largest ``max_tokens``."""
+    import torch
+
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    with torch.no_grad():
+        model.generate(
+            ids, attention_mask=mask, do_sample=True, temperature=0.6, top_k=0, top_p=1.0,
+            max_new_tokens=max(sp.max_tokens for sp in params), eos_token_id=None, pad_token_id=0,
+        )  # fmt: skip
+
+
 def hf_baseline_tok_s(model_path: str, prompts, params, chunk: int = 64) -> float:
     """transformers generate on the same workload: arrival order, chunks of 64, left-padded, sdpa."""
     import torch
@@ -153,22 +168,7 @@ def hf_baseline_tok_s(model_path: str, prompts, params, chunk: int = 64) -> floa
     model = model.to("cuda").eval()
     start = time.perf_counter()
     for i in range(0, len(prompts), chunk):
-        ps, sps = prompts[i : i + chunk], params[i : i + chunk]
-        width = max(len(p) for p in ps)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in ps], device="cuda")
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in ps], device="cuda")
-        with torch.no_grad():
-            model.generate(
-                ids,
-                attention_mask=mask,
-                do_sample=True,
-                temperature=0.6,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max(sp.max_tokens for sp in sps),
-                eos_token_id=None,
-                pad_token_id=0,
-            )
+        hf_generate_padded(model, prompts[i : i + chunk], params[i : i + chunk], "cuda")
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     del model
@@ -236,22 +236,8 @@ def cpu_chat_bench(args) -> dict:
         model = AutoModelForCausalLM.from_pretrained(
             directory if kwargs else model_path, dtype=torch.float32, **kwargs
         ).eval()
-        width = max(map(len, prompts))
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         start = time.perf_counter()
-        with torch.no_grad():
-            model.generate(
-                ids,
-                attention_mask=mask,
-                do_sample=True,
-                temperature=0.6,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max(p.max_tokens for p in params),
-                eos_token_id=None,
-                pad_token_id=0,
-            )
+        hf_generate_padded(model, prompts, params, "cpu")
         result["baseline"] = "hf transformers generate, one left-padded batch of 32, float32, same GGUF"
         result["baseline_tok_s"] = round(total / (time.perf_counter() - start), 1)
         result["speedup_vs_baseline"] = round(result["engine_tok_s"] / result["baseline_tok_s"], 2)
