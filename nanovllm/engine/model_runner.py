@@ -9,6 +9,7 @@ from nanovllm.config import Config
 from nanovllm.distributed import min_over_ranks
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention, get_backend
+from nanovllm.layers.sampler import Sampler, SamplingMetadata
 from nanovllm.models.llama import head_dim_of
 from nanovllm.models.registry import model_class
 from nanovllm.utils.context import Context, forward_context
@@ -44,7 +45,8 @@ class ModelRunner:
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer in self.attention_layers:
             layer.backend = self.backend
-        self.sampler = self._make_sampler()
+        self.sampler = Sampler()
+        self.eos_token_ids: list[int] = []  # set by the engine; min_tokens holds these back
 
         self.num_kv_heads = self.attention_layers[0].num_kv_heads
         self.head_dim = head_dim_of(hf)
@@ -59,12 +61,6 @@ class ModelRunner:
 
             return iter_gguf_weights(self.config.model)
         return iter_safetensors(self.config.model)
-
-    def _make_sampler(self):
-        from nanovllm.layers.sampler import Sampler
-
-        self.eos_token_ids: list[int] = []  # set by the engine
-        return Sampler()
 
     # ---- KV cache ------------------------------------------------------------------------
 
@@ -213,8 +209,6 @@ class ModelRunner:
         """One engine step: forward the scheduled sequences and sample one token for each.
 
         Returns the token ids and, when some sequence asked for them, per-row logprobs dicts."""
-        from nanovllm.layers.sampler import SamplingMetadata
-
         prepare = self.prepare_prefill if is_prefill else self.prepare_decode
         input_ids, positions, context = prepare(seqs)
         metadata = None

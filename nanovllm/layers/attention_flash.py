@@ -7,7 +7,10 @@ flash-attn reads the same paged layout ([num_blocks, block_size, num_kv_heads, h
 import torch
 from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
-from nanovllm.kernels.reference import store_kvcache_ref
+try:  # flash-attn has no paged store of its own; ours is Triton, which CUDA builds of torch ship
+    from nanovllm.kernels.store_kvcache import store_kvcache
+except ImportError:
+    from nanovllm.kernels.reference import store_kvcache_ref as store_kvcache
 
 
 class FlashAttnBackend:
@@ -15,10 +18,6 @@ class FlashAttnBackend:
 
     @staticmethod
     def store(key, value, k_cache, v_cache, slot_mapping):
-        try:
-            from nanovllm.kernels.store_kvcache import store_kvcache
-        except ImportError:
-            store_kvcache = store_kvcache_ref
         store_kvcache(key, value, k_cache, v_cache, slot_mapping)
 
     @staticmethod
