@@ -1,4 +1,4 @@
-"""Runs the model: builds each step's input tensors, owns the KV cache and the decode CUDA graphs."""
+"""Runs the model: builds each step's input tensors, owns the KV cache, samples."""
 
 import logging
 import math
@@ -7,6 +7,7 @@ import torch
 
 from nanovllm.config import Config
 from nanovllm.distributed import min_over_ranks
+from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.sequence import Sequence
 from nanovllm.layers.attention import Attention, get_backend
 from nanovllm.layers.sampler import Sampler, SamplingMetadata
@@ -51,9 +52,9 @@ class ModelRunner:
         self.num_kv_heads = self.attention_layers[0].num_kv_heads
         self.head_dim = head_dim_of(hf)
         self.num_blocks = self._allocate_kv_cache()
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self._capture_cudagraphs()
+            self.graphs = DecodeGraphs(self.model, config, self.device)
 
     def _weights(self):
         if self.config.is_gguf:
@@ -198,11 +199,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, context: Context) -> torch.Tensor:
-        batch = input_ids.shape[0]
-        if context.is_prefill or not self.graphs or batch > self.graph_batch_sizes[-1]:
-            with forward_context(context):
-                return self.model.compute_logits(self.model(input_ids, positions))
-        return self._replay_graph(input_ids, positions, context)
+        graphs = self.graphs
+        with forward_context(context):
+            if context.is_prefill or graphs is None or not graphs.fits(input_ids.shape[0]):
+                hidden = self.model(input_ids, positions)
+            else:
+                hidden = graphs.replay(input_ids, positions, context)
+            return self.model.compute_logits(hidden)
 
     @torch.inference_mode()
     def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list | None]:
@@ -222,72 +225,8 @@ class ModelRunner:
         out = self.sampler(logits, metadata)
         return out.token_ids.tolist(), out.logprobs
 
-    # ---- CUDA graphs for decode -----------------------------------------------------------
-
-    @torch.inference_mode()
-    def _capture_cudagraphs(self) -> None:
-        """Capture one decode graph per batch size (1, 2, 4, 8, then every 16 up to max_num_seqs).
-
-        A batch runs in the smallest graph that holds it; the unused rows get slot -1 (no K/V
-        write) and a context length of 1, and their outputs are ignored. Every graph shares one
-        memory pool and one set of input buffers, so graphs cost little memory beyond the largest.
-        The decode kernel is given ``max_model_len`` as its context bound, so nothing in the graph
-        depends on the batch's actual lengths.
-        """
-        cfg = self.config
-        max_bs = min(cfg.max_num_seqs, 512)
-        sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
-        self.graph_batch_sizes = sorted(set(sizes))
-        max_blocks = math.ceil(cfg.max_model_len / self.block_size)
-        dev = self.device
-        self.graph_vars = dict(
-            input_ids=torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            positions=torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            slot_mapping=torch.full((max_bs,), -1, dtype=torch.int64, device=dev),
-            context_lens=torch.ones(max_bs, dtype=torch.int32, device=dev),
-            block_tables=torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=dev),
-        )
-        hidden = self.config.hf_config.hidden_size
-        self.graph_vars["hidden"] = torch.zeros(max_bs, hidden, dtype=self.dtype, device=dev)
-        pool = None
-        gv = self.graph_vars
-        for bs in reversed(self.graph_batch_sizes):
-            graph = torch.cuda.CUDAGraph()
-            context = Context(
-                is_prefill=False,
-                context_lens=gv["context_lens"][:bs],
-                max_context_len=cfg.max_model_len,
-                block_tables=gv["block_tables"][:bs],
-                slot_mapping=gv["slot_mapping"][:bs],
-            )
-            with forward_context(context):
-                gv["hidden"][:bs] = self.model(gv["input_ids"][:bs], gv["positions"][:bs])  # warm-up
-                with torch.cuda.graph(graph, pool):
-                    gv["hidden"][:bs] = self.model(gv["input_ids"][:bs], gv["positions"][:bs])
-            if pool is None:
-                pool = graph.pool()
-            self.graphs[bs] = graph
-            torch.cuda.synchronize()
-
-    def _replay_graph(
-        self, input_ids: torch.Tensor, positions: torch.Tensor, context: Context
-    ) -> torch.Tensor:
-        batch = input_ids.shape[0]
-        bs = next(b for b in self.graph_batch_sizes if b >= batch)
-        gv = self.graph_vars
-        gv["input_ids"][:batch] = input_ids
-        gv["positions"][:batch] = positions
-        gv["slot_mapping"].fill_(-1)
-        gv["slot_mapping"][:batch] = context.slot_mapping
-        gv["context_lens"].fill_(1)
-        gv["context_lens"][:batch] = context.context_lens
-        gv["block_tables"][:batch, : context.block_tables.shape[1]] = context.block_tables
-        self.graphs[bs].replay()
-        with forward_context(context):
-            return self.model.compute_logits(gv["hidden"][:batch])
-
     def shutdown(self) -> None:
-        self.graphs.clear()
+        self.graphs = None
         for layer in self.attention_layers:
             layer.k_cache = layer.v_cache = None
         self.kv_cache = None
