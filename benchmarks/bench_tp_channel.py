@@ -17,8 +17,8 @@ import statistics
 import time
 
 from nanovllm.engine.call_channel import CallReceiver, CallSender, StepBatch, channel_bytes
-from nanovllm.engine.parallel import serve
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.tp_worker import serve
 from nanovllm.sampling_params import SamplingParams
 
 

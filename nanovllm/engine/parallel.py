@@ -1,8 +1,8 @@
 """Tensor parallelism: one engine over N GPUs (NCCL) or N CPU processes (gloo).
 
 Rank 0 is the engine's own process: it schedules, runs its model shard and samples. Ranks
-1..N-1 are spawned worker processes that each hold one shard and mirror every model call rank 0
-makes (see call_channel.py for how calls travel). Inside a forward the ranks meet in the
+1..N-1 are spawned worker processes (tp_worker.py) that each hold one shard and mirror every model
+call rank 0 makes (call_channel.py carries the calls). Inside a forward the ranks meet in the
 collectives of the layers (all-reduce after row-parallel linears, a gather of the logits to rank 0).
 
 Failure handling, so that nothing hangs and nothing is left behind:
@@ -18,22 +18,19 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
-import signal
 import threading
 import time
-import traceback
-from datetime import timedelta
 from multiprocessing.connection import wait
 from typing import Any
 from urllib.parse import urlparse
 
 from nanovllm.config import Config
-from nanovllm.engine.call_channel import CallReceiver, CallSender, StepBatch, channel_bytes
+from nanovllm.engine.call_channel import CallSender, StepBatch, channel_bytes
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.tp_worker import START_TIMEOUT_S, open_store, worker_main
 
 logger = logging.getLogger("nanovllm")
 
-START_TIMEOUT_S = 900.0  # loading a large checkpoint on every rank
 STEP_TIMEOUT_S = 300.0  # a worker that is alive but silent this long after rank 0's step is stuck
 DEATH_GRACE_S = 5.0  # after a collective fails, how long to wait for the culprit to show itself
 
@@ -95,87 +92,6 @@ def _store_address(init_method: str | None) -> tuple[str, int]:
     return url.hostname, url.port
 
 
-def _open_store(host: str, port: int, world_size: int, is_master: bool):
-    import torch.distributed as dist
-
-    return dist.TCPStore(
-        host,
-        port,
-        world_size,
-        is_master=is_master,
-        wait_for_workers=False,
-        timeout=timedelta(seconds=START_TIMEOUT_S),
-    )
-
-
-# ---- worker process ------------------------------------------------------------------------
-
-
-def _watch_parent(parent_pid: int) -> None:
-    while os.getppid() == parent_pid:
-        time.sleep(0.5)
-    os._exit(1)  # rank 0 is gone: nobody will ever send the next call
-
-
-def _worker_main(
-    config: Config, rank: int, host: str, port: int, channel_name: str, event, conn, parent_pid: int
-) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
-    runner = receiver = None
-    try:
-        import torch
-
-        from nanovllm.distributed import init_tensor_parallel
-        from nanovllm.engine.model_runner import ModelRunner
-
-        if config.device == "cpu":
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
-        store = _open_store(host, port, config.tensor_parallel_size, is_master=False)
-        conn.send(("connected", None))
-        init_tensor_parallel(rank, config.tensor_parallel_size, store, config.device)
-        receiver = CallReceiver(channel_name, event)
-        runner = ModelRunner(config, rank)
-        conn.send(("ready", None))
-        serve(receiver, conn, _WorkerCalls(runner))
-    except BaseException:
-        with contextlib.suppress(Exception):  # rank 0 may be gone already
-            conn.send(("error", traceback.format_exc()))
-        raise SystemExit(1) from None
-    finally:
-        _worker_cleanup(runner, receiver)
-
-
-class _WorkerCalls:
-    """The calls a worker answers, each mirroring one of rank 0's."""
-
-    def __init__(self, runner):
-        self.runner = runner
-
-    def run(self, batch: StepBatch, is_prefill: bool) -> None:
-        self.runner.run(batch.sequences(), is_prefill)
-
-
-def serve(receiver: CallReceiver, conn, target: Any) -> None:
-    """Run each call rank 0 sends on ``target`` and reply "ok", until "shutdown"."""
-    while True:
-        method, args = receiver.recv()
-        if method == "shutdown":
-            return
-        getattr(target, method)(*args)
-        conn.send(("ok", None))
-
-
-def _worker_cleanup(runner, receiver) -> None:
-    from nanovllm.distributed import destroy_tensor_parallel
-
-    if runner is not None:
-        runner.shutdown()
-    if receiver is not None:
-        receiver.close()
-    destroy_tensor_parallel()
-
-
 # ---- rank 0 ---------------------------------------------------------------------------------
 
 
@@ -198,7 +114,7 @@ class TensorParallelRunner:
         self._failure: str | None = None
         ctx = mp.get_context("spawn")
         host, port = _store_address(config.distributed_init_method)
-        self.store = _open_store(host, port, n, is_master=True)
+        self.store = open_store(host, port, n, is_master=True)
         events = [ctx.Event() for _ in range(n - 1)]
         size = channel_bytes(
             config.max_num_batched_tokens,
@@ -221,7 +137,7 @@ class TensorParallelRunner:
                     child_end,
                     os.getpid(),
                 )
-                proc = ctx.Process(target=_worker_main, args=args, name=f"nanovllm-tp{rank}", daemon=True)
+                proc = ctx.Process(target=worker_main, args=args, name=f"nanovllm-tp{rank}", daemon=True)
                 proc.start()
                 child_end.close()
                 self.procs.append(proc)
