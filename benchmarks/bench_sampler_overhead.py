@@ -38,8 +38,18 @@ def main(batch: int = 64, vocab: int = 49152) -> None:
     sampler = Sampler()
     before = timed(lambda: first_sampler(logits.clone(), seqs))
     after = timed(lambda: sampler(logits.clone(), SamplingMetadata.build(seqs, vocab, "cpu", [2])))
-    print(json.dumps({"bench": "sampler_overhead", "device": "cpu", "batch": batch, "vocab": vocab,
-                      "first_sampler_ms": round(before, 2), "current_sampler_ms": round(after, 2)}))
+    print(
+        json.dumps(
+            {
+                "bench": "sampler_overhead",
+                "device": "cpu",
+                "batch": batch,
+                "vocab": vocab,
+                "first_sampler_ms": round(before, 2),
+                "current_sampler_ms": round(after, 2),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ prompts of 100-1024 random token ids, 100-1024 new tokens each, temperature 0.6,
     python benchmarks/bench_tp.py --tp 1 2          # each size in its own process
     python benchmarks/bench_tp.py --tp 2 --model-dir /tmp/qwen3-8b-random
 
-Each run prints one JSON line and appends it to benchmarks/results/bench_tp.jsonl.
+Each run prints one JSON line and appends it to benchmarks/results.jsonl (or --results).
 """
 
 import argparse
@@ -128,8 +128,8 @@ def run_one(args) -> dict:
             outputs, _ = engine.step()
             generated += sum(len(c.new_token_ids) for o in outputs for c in o.outputs)
         seconds = time.perf_counter() - start
-    git = ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]
-    commit = subprocess.run(git, capture_output=True, text=True).stdout.strip()
+    from nanovllm.benchmark import git_commit
+
     return {
         "bench": "tp_throughput",
         "model": "qwen3-8b-random-bf16",
@@ -140,8 +140,11 @@ def run_one(args) -> dict:
         "seconds": round(seconds, 2),
         "output_tok_per_s": round(generated / seconds, 1),
         "enforce_eager": args.enforce_eager,
-        "commit": commit,
+        "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "workload": f"nano-vllm reference: {args.num_seqs} seqs, input 100-{args.max_input_len}, "
+        f"output 100-{args.max_output_len}, temperature 0.6, ignore_eos",
+        "baseline": "tp=1 on the same machine, run just before or after",
     }
 
 
@@ -154,6 +157,7 @@ def main() -> None:
     ap.add_argument("--max-output-len", type=int, default=1024)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results.jsonl"))
     args = ap.parse_args()
     if not os.path.exists(os.path.join(args.model_dir, "config.json")):
         t = time.perf_counter()
@@ -176,15 +180,16 @@ def main() -> None:
                 str(args.max_output_len),
                 "--seed",
                 str(args.seed),
+                "--results",
+                args.results,
             ]
             subprocess.run(cmd + ["--enforce-eager"] * args.enforce_eager, check=True)
         return
     args.tp = args.tp[0]
     result = run_one(args)
     print(json.dumps(result))
-    out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_tp.jsonl")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "a") as f:
+    os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
+    with open(args.results, "a") as f:
         f.write(json.dumps(result) + "\n")
 
 
