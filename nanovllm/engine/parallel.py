@@ -32,6 +32,7 @@ from nanovllm.engine.tp_worker import START_TIMEOUT_S, open_store, worker_main
 logger = logging.getLogger("nanovllm")
 
 STEP_TIMEOUT_S = 300.0  # a worker that is alive but silent this long after rank 0's step is stuck
+WORKER_EXIT_TIMEOUT_S = 10.0  # after "shutdown", before the worker is killed
 DEATH_GRACE_S = 5.0  # after a collective fails, how long to wait for the culprit to show itself
 
 
@@ -263,19 +264,29 @@ class TensorParallelRunner:
         self._closed = True
         from nanovllm.distributed import destroy_tensor_parallel
 
-        if self._failure is None and any(p.is_alive() for p in self.procs):
+        orderly = self._failure is None and any(p.is_alive() for p in self.procs)
+        if orderly:
             with contextlib.suppress(Exception):
                 self.sender.send("shutdown")
         if self.runner is not None:
             self.runner.shutdown()
-        for proc in self.procs:
-            proc.join(timeout=10)
+        if orderly:  # tearing NCCL down can wait for every rank, so rank 0 does it alongside the workers
+            with contextlib.suppress(Exception):
+                destroy_tensor_parallel()
+        for rank, proc in enumerate(self.procs, start=1):
+            proc.join(timeout=WORKER_EXIT_TIMEOUT_S)
             if proc.is_alive():
+                if self._failure is None:
+                    logger.warning(
+                        "tensor-parallel worker rank %d did not exit within %.0f s of shutdown; killing it",
+                        rank,
+                        WORKER_EXIT_TIMEOUT_S,
+                    )
                 proc.kill()
                 proc.join(timeout=5)
         for conn in self.conns:
             conn.close()
-        with contextlib.suppress(Exception):  # an aborted NCCL group may refuse
+        with contextlib.suppress(Exception):  # a no-op if done above; an aborted NCCL group may refuse
             destroy_tensor_parallel()
         self.sender.close()
         self.store = None
