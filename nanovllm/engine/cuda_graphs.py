@@ -12,11 +12,19 @@ from nanovllm.config import Config
 from nanovllm.utils.context import Context, forward_context
 
 
+def decode_batch_bucket(batch: int) -> int:
+    """The padded size of a decode batch: 1, 2, 4, 8, then multiples of 16. The Triton decode
+    backend picks its split count from this, never from the batch itself."""
+    if batch <= 8:
+        return 1 << (batch - 1).bit_length()
+    return (batch + 15) // 16 * 16
+
+
 def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """1, 2, 4, 8, then every 16, ending at ``max_num_seqs`` (at most 512)."""
+    """The decode buckets up to ``max_num_seqs`` (at most 512), which ends the list: the batch
+    sizes the decode graphs are captured at."""
     top = min(max_num_seqs, 512)
-    sizes = [b for b in (1, 2, 4, 8) if b < top] + list(range(16, top, 16)) + [top]
-    return sorted(set(sizes))
+    return sorted({min(decode_batch_bucket(b), top) for b in range(1, top + 1)})
 
 
 class DecodeGraphs:

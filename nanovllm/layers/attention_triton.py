@@ -1,15 +1,9 @@
 """The project's own Triton kernels as an attention backend (the default on CUDA without flash-attn)."""
 
+from nanovllm.engine.cuda_graphs import decode_batch_bucket
 from nanovllm.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from nanovllm.kernels.prefill_attention import paged_prefill_attention
 from nanovllm.kernels.store_kvcache import store_kvcache
-
-
-def decode_batch_bucket(batch: int) -> int:
-    """The CUDA-graph batch size that holds ``batch`` (1, 2, 4, 8, then multiples of 16)."""
-    if batch <= 8:
-        return 1 << (batch - 1).bit_length()
-    return (batch + 15) // 16 * 16
 
 
 class TritonBackend:
