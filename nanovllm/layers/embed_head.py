@@ -33,16 +33,16 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits for the sequences' last positions only during prefill; vocab shards gathered to rank 0
-    (other ranks return None)."""
+    """Logits only at the rows that sample (``logits_indices``: the last new token of each sequence
+    that samples this step); vocab shards gathered to rank 0 (other ranks return None)."""
 
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__(vocab_size, hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         context = get_context()
-        if context.is_prefill:
-            hidden_states = hidden_states[context.cu_seqlens_q[1:] - 1]
+        if context.logits_indices is not None:
+            hidden_states = hidden_states[context.logits_indices]
         logits = F.linear(hidden_states, self.weight)  # [num_seqs, shard_size]
         logits = gather_to_rank0(logits)
         return logits[:, : self.vocab_size] if logits is not None else None
