@@ -73,6 +73,23 @@ def test_every_missing_tensor_is_counted(copy_ckpt):
     assert "'model.layers.1.mlp.gate_proj.weight'" in message
 
 
+@pytest.mark.slow
+def test_missing_tensor_under_tensor_parallelism_is_named_by_every_rank(copy_ckpt):
+    """Each rank loads its own shards, so each finds the gap; the engine refuses to start, no hang."""
+    import multiprocessing as mp
+
+    import torch.distributed as dist
+
+    path, file = copy_ckpt()
+    edit(file, lambda t: t.pop("model.layers.0.self_attn.k_proj.weight"))
+    with pytest.raises(
+        Exception, match=r"lacks 1 tensor\(s\) .*'model.layers.0.self_attn.k_proj.weight'"
+    ) as info:
+        LLM(path, tensor_parallel_size=2, **ENGINE)
+    assert file in str(info.value)
+    assert not mp.active_children() and not dist.is_initialized()
+
+
 def test_unknown_tensor_names_tensor_and_file(copy_ckpt):
     path, file = copy_ckpt()
     edit(file, lambda t: t.update({"model.layers.0.mlp.extra_proj.weight": torch.zeros(4, 4)}))
