@@ -162,7 +162,10 @@ class GGUFFile:
         return start + int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block_size * block_bytes)
 
     def _read(self, fmt: str):
-        (value,) = struct.unpack_from(fmt, self._buf, self._pos)
+        try:
+            (value,) = struct.unpack_from(fmt, self._buf, self._pos)
+        except struct.error:
+            raise ValueError(f"{self.path!r} is truncated: its header ends early") from None
         self._pos += struct.calcsize(fmt)
         return value
 

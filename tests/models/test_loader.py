@@ -292,10 +292,11 @@ def test_gguf_missing_or_misshapen_tensor_names_tensor_and_file(tiny_ckpt, tmp_p
     assert named in str(info.value) and path in str(info.value)
 
 
-def test_truncated_gguf_is_named(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("cut", ["data", "header"])
+def test_truncated_gguf_is_named(tiny_ckpt, tmp_path, cut):
     path = write_gguf(tiny_ckpt("qwen3"), str(tmp_path / "cut.gguf"))
     with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) - 1000)
+        f.truncate(os.path.getsize(path) - 1000 if cut == "data" else 100)
     with pytest.raises(ValueError, match="truncated") as info:
         load_gguf(path)
     assert path in str(info.value)
