@@ -230,3 +230,19 @@ def test_unknown_argument_is_an_error():
 def test_no_torch_import():
     code = "import sys, nanovllm.sampling_params, nanovllm.engine.sequence; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("field, value", [("n", 0), ("temperature", math.inf), ("max_tokens", 2.5)])
+def test_engine_revalidates_params_changed_after_construction(tiny_ckpt, field, value):
+    """``sp.n = 0`` used to queue a request with no sequences, and generate never returned. (Called
+    through ``add_request`` so that a regression fails here instead of hanging the suite.)"""
+    from nanovllm import LLM
+
+    params = SamplingParams(temperature=0, max_tokens=4)
+    setattr(params, field, value)
+    with LLM(tiny_ckpt("qwen3"), kvcache_block_size=16, max_model_len=128) as llm:
+        with pytest.raises(ValueError, match=field):
+            llm.engine.add_request([5, 6, 7], params)
+        assert not llm.engine.requests
+        out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+        assert len(out[0]["token_ids"]) == 4

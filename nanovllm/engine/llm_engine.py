@@ -150,6 +150,7 @@ class LLMEngine:
         self, prompt: str | list[int], sampling_params: SamplingParams, stream: bool = False
     ) -> int:
         """Queue a request; returns its id. ``stream=True`` fills ``text_delta`` at every step."""
+        sampling_params.validate()  # again: a field may have been changed since construction
         token_ids = self.tokenize(prompt)
         self.validate(token_ids)
         params = sampling_params
