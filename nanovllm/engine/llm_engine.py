@@ -124,7 +124,7 @@ class LLMEngine:
         """Validate ``params`` again (a field may have been changed after construction)."""
         if not isinstance(params, SamplingParams):
             raise TypeError(f"{where} must be a SamplingParams, got {_describe(params)}")
-        getattr(params, "validate", params.__post_init__)()  # TODO(merge): params.validate()
+        params.validate()
 
     def add_request(
         self,

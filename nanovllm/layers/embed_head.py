@@ -4,6 +4,7 @@ from torch import nn
 
 from nanovllm.distributed import all_reduce, gather_to_rank0, tp_rank, tp_size
 from nanovllm.utils.context import get_context
+from nanovllm.utils.loader import expect_shape
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -20,6 +21,9 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        rows_differ = loaded.dim() == 2 and loaded.shape[0] != self.vocab_size
+        hint = f": the config's vocab_size={self.vocab_size} must equal its rows" if rows_differ else ""
+        expect_shape(loaded, (self.vocab_size, param.shape[1]), hint)
         shard = loaded[self.vocab_start : self.vocab_start + self.shard_size]
         param.data[: shard.shape[0]].copy_(shard)
 
