@@ -116,17 +116,17 @@ def run_one(args) -> dict:
     params = [SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=n) for n in max_tokens]
     with LLM(args.model_dir, tensor_parallel_size=args.tp, enforce_eager=args.enforce_eager) as llm:
         engine = llm.engine  # the engine loop itself: the tiny tokenizer cannot decode Qwen3 ids
-        engine.add_request([1, 2, 3], SamplingParams(max_tokens=8))  # warm-up
+        engine.add_request(None, [1, 2, 3], SamplingParams(max_tokens=8))  # warm-up
         while engine.has_unfinished_requests():
             engine.step()
         torch.cuda.synchronize()
         start = time.perf_counter()
         for p, sp in zip(prompts, params, strict=True):
-            engine.add_request(p, sp)
+            engine.add_request(None, p, sp)
         generated = 0
         while engine.has_unfinished_requests():
-            outputs, _ = engine.step()
-            generated += sum(len(c.new_token_ids) for o in outputs for c in o.outputs)
+            outputs = engine.step()
+            generated += sum(len(c.token_ids) for o in outputs for c in o.outputs)
         seconds = time.perf_counter() - start
     from nanovllm.benchmark import git_commit
 

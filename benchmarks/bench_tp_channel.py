@@ -1,8 +1,8 @@
 """Per-step cost of the tensor-parallel call channel (CPU only; no model, no GPU).
 
-For a decode step of N sequences it times, on rank 0: packing the compact StepBatch, pickling,
+For a decode step of N sequences it times, on rank 0: pickling the step's ``SchedulerOutput``,
 the shared-memory write and the event sets ("send"); and the whole round trip through W worker
-processes that unpickle the call, unpack its sequences and reply on their pipes ("round trip"). In the
+processes that unpickle the call and reply on their pipes ("round trip"). In the
 engine the round trip overlaps rank 0's own forward, so "send" is what a step pays for sure.
 
     python benchmarks/bench_tp_channel.py --seqs 256 --workers 1 --block-size 16
@@ -16,31 +16,33 @@ import random
 import statistics
 import time
 
-from nanovllm.engine.call_channel import CallReceiver, CallSender, StepBatch, channel_bytes
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.call_channel import CallReceiver, CallSender, channel_bytes
+from nanovllm.engine.step import CachedSeqs, SchedulerOutput
 from nanovllm.engine.tp_worker import serve
-from nanovllm.sampling_params import SamplingParams
 
 
 class _NoOp:
-    def run(self, batch: StepBatch, is_prefill: bool) -> None:
-        batch.sequences()  # what a worker does before building its inputs
+    def execute_model(self, sched: SchedulerOutput) -> None:
+        pass
 
 
 def _worker(name: str, event, conn) -> None:
     serve(CallReceiver(name, event), conn, _NoOp())
 
 
-def decode_batch(num_seqs: int, block_size: int, seed: int = 0) -> list[Sequence]:
+def decode_step(num_seqs: int, block_size: int, seed: int = 0) -> SchedulerOutput:
+    """A decode step as the scheduler sends it: one new token per sequence, a new block now and then."""
     rng = random.Random(seed)
-    seqs = []
-    for _ in range(num_seqs):
+    cached = CachedSeqs()
+    out = SchedulerOutput(cached_seqs=cached)
+    for seq_id in range(num_seqs):
         n = rng.randint(100, 2048)
-        seq = Sequence([rng.randrange(151936) for _ in range(n)], SamplingParams(), block_size)
-        seq.block_table = rng.sample(range(100_000), seq.num_blocks)
-        seq.num_cached_tokens = n - 1
-        seqs.append(seq)
-    return seqs
+        cached.seq_ids.append(seq_id)
+        cached.new_token_ids.append([rng.randrange(151936)])
+        cached.new_block_ids.append([rng.randrange(100_000)] if n % block_size == 0 else [])
+        cached.num_computed_tokens.append(n - 1)
+        out.num_scheduled_tokens[seq_id] = 1
+    return out
 
 
 def main() -> None:
@@ -51,9 +53,9 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=2000)
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
-    seqs = decode_batch(args.seqs, args.block_size)
+    step = decode_step(args.seqs, args.block_size)
     events = [ctx.Event() for _ in range(args.workers)]
-    sender = CallSender(events, channel_bytes(16384, 512, 4096, args.block_size))
+    sender = CallSender(events, channel_bytes(512, 4096, args.block_size))
     pipes = [ctx.Pipe() for _ in range(args.workers)]
     procs = [
         ctx.Process(target=_worker, args=(sender.name, e, child), daemon=True)
@@ -65,7 +67,7 @@ def main() -> None:
     try:
         for i in range(args.iters):
             t0 = time.perf_counter()
-            sender.send("run", StepBatch.of(seqs, False), False)
+            sender.send("execute_model", step)
             t1 = time.perf_counter()
             for parent, _ in pipes:
                 assert parent.recv() == ("ok", None)
@@ -73,7 +75,7 @@ def main() -> None:
             if i >= 50:  # warm-up: the workers' imports and first wake-ups
                 send_us.append((t1 - t0) * 1e6)
                 trip_us.append((t2 - t0) * 1e6)
-        payload = len(pickle.dumps(("run", (StepBatch.of(seqs, False), False))))
+        payload = len(pickle.dumps(("execute_model", (step,))))
     finally:
         sender.send("shutdown")
         for p in procs:

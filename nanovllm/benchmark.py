@@ -94,13 +94,14 @@ def copy_bandwidth_gbs() -> float:
 
 
 def run_steps(llm, prompts, params) -> list:
-    """Drive the engine step by step (no progress bar) and return every step's stats."""
+    """Drive the engine step by step (no progress bar) and return every step's ``StepStats``."""
     engine = llm.engine
     for p, sp in zip(prompts, params, strict=False):
-        engine.add_request(p, sp)
+        engine.add_request(None, p, sp)
     stats = []
     while engine.has_unfinished_requests():
-        stats.append(engine.step()[1])
+        engine.step()
+        stats.append(engine.last_step)
     return stats
 
 
@@ -110,7 +111,7 @@ def decode_latency_ms(llm, batch: int, prompt_len: int = 128, new_tokens: int = 
     rng = random.Random(batch)
     prompts = [[rng.randint(0, 10000) for _ in range(prompt_len)] for _ in range(batch)]
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=new_tokens)
-    stats = [s for s in run_steps(llm, prompts, [params] * batch) if not s.is_prefill]
+    stats = [s for s in run_steps(llm, prompts, [params] * batch) if not s.num_prefill_tokens]
     stats = stats[len(stats) // 4 :]  # steady state
     return 1e3 * sum(s.seconds for s in stats) / len(stats)
 
@@ -121,8 +122,8 @@ def prefill_tok_s(llm, num_seqs: int = 8, length: int = 1024) -> float:
     rng = random.Random(1)
     prompts = [[rng.randint(0, 10000) for _ in range(length)] for _ in range(num_seqs)]
     params = SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=1)
-    stats = [s for s in run_steps(llm, prompts, [params] * num_seqs) if s.is_prefill]
-    return sum(s.num_tokens for s in stats) / sum(s.seconds for s in stats)
+    stats = [s for s in run_steps(llm, prompts, [params] * num_seqs) if s.num_prefill_tokens]
+    return sum(s.num_prefill_tokens for s in stats) / sum(s.seconds for s in stats)
 
 
 def bandwidth_bound_s(hf_config, prompts, params, num_decode_steps: int, dtype_bytes: int, copy_gbs: float):
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--attention-backend", default="auto")
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's")
+    parser.add_argument("--no-chunked-prefill", action="store_true", help="whole-prompt prefill steps")
     parser.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
     parser.add_argument("--note", default="")
     parser.add_argument(
@@ -223,8 +226,9 @@ def main(argv: list[str] | None = None) -> dict:
         attention_backend=args.attention_backend,
         tensor_parallel_size=args.tensor_parallel_size,
         skip_tokenizer_init=True,
+        **engine_overrides(args),
     )
-    runner = llm.engine.model_runner
+    runner = getattr(llm.engine.executor, "runner", llm.engine.executor)  # rank 0's runner
     llm.generate([[1, 2, 3]], params[0], use_tqdm=False)  # warm-up
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -242,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"output 100-{args.max_output}, temperature 0.6, ignore_eos; {total_tokens} output tokens",
         "model": "qwen3-0.6b-shaped random bf16" if not args.model else args.model,
         "tensor_parallel_size": args.tensor_parallel_size,
+        "max_num_batched_tokens": llm.config.max_num_batched_tokens,
+        "enable_chunked_prefill": llm.config.enable_chunked_prefill,
         "attention_backend": runner.backend.name,
         "cuda_graphs": bool(runner.graphs),
         "engine_tok_s": round(total_tokens / elapsed, 1),
@@ -251,7 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if torch.cuda.is_available():
         copy_gbs = copy_bandwidth_gbs()
-        decode_steps = sum(1 for s in stats if not s.is_prefill)
+        decode_steps = sum(1 for s in stats if s.num_decode_tokens)
         bound, total_bytes = bandwidth_bound_s(
             llm.config.hf_config, prompts, params, decode_steps, runner.dtype.itemsize, copy_gbs
         )
@@ -283,6 +289,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.note:
         result["note"] = args.note
     return _record(result, args.results)
+
+
+def engine_overrides(args) -> dict:
+    out = {}
+    if args.max_num_batched_tokens:
+        out["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.no_chunked_prefill:
+        out["enable_chunked_prefill"] = False
+    return out
 
 
 def _record(result: dict, path: str | None) -> dict:

@@ -49,12 +49,14 @@ def test_bad_prompts_raise_and_engine_stays_usable(llm, prompt, message):
 
 def test_bad_request_does_not_lose_others(llm):
     engine = llm.engine
-    good = engine.add_request([5, 6, 7], GREEDY)
+    good = engine.add_request("good", [5, 6, 7], GREEDY)
     with pytest.raises(ValueError):
-        engine.add_request([], GREEDY)
+        engine.add_request("bad", [], GREEDY)
+    with pytest.raises(ValueError, match="already in use"):
+        engine.add_request("good", [5], GREEDY)
     finished = {}
     while engine.has_unfinished_requests():
-        for out in engine.step()[0]:
+        for out in engine.step():
             if out.finished:
                 finished[out.request_id] = out
     assert len(finished[good].outputs[0].token_ids) == 4
@@ -84,7 +86,9 @@ def test_unknown_engine_argument_is_a_type_error(tiny_ckpt):
     [
         (dict(kvcache_block_size=24), "power of two"),
         (dict(dtype="int8"), "dtype"),
-        (dict(max_num_batched_tokens=16), "max_num_batched_tokens"),
+        (dict(max_num_batched_tokens=16, enable_chunked_prefill=False), "max_num_batched_tokens"),
+        (dict(max_num_batched_tokens=0), "max_num_batched_tokens"),
+        (dict(enable_chunked_prefill="yes"), "enable_chunked_prefill"),
         (dict(device="tpu"), "device"),
     ],
 )

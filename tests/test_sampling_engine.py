@@ -116,9 +116,10 @@ def test_n_completions_share_prompt_blocks(llm):
     bm = engine.scheduler.block_manager
     free_before = bm.num_free_blocks
     rid = engine.add_request(
-        prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
+        None, prompt, SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=16, ignore_eos=True)
     )
-    engine.step()  # prefill of all four children
+    engine.step()  # prefill of the first child; the others wait for its blocks to be computed
+    engine.step()  # the first child decodes, the other three hit its two full blocks
     # 2 shared full prompt blocks + one partial block per child; without sharing it would be 12.
     assert free_before - bm.num_free_blocks == 2 + 4
     engine.abort_request(rid)

@@ -242,7 +242,7 @@ def test_engine_revalidates_params_changed_after_construction(tiny_ckpt, field, 
     setattr(params, field, value)
     with LLM(tiny_ckpt("qwen3"), kvcache_block_size=16, max_model_len=128) as llm:
         with pytest.raises(ValueError, match=field):
-            llm.engine.add_request([5, 6, 7], params)
+            llm.engine.add_request(None, [5, 6, 7], params)
         assert not llm.engine.requests
         out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
         assert len(out[0]["token_ids"]) == 4

@@ -102,3 +102,25 @@ def hf_greedy(
             pad_token_id=0,
         )
     return out[0, len(prompt_ids) :].tolist()
+
+
+def prefill_logits(llm, prompts: list[list[int]]):
+    """Last-position logits of each prompt from one packed prefill through ``llm``'s runner."""
+    from nanovllm.engine.sequence import Sequence
+    from nanovllm.engine.step import NewSeq, SchedulerOutput
+    from nanovllm.sampling_params import SamplingParams
+
+    bm, runner = llm.engine.scheduler.block_manager, llm.engine.executor
+    seqs = [Sequence(p, SamplingParams(), bm.block_size) for p in prompts]
+    sched = SchedulerOutput()
+    for s in seqs:
+        assert bm.allocate_slots(s, s.num_tokens)
+        sched.new_seqs.append(NewSeq(s.seq_id, s.token_ids, s.num_tokens, s.block_table, 0, s.sampling_params))
+        sched.num_scheduled_tokens[s.seq_id] = s.num_tokens
+    runner._update_states(sched)
+    try:
+        return runner.run_model(*runner.prepare_inputs(sched)[:3])
+    finally:
+        for s in seqs:
+            bm.free(s)
+            runner.seqs.pop(s.seq_id)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from nanovllm import LLM, SamplingParams
 from nanovllm.engine.call_channel import StepBatch, StepSequence
-from nanovllm.engine.parallel import check_tensor_parallel
+from nanovllm.config import check_tensor_parallel
 from nanovllm.engine.sequence import Sequence
 from tests.tiny import hf_greedy, hf_model
 
@@ -84,7 +84,7 @@ def test_shutdown_ends_workers_group_and_shared_memory(reference):
     path, hf, _ = reference("qwen3")
     address = f"tcp://127.0.0.1:{_free_port()}"
     llm = LLM(path, tensor_parallel_size=2, distributed_init_method=address, **ENGINE)
-    runner = llm.engine.model_runner
+    runner = llm.engine.executor
     procs, shm_name = list(runner.procs), runner.sender.name
     assert generate(llm, prompts(2)) == hf[:2]
     with pytest.raises(RuntimeError, match="process group is already active"):
@@ -101,7 +101,7 @@ def test_shutdown_ends_workers_group_and_shared_memory(reference):
 
 
 def _kill_and_expect_error(llm: LLM, kill) -> None:
-    proc = llm.engine.model_runner.procs[0]
+    proc = llm.engine.executor.procs[0]
     start = time.monotonic()
     with pytest.raises(RuntimeError, match="worker rank 1 died"):
         kill(proc)
@@ -188,7 +188,7 @@ def test_step_sequence_carries_what_the_inputs_need():
 def test_worker_that_raises_is_reported_with_its_traceback(reference):
     path, _, _ = reference("qwen3")
     llm = LLM(path, tensor_parallel_size=2, **ENGINE)
-    runner = llm.engine.model_runner
+    runner = llm.engine.executor
     runner.sender.send("no_such_method")  # the worker's getattr raises AttributeError
     with pytest.raises(RuntimeError, match="(?s)worker rank 1 raised.*AttributeError.*no_such_method"):
         runner._wait_replies("ok", timeout=30)
@@ -202,7 +202,7 @@ from nanovllm import LLM, SamplingParams
 if __name__ == "__main__":
     llm = LLM(sys.argv[1], tensor_parallel_size=2, kvcache_block_size=16, max_model_len=256)
     llm.generate([[5, 6, 7]], SamplingParams(max_tokens=2), use_tqdm=False)
-    print(*[p.pid for p in llm.engine.model_runner.procs], flush=True)
+    print(*[p.pid for p in llm.engine.executor.procs], flush=True)
     if sys.argv[2] == "sigkill":
         os.kill(os.getpid(), signal.SIGKILL)
     elif sys.argv[2] == "sigint":

@@ -24,7 +24,7 @@ def greedy(path: str, tp: int, dtype: str, max_tokens: int) -> list[list[int]]:
         max_num_seqs=8,  # four CUDA graphs per engine, not 36
         gpu_memory_utilization=0.3,
     ) as llm:
-        workers = list(getattr(llm.engine.model_runner, "procs", []))
+        workers = list(getattr(llm.engine.executor, "procs", []))
         tokens = [o["token_ids"] for o in llm.generate(PROMPTS, params, use_tqdm=False)]
     assert [p.exitcode for p in workers] == [0] * (tp - 1)  # each worker left by itself, none was killed
     return tokens

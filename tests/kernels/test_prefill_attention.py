@@ -80,3 +80,15 @@ def test_prefill_gpu(block_size, dtype, head_dim, num_heads, num_kv_heads):
     cached = [0, 0, 256, 3, 1024, 2048] + torch.randint(0, 1000, (10,), generator=gen).tolist()
     context_lens = [q + c for q, c in zip(q_lens, cached, strict=True)]
     check(q_lens, context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_mixed_batch_gpu(block_size):
+    # A mixed step as the scheduler builds it: 60 decodes (one query against up to 3,000 cached keys)
+    # then prefill chunks that continue cached prefixes, at Qwen3-0.6B's attention shapes.
+    gen = torch.Generator().manual_seed(7)
+    decode_ctx = torch.randint(1, 3000, (60,), generator=gen).tolist()
+    q_lens = [1] * 60 + [512, 200, 1]
+    context_lens = decode_ctx + [512 + 1024, 200, 17]
+    check(q_lens, context_lens, 16, 8, 128, block_size, torch.bfloat16)

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.sequence import Sequence
-from tests.tiny import hf_greedy, hf_model
+from tests.tiny import hf_greedy, hf_model, prefill_logits
 
 ARCHS = ["qwen3", "qwen2", "llama"]
 MAX_NEW = 24
@@ -31,11 +30,7 @@ def arch_setup(request, tiny_ckpt):
 def test_prefill_logits_match_hf(arch_setup):
     _, path, model, prompts, _ = arch_setup
     with LLM(path, kvcache_block_size=16, max_model_len=512) as llm:
-        runner = llm.engine.model_runner
-        seqs = [Sequence(p, SamplingParams(), 16) for p in prompts]
-        for s in seqs:
-            llm.engine.scheduler.block_manager.allocate(s)
-        logits = runner.run_model(*runner.prepare_prefill(seqs))
+        logits = prefill_logits(llm, prompts)
     for p, row in zip(prompts, logits, strict=False):
         with torch.no_grad():
             ref = model(torch.tensor([p])).logits[0, -1]
