@@ -9,6 +9,7 @@ chunking a step that prefills new prompts holds every decode back for its whole 
 
 import argparse
 import datetime
+import gc
 import json
 import os
 import random
@@ -94,6 +95,9 @@ def main() -> None:
             **latency_under_load(llm),
         }
         llm.shutdown()
+        del llm  # free the weights and graphs before the next engine sizes its KV cache
+        gc.collect()
+        torch.cuda.empty_cache()
         line = json.dumps(result)
         print(line, flush=True)
         with open(args.results, "a") as f:
