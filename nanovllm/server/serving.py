@@ -79,7 +79,14 @@ class Serving:
         return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
     def token_str(self, token_id: int) -> str:
-        return f"token_id:{token_id}" if self.tokenizer is None else self.tokenizer.decode([token_id])
+        """A token's text; a token that is part of a multi-byte character (it alone decodes to
+        U+FFFD) is named by its vocabulary entry instead, so that distinct tokens stay distinct."""
+        if self.tokenizer is None:
+            return f"token_id:{token_id}"
+        text = self.tokenizer.decode([token_id])
+        if not text or "\ufffd" in text:
+            return str(self.tokenizer.convert_ids_to_tokens(token_id))
+        return text
 
     def chat_prompt(self, messages: list[dict], template_kwargs: dict | None = None) -> list[int]:
         if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
