@@ -1,0 +1,250 @@
+"""``nanovllm bench-serve``: a serving benchmark in the shape of ``vllm bench serve``.
+
+Starts ``nanovllm serve`` in a subprocess (or uses ``--base-url``), sends seeded random token-id
+prompts as streaming completions at a Poisson rate (``inf``: all at once), and reports request
+throughput, output tok/s and p50/p90/p99 of time to first token, time per output token and
+inter-token latency. The same requests then go through offline ``LLM.generate`` (after the server
+has stopped, so the two never share the machine) as the same-run baseline; the server's output
+tok/s at the highest load over that is the ratio the server must keep >= 0.9. One JSON line goes
+to ``--results``. The client is plain asyncio sockets, so it costs the server little CPU.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from datetime import datetime, timezone
+
+import numpy as np
+
+
+def make_requests(n: int, input_len: tuple[int, int], output_len: tuple[int, int], vocab: int, seed: int):
+    rng = random.Random(seed)
+    hi = min(vocab, 10000) - 1
+    return [
+        ([rng.randint(100, hi) for _ in range(rng.randint(*input_len))], rng.randint(*output_len))
+        for _ in range(n)
+    ]
+
+
+async def _post_stream(host: str, port: int, body: dict) -> dict:
+    """One streaming completion over a fresh connection: timestamps of each content chunk."""
+    data = json.dumps(body).encode()
+    start = time.perf_counter()
+    reader, writer = await asyncio.open_connection(host, port)
+    writer.write(
+        b"POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode()
+        + data
+    )
+    status = int((await reader.readline()).split()[1])
+    while (await reader.readline()) not in (b"\r\n", b""):
+        pass
+    times, usage, text = [], None, []
+    while status == 200:
+        size = int((await reader.readline()).strip() or b"0", 16)
+        if size == 0:
+            break
+        chunk = (await reader.readexactly(size + 2))[:-2]
+        now = time.perf_counter()
+        for event in chunk.split(b"\n\n"):
+            if not event.startswith(b"data: {"):
+                continue
+            msg = json.loads(event[6:])
+            if msg.get("usage"):
+                usage = msg["usage"]
+            if msg.get("choices") and msg["choices"][0]["text"]:
+                times.append(now)
+                text.append(msg["choices"][0]["text"])
+    writer.close()
+    end = time.perf_counter()
+    tokens = usage["completion_tokens"] if usage else 0
+    return {
+        "ok": status == 200 and usage is not None,
+        "start": start,
+        "end": end,
+        "times": times,
+        "tokens": tokens,
+    }
+
+
+async def run_load(host: str, port: int, requests, rate: float, temperature: float, seed: int) -> dict:
+    rng = np.random.default_rng(seed)
+    tasks = []
+    t0 = time.perf_counter()
+    for prompt, max_tokens in requests:
+        body = {
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        tasks.append(asyncio.create_task(_post_stream(host, port, body)))
+        if rate != float("inf"):
+            await asyncio.sleep(rng.exponential(1.0 / rate))
+    results = await asyncio.gather(*tasks)
+    duration = time.perf_counter() - t0
+    ok = [r for r in results if r["ok"]]
+    ttft = [r["times"][0] - r["start"] for r in ok if r["times"]]
+    tpot = [(r["end"] - r["times"][0]) / (r["tokens"] - 1) for r in ok if r["times"] and r["tokens"] > 1]
+    itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:], strict=False)]
+    out_tokens = sum(r["tokens"] for r in ok)
+
+    def pct(xs: list[float]) -> dict[str, float]:
+        if not xs:
+            return {}
+        p = np.percentile(np.array(xs) * 1000, [50, 90, 99])
+        return {
+            "mean_ms": round(float(np.mean(xs)) * 1000, 2),
+            **{f"p{q}_ms": round(float(v), 2) for q, v in zip((50, 90, 99), p, strict=True)},
+        }
+
+    return {
+        "request_rate": "inf" if rate == float("inf") else rate,
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "seconds": round(duration, 2),
+        "request_per_s": round(len(ok) / duration, 3),
+        "output_tok_per_s": round(out_tokens / duration, 1),
+        "output_tokens": out_tokens,
+        "ttft": pct(ttft),
+        "tpot": pct(tpot),
+        "itl": pct(itl),
+    }
+
+
+def offline_tok_s(model, engine_args: dict, requests, temperature: float) -> dict:
+    from nanovllm import LLM, SamplingParams
+
+    llm = LLM(model, **engine_args)
+    params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=m) for _, m in requests]
+    llm.generate([p for p, _ in requests[:2]], params[:2], use_tqdm=False)  # warm-up, as the server had
+    start = time.perf_counter()
+    outs = llm.generate([p for p, _ in requests], params, use_tqdm=False)
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o["token_ids"]) for o in outs)
+    llm.shutdown()
+    return {
+        "output_tok_per_s": round(tokens / seconds, 1),
+        "seconds": round(seconds, 2),
+        "output_tokens": tokens,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str | None, engine_args: dict, port: int) -> subprocess.Popen:
+    flags = [x for k, v in engine_args.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    cmd = [sys.executable, "-m", "nanovllm", "serve", *([model] if model else []), "--port", str(port)]
+    proc = subprocess.Popen(cmd + ["--log-level", "warning"] + flags)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("the server did not become healthy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nanovllm bench-serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model directory or .gguf (default: bundled SmolLM2)")
+    p.add_argument("--base-url", default=None, help="use this running server (no offline baseline)")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+    p.add_argument("--request-rates", default="inf", help="comma-separated requests/s; inf = all at once")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-args", default="{}", help="JSON, e.g. '{\"max_model_len\": 2048}'")
+    p.add_argument("--no-baseline", action="store_true", help="skip offline generate")
+    p.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
+    p.add_argument("--note", default=None)
+    args = p.parse_args(argv)
+    engine_args = json.loads(args.engine_args)
+
+    from nanovllm.benchmark import _record, git_commit
+    from nanovllm.models.registry import load_hf_config
+    from nanovllm.utils.model_source import resolve_model
+
+    model_path = resolve_model(args.model)
+    vocab = load_hf_config(model_path).vocab_size
+    requests = make_requests(
+        args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed
+    )
+    rates = [float(r) for r in args.request_rates.split(",")]
+    baseline = not args.no_baseline and not args.base_url
+    offline = []
+    if baseline:  # before and after the server, so that drift in a shared machine's speed shows
+        offline.append(offline_tok_s(args.model, engine_args, requests, args.temperature))
+    proc = None
+    if args.base_url:
+        host, port = args.base_url.split("//")[-1].rstrip("/").split(":")
+        port = int(port)
+    else:
+        host, port = "127.0.0.1", _free_port()
+        proc = start_server(args.model, engine_args, port)
+    try:
+        asyncio.run(run_load(host, port, requests[:2], float("inf"), args.temperature, args.seed))  # warm-up
+        loads = [asyncio.run(run_load(host, port, requests, r, args.temperature, args.seed)) for r in rates]
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+    if baseline:
+        offline.append(offline_tok_s(args.model, engine_args, requests, args.temperature))
+    workload = (
+        f"{args.num_prompts} random token-id prompts (seed {args.seed}), input {args.input_len[0]}-"
+        f"{args.input_len[1]}, output {args.output_len[0]}-{args.output_len[1]}, temperature "
+        f"{args.temperature}, ignore_eos, streaming completions over HTTP"
+    )
+    result = {
+        "bench": "serve",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "device": _device(engine_args),
+        "model": os.path.basename(model_path.rstrip("/")),
+        "workload": workload,
+        "engine_args": engine_args,
+        "server": loads,
+        "note": args.note,
+    }
+    if offline:
+        mean = sum(o["output_tok_per_s"] for o in offline) / len(offline)
+        result["baseline"] = {
+            "offline_generate_before_and_after": offline,
+            "mean_output_tok_per_s": round(mean, 1),
+        }
+        saturated = [load for load in loads if load["request_rate"] == "inf"] or loads
+        result["server_over_offline"] = round(saturated[0]["output_tok_per_s"] / mean, 3)
+    _record(result, args.results)
+    return 0
+
+
+def _device(engine_args: dict) -> str:
+    import torch
+
+    if engine_args.get("device") != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
