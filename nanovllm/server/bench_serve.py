@@ -47,7 +47,7 @@ async def _post_stream(host: str, port: int, body: dict) -> dict:
     status = int((await reader.readline()).split()[1])
     while (await reader.readline()) not in (b"\r\n", b""):
         pass
-    times, usage, text = [], None, []
+    times, usage = [], None
     while status == 200:
         size = int((await reader.readline()).strip() or b"0", 16)
         if size == 0:
@@ -60,9 +60,8 @@ async def _post_stream(host: str, port: int, body: dict) -> dict:
             msg = json.loads(event[6:])
             if msg.get("usage"):
                 usage = msg["usage"]
-            if msg.get("choices") and msg["choices"][0]["text"]:
+            if msg.get("choices"):  # a step's tokens (text may be empty: no tokenizer, or a split character)
                 times.append(now)
-                text.append(msg["choices"][0]["text"])
     writer.close()
     end = time.perf_counter()
     tokens = usage["completion_tokens"] if usage else 0
@@ -123,8 +122,23 @@ async def run_load(host: str, port: int, requests, rate: float, temperature: flo
 
 
 def offline_tok_s(model, engine_args: dict, requests, temperature: float) -> dict:
+    """Offline ``LLM.generate`` on the same requests, in a fresh process (so that its GPU memory is
+    gone before the server starts, and the two never share the machine)."""
+    payload = json.dumps([model, engine_args, requests, temperature])
+    out = subprocess.run(
+        [sys.executable, "-m", "nanovllm.server.bench_serve", "--offline-json"],
+        input=payload,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _offline_main() -> None:
     from nanovllm import LLM, SamplingParams
 
+    model, engine_args, requests, temperature = json.loads(sys.stdin.read())
     llm = LLM(model, **engine_args)
     params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=m) for _, m in requests]
     llm.generate([p for p, _ in requests[:2]], params[:2], use_tqdm=False)  # warm-up, as the server had
@@ -133,11 +147,15 @@ def offline_tok_s(model, engine_args: dict, requests, temperature: float) -> dic
     seconds = time.perf_counter() - start
     tokens = sum(len(o["token_ids"]) for o in outs)
     llm.shutdown()
-    return {
-        "output_tok_per_s": round(tokens / seconds, 1),
-        "seconds": round(seconds, 2),
-        "output_tokens": tokens,
-    }
+    print(
+        json.dumps(
+            {
+                "output_tok_per_s": round(tokens / seconds, 1),
+                "seconds": round(seconds, 2),
+                "output_tokens": tokens,
+            }
+        )
+    )
 
 
 def _free_port() -> int:
@@ -247,4 +265,7 @@ def _device(engine_args: dict) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    if sys.argv[1:] == ["--offline-json"]:
+        _offline_main()
+    else:
+        sys.exit(main())

@@ -95,7 +95,7 @@ class Completions(Serving):
                         num_completion += len(c.new_token_ids)
                         if finish is not None:
                             done.add(c.index)
-                        if text or lp or finish is not None:
+                        if text or c.new_token_ids or finish is not None:  # one chunk per step
                             choices.append(
                                 {"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}
                             )
