@@ -148,6 +148,7 @@ class Serving:
         """The request's outputs in order. Ends early, aborting the request, if the client leaves
         (or the handler is cancelled); raises APIError if the engine refused or failed it."""
         watcher = asyncio.ensure_future(_disconnected(request))
+        getter: asyncio.Future | None = None
         status = "disconnected"
         try:
             while True:
@@ -173,6 +174,8 @@ class Serving:
             raise APIError(503, str(e), type="server_error") from None
         finally:
             watcher.cancel()
+            if getter is not None:
+                getter.cancel()  # cancelled while waiting: no task may outlive the request
             if status != "ok":
                 self.engine.abort(stream.request_id)
             log.finish(status, stream.first_scheduled)
