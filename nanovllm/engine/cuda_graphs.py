@@ -9,22 +9,8 @@ import math
 import torch
 
 from nanovllm.config import Config
+from nanovllm.utils.buckets import graph_batch_sizes
 from nanovllm.utils.context import Context, forward_context
-
-
-def decode_batch_bucket(batch: int) -> int:
-    """The padded size of a decode batch: 1, 2, 4, 8, then multiples of 16. The Triton decode
-    backend picks its split count from this, never from the batch itself."""
-    if batch <= 8:
-        return 1 << (batch - 1).bit_length()
-    return (batch + 15) // 16 * 16
-
-
-def graph_batch_sizes(max_num_seqs: int) -> list[int]:
-    """The decode buckets up to ``max_num_seqs`` (at most 512), which ends the list: the batch
-    sizes the decode graphs are captured at."""
-    top = min(max_num_seqs, 512)
-    return sorted({min(decode_batch_bucket(b), top) for b in range(1, top + 1)})
 
 
 class DecodeGraphs:
@@ -67,7 +53,6 @@ class DecodeGraphs:
 
     def _context(self, bs: int) -> Context:
         return Context(
-            is_prefill=False,
             context_lens=self.context_lens[:bs],
             max_context_len=self.max_model_len,
             block_tables=self.block_tables[:bs],

@@ -1,19 +1,23 @@
-"""The engine loop: requests in, one scheduler step and one model step at a time, outputs out.
+"""The engine: requests in, one scheduler step and one model step at a time, outputs out.
 
 A request with ``n > 1`` becomes n sequences that share the prompt (and, through prefix caching,
 its full KV blocks). Stop strings and text deltas come from incremental detokenization, done only
 for requests that need it (a stop string, or streaming); other texts are decoded once at the end.
+
+The engine is not thread-safe: exactly one caller steps it (``LLM`` in a process, or the server's
+engine thread), and each ``RequestOutput`` is handed to whoever owns that request.
 """
 
 import atexit
-import json
 import logging
-import os
+import operator
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from itertools import count
 
 from nanovllm.config import Config
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
+from nanovllm.engine.outputs import CompletionOutput, EngineStats, RequestOutput, StepStats
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
 from nanovllm.sampling_params import SamplingParams
@@ -22,53 +26,18 @@ logger = logging.getLogger("nanovllm")
 
 
 @dataclass
-class StepStats:
-    is_prefill: bool
-    num_tokens: int  # prompt tokens computed (prefill) or tokens generated (decode)
-    seconds: float
-
-
-class CompletionOutput:
-    """One of a request's n completions. ``token_ids``, ``finish_reason`` and ``logprobs`` read the
-    live sequence, so building one per sequence per step costs nothing until they are read."""
-
-    __slots__ = ("index", "text", "new_token_ids", "text_delta", "_seq", "_with_logprobs")
-
-    def __init__(self, index: int, seq: Sequence, text: str, with_logprobs: bool):
-        self.index, self._seq, self.text, self._with_logprobs = index, seq, text, with_logprobs
-        self.new_token_ids: list[int] = []  # this step's tokens
-        self.text_delta = ""  # this step's text (streaming requests only)
-
-    @property
-    def token_ids(self) -> list[int]:
-        return self._seq.completion_token_ids
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self._seq.finish_reason
-
-    @property
-    def logprobs(self) -> list[dict[int, float]] | None:
-        return list(self._seq.logprobs) if self._with_logprobs else None
-
-
-@dataclass
-class RequestOutput:
-    request_id: int
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-    finished: bool
-    num_cached_tokens: int = 0
-
-
-@dataclass
 class _Request:
-    request_id: int
+    request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    stream: bool
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer | None]
     texts: list[str]
+    logprobs: list[list[dict[int, float]]]
+    # Increments since the last output (streamed requests).
+    new_token_ids: list[list[int]] = field(default_factory=list)
+    text_deltas: list[str] = field(default_factory=list)
 
     @property
     def finished(self) -> bool:
@@ -76,25 +45,34 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, config: Config):
-        from nanovllm.engine.parallel import make_model_runner
-
+    def __init__(self, config: Config, executor=None):
+        """``executor`` runs the model (``execute_model(SchedulerOutput) -> ModelRunnerOutput``);
+        by default a ``ModelRunner``, or one per rank with tensor parallelism. Tests pass a
+        scripted one."""
         self.config = config
         self.tokenizer = self._load_tokenizer()
-        self.model_runner = make_model_runner(config)  # ModelRunner, or one per rank
-        self.eos_token_ids = self._eos_token_ids()
-        self.model_runner.eos_token_ids = sorted(self.eos_token_ids)
+        if executor is None:
+            from nanovllm.engine.parallel import make_executor
+
+            executor = make_executor(config)
+        self.executor = executor
+        eos = set(config.eos_token_ids)
+        if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            eos.add(self.tokenizer.eos_token_id)
         self.scheduler = Scheduler(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=config.max_model_len,
-            num_blocks=self.model_runner.num_blocks,
+            num_blocks=executor.num_blocks,
             block_size=config.kvcache_block_size,
-            eos_token_ids=self.eos_token_ids,
+            eos_token_ids=eos,
+            enable_chunked_prefill=config.enable_chunked_prefill,
         )
-        self.requests: dict[int, _Request] = {}
-        self._seq_to_request: dict[int, _Request] = {}
-        self._next_request_id = 0
+        self.requests: dict[str, _Request] = {}
+        self._seq_owner: dict[int, tuple[_Request, int]] = {}  # seq id -> (request, completion index)
+        self._auto_ids = count()
+        self.num_prompt_tokens = self.num_generation_tokens = 0
+        self.last_step: StepStats | None = None
         self._closed = False
         atexit.register(self.shutdown)
 
@@ -109,35 +87,30 @@ class LLMEngine:
 
         return AutoTokenizer.from_pretrained(self.config.model)
 
-    def _eos_token_ids(self) -> set[int]:
-        """EOS ids from config.json, generation_config.json (as HF generate uses), else the tokenizer."""
-        eos: set[int] = set()
-        ids = [self.config.eos_token_id]
-        gen_path = os.path.join(self.config.model, "generation_config.json")
-        if os.path.isdir(self.config.model) and os.path.isfile(gen_path):
-            with open(gen_path) as f:
-                ids.append(json.load(f).get("eos_token_id"))
-        for i in ids:
-            eos.update(i if isinstance(i, list) else [] if i is None else [i])
-        if not eos and self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
-            eos.add(self.tokenizer.eos_token_id)
-        return eos
-
     # ---- requests ------------------------------------------------------------------------
 
     def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a prompt: a string, or a list / tuple of integer token ids."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("text prompts need a tokenizer; pass token ids or drop skip_tokenizer_init")
             return self.tokenizer.encode(prompt)
-        return list(prompt)
+        if isinstance(prompt, (list, tuple)):
+            try:
+                return [_token_id(t) for t in prompt]
+            except TypeError:
+                pass
+        raise TypeError(
+            f"a prompt must be a str or a list of int token ids, got {_describe(prompt)}; "
+            "convert arrays with .tolist()"
+        )
 
     def validate(self, token_ids: list[int], where: str = "prompt") -> None:
         """Raise ValueError (naming the problem and the fix) for a prompt the engine cannot serve."""
         if not token_ids:
             raise ValueError(f"{where} is empty; give at least one token")
         vocab = self.config.hf_config.vocab_size
-        bad = [t for t in token_ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab]
+        bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"{where} has token id(s) {bad[:5]} outside the vocabulary [0, {vocab})")
         if len(token_ids) > self.config.max_model_len:
@@ -146,100 +119,171 @@ class LLMEngine:
                 "shorten it or raise max_model_len"
             )
 
+    @staticmethod
+    def check_params(params: SamplingParams, where: str = "sampling_params") -> None:
+        """Validate ``params`` again (a field may have been changed after construction)."""
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"{where} must be a SamplingParams, got {_describe(params)}")
+        params.validate()
+
     def add_request(
-        self, prompt: str | list[int], sampling_params: SamplingParams, stream: bool = False
-    ) -> int:
-        """Queue a request; returns its id. ``stream=True`` fills ``text_delta`` at every step."""
+        self,
+        request_id: str | None,
+        prompt: str | list[int],
+        params: SamplingParams,
+        stream: bool = False,
+    ) -> str:
+        """Queue a request after validating it whole; returns its id (given, or made up when None).
+
+        ``stream=True`` produces an output at every step that gives the request tokens; otherwise
+        one output when it finishes."""
+        if self._closed:
+            raise RuntimeError("the engine has been shut down; create a new one")
+        self.check_params(params)
         token_ids = self.tokenize(prompt)
         self.validate(token_ids)
-        params = sampling_params
+        if request_id is None:
+            request_id = f"req-{next(self._auto_ids)}"
+        if not isinstance(request_id, str) or not request_id:
+            raise TypeError(f"request_id must be a non-empty str, got {request_id!r}")
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use; ids must be unique")
         seqs = []
         for i in range(params.n):
             child = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
             seqs.append(Sequence(token_ids, child, self.config.kvcache_block_size))
         incremental = self.tokenizer is not None and (stream or bool(params.stop))
+        n = len(seqs)
         request = _Request(
-            request_id=self._next_request_id,
+            request_id=request_id,
             prompt_token_ids=token_ids,
             params=params,
+            stream=stream,
             seqs=seqs,
             detokenizers=[
                 IncrementalDetokenizer(self.tokenizer, params.skip_special_tokens) if incremental else None
                 for _ in seqs
             ],
-            texts=[""] * len(seqs),
+            texts=[""] * n,
+            logprobs=[[] for _ in seqs],
+            new_token_ids=[[] for _ in seqs],
+            text_deltas=[""] * n,
         )
-        self._next_request_id += 1
-        self.requests[request.request_id] = request
-        for seq in seqs:
-            self._seq_to_request[seq.seq_id] = request
+        self.requests[request_id] = request
+        for i, seq in enumerate(seqs):
+            self._seq_owner[seq.seq_id] = (request, i)
             self.scheduler.add(seq)
-        return request.request_id
+        return request_id
 
-    def abort_request(self, request_id: int) -> None:
+    def abort_request(self, request_id: str) -> None:
+        """Drop a request; its KV blocks are free when this returns. Unknown ids are ignored."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return
         for seq in request.seqs:
-            self._seq_to_request.pop(seq.seq_id, None)
-            if not seq.is_finished:
-                self.scheduler.finish(seq, "abort")
+            self._seq_owner.pop(seq.seq_id, None)
+            self.scheduler.finish(seq, "abort")
 
     def has_unfinished_requests(self) -> bool:
-        return not self.scheduler.is_finished()
+        return bool(self.requests)
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=len(s.waiting),
+            kv_cache_usage=s.block_manager.usage,
+            num_preemptions=s.num_preemptions,
+            num_prompt_tokens=self.num_prompt_tokens,
+            num_generation_tokens=self.num_generation_tokens,
+        )
 
     # ---- the loop ------------------------------------------------------------------------
 
-    def step(self) -> tuple[list[RequestOutput], StepStats]:
-        """Schedule, run the model once, append the sampled tokens; report every request that
-        got a token this step (finished ones are forgotten by the engine afterwards)."""
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, append the sampled tokens; return an output for every
+        streamed request that got tokens and every request that finished.
+
+        If scheduling or the model raises, the exception reaches the caller and the step leaves no
+        trace: no sequence advanced, no block became findable in the prefix cache, and the runners
+        are told to drop their state (each sequence is sent in full again at its next step)."""
         start = time.perf_counter()
-        sched = self.scheduler.schedule()
-        if not sched.seqs:
-            return [], StepStats(sched.is_prefill, 0, 0.0)
-        token_ids, logprobs = self.model_runner.run(sched.seqs, sched.is_prefill)
-        if logprobs is not None:
-            for seq, lp in zip(sched.seqs, logprobs, strict=True):
-                if lp is not None:
-                    seq.logprobs.append(lp)
-        self.scheduler.update(sched, token_ids)
-        touched: dict[int, tuple[_Request, dict[int, CompletionOutput]]] = {}
-        for seq, token_id in zip(sched.seqs, token_ids, strict=True):
-            request = self._seq_to_request[seq.seq_id]
-            index = request.seqs.index(seq)
-            delta = self._detokenize(request, index, seq)
-            out = self._completion(request, index)
-            out.new_token_ids, out.text_delta = [token_id], delta
-            touched.setdefault(request.request_id, (request, {}))[1][index] = out
+        try:
+            sched = self.scheduler.schedule()
+            if sched.is_empty:
+                return []
+            runner_output = self.executor.execute_model(sched)
+        except BaseException:
+            self.scheduler.runners_lost_state()
+            raise
+        sampled = self.scheduler.update(sched, runner_output)
+        num_decodes = sum(1 for n in sched.num_scheduled_tokens.values() if n == 1)
+        num_prefill = sched.total_num_scheduled_tokens - num_decodes
+        self.num_prompt_tokens += num_prefill
+        self.num_generation_tokens += len(sampled)
+        outputs = self._process(sampled, runner_output.logprobs)
+        self.last_step = StepStats(num_prefill, num_decodes, time.perf_counter() - start)
+        return outputs
+
+    def _process(self, sampled: list[tuple[Sequence, int]], logprobs) -> list[RequestOutput]:
+        touched: dict[str, _Request] = {}
+        for seq, row in sampled:
+            owner = self._seq_owner.get(seq.seq_id)
+            if owner is None:
+                continue
+            request, i = owner
+            if logprobs is not None and logprobs[row] is not None:
+                request.logprobs[i].append(logprobs[row])
+            if request.stream:
+                request.new_token_ids[i].append(seq.last_token)
+            self._detokenize(request, i, seq)
+            touched[request.request_id] = request
         outputs = []
-        for request, fresh in touched.values():
+        for request in touched.values():
             finished = request.finished
-            completions = [fresh.get(i) or self._completion(request, i) for i in range(len(request.seqs))]
+            if request.stream or finished:
+                outputs.append(self._output(request, finished))
             if finished:
-                for i, c in enumerate(completions):
-                    c.text = request.texts[i] = self._final_text(request, i)
                 self.requests.pop(request.request_id, None)
                 for seq in request.seqs:
-                    self._seq_to_request.pop(seq.seq_id, None)
-            outputs.append(
-                RequestOutput(
-                    request_id=request.request_id,
-                    prompt_token_ids=request.prompt_token_ids,
-                    outputs=completions,
-                    finished=finished,
-                    num_cached_tokens=request.seqs[0].num_prompt_cached_tokens or 0,
+                    self._seq_owner.pop(seq.seq_id, None)
+        return outputs
+
+    def _output(self, request: _Request, finished: bool) -> RequestOutput:
+        completions = []
+        with_logprobs = request.params.logprobs is not None
+        for i, seq in enumerate(request.seqs):
+            c = CompletionOutput(index=i, finish_reason=seq.finish_reason)
+            if finished:
+                c = replace(
+                    c,
+                    text=self._final_text(request, i),
+                    token_ids=seq.completion_token_ids,
+                    logprobs=list(request.logprobs[i]) if with_logprobs else None,
                 )
-            )
-        return outputs, StepStats(sched.is_prefill, sched.num_batched_tokens, time.perf_counter() - start)
+            if request.stream:
+                new = request.new_token_ids[i]
+                c = replace(
+                    c,
+                    new_token_ids=new,
+                    text_delta=request.text_deltas[i],
+                    new_logprobs=request.logprobs[i][-len(new) :] if with_logprobs and new else None,
+                )
+                request.new_token_ids[i], request.text_deltas[i] = [], ""
+            completions.append(c)
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            num_cached_tokens=request.seqs[0].num_prompt_cached_tokens or 0,
+        )
 
-    def _completion(self, request: _Request, i: int) -> CompletionOutput:
-        return CompletionOutput(i, request.seqs[i], request.texts[i], request.params.logprobs is not None)
-
-    def _detokenize(self, request: _Request, i: int, seq: Sequence) -> str:
-        """Advance incremental detokenization; finish ``seq`` on a stop string. Returns the delta."""
+    def _detokenize(self, request: _Request, i: int, seq: Sequence) -> None:
+        """Advance incremental detokenization; finish ``seq`` on a stop string."""
         detok = request.detokenizers[i]
         if detok is None:
-            return ""
+            return
         tokens = seq.completion_token_ids
         before = len(detok.text)
         detok.step(tokens)
@@ -257,7 +301,8 @@ class LLMEngine:
                     seq.finish_reason = "stop"
                     break
         request.texts[i] = detok.text
-        return detok.text[before:] if len(detok.text) > before else ""
+        if len(detok.text) > before:
+            request.text_deltas[i] += detok.text[before:]
 
     def _final_text(self, request: _Request, i: int) -> str:
         if request.detokenizers[i] is not None:
@@ -272,4 +317,17 @@ class LLMEngine:
             return
         self._closed = True
         atexit.unregister(self.shutdown)
-        self.model_runner.shutdown()
+        for request_id in list(self.requests):
+            self.abort_request(request_id)
+        self.executor.shutdown()
+
+
+def _token_id(t) -> int:
+    if isinstance(t, bool):
+        raise TypeError("bool is not a token id")
+    return operator.index(t)
+
+
+def _describe(x) -> str:
+    name = type(x).__name__
+    return f"{name} {x!r}" if isinstance(x, (int, float, bytes, type(None))) else name

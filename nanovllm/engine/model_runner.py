@@ -1,4 +1,8 @@
-"""Runs the model: builds each step's input tensors, owns the KV cache, samples."""
+"""Runs the model for one step: keeps each scheduled sequence's tokens and block table between
+steps, builds the step's input tensors from the ``SchedulerOutput``, owns the KV cache, samples.
+
+Every rank runs one; only rank 0 samples (the logits are gathered to it).
+"""
 
 import logging
 import math
@@ -8,7 +12,7 @@ import torch
 from nanovllm.config import Config
 from nanovllm.distributed import min_over_ranks
 from nanovllm.engine.cuda_graphs import DecodeGraphs
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step import ModelRunnerOutput, NewSeq, SchedulerOutput
 from nanovllm.layers.attention import Attention, get_backend
 from nanovllm.layers.sampler import Sampler, SamplingMetadata
 from nanovllm.models.llama import head_dim_of
@@ -19,6 +23,31 @@ from nanovllm.utils.loader import iter_safetensors, load_weights
 logger = logging.getLogger("nanovllm")
 
 CPU_KV_CACHE_BYTES = 4 << 30  # like vLLM's CPU backend default (VLLM_CPU_KVCACHE_SPACE=4 GiB)
+
+
+class SeqState:
+    """What a runner keeps of one sequence between steps (the scheduler sends only changes)."""
+
+    __slots__ = ("token_ids", "num_prompt_tokens", "block_table", "num_computed_tokens", "sampling_params")
+
+    def __init__(self, new: NewSeq):
+        self.token_ids = list(new.token_ids)
+        self.num_prompt_tokens = new.num_prompt_tokens
+        self.block_table = list(new.block_ids)
+        self.num_computed_tokens = new.num_computed_tokens
+        self.sampling_params = new.sampling_params
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
 
 
 class ModelRunner:
@@ -47,7 +76,8 @@ class ModelRunner:
         for layer in self.attention_layers:
             layer.backend = self.backend
         self.sampler = Sampler()
-        self.eos_token_ids: list[int] = []  # set by the engine; min_tokens holds these back
+        self.eos_token_ids = sorted(config.eos_token_ids)  # min_tokens holds these back
+        self.seqs: dict[int, SeqState] = {}
 
         self.num_kv_heads = self.attention_layers[0].num_kv_heads
         self.head_dim = head_dim_of(hf)
@@ -108,21 +138,18 @@ class ModelRunner:
         return num_blocks
 
     def _blocks_that_fit_on_gpu(self) -> int:
-        """Blocks that fit in ``gpu_memory_utilization`` of the card after a warm-up forward at
-        ``max_num_batched_tokens`` has shown the activations' peak."""
+        """Blocks that fit in ``gpu_memory_utilization`` of the card after a warm-up forward of a
+        full step (``max_num_batched_tokens`` tokens) has shown the activations' peak."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-        cfg = self.config
-        num_seqs = max(1, min(cfg.max_num_batched_tokens // cfg.max_model_len, cfg.max_num_seqs))
-        seqs = [Sequence([0] * cfg.max_model_len, _WARMUP_PARAMS, self.block_size) for _ in range(num_seqs)]
-        self.run_prefill_without_cache(seqs)
+        self.warmup_forward()
         torch.cuda.synchronize()
         peak = torch.cuda.memory_stats()["allocated_bytes.all.peak"]
         torch.cuda.empty_cache()  # the warm-up's freed blocks must not count as used
         free, total = torch.cuda.mem_get_info()
         used = total - free
         current = torch.cuda.memory_stats()["allocated_bytes.all.current"]
-        budget = total * cfg.gpu_memory_utilization - used - peak + current
+        budget = total * self.config.gpu_memory_utilization - used - peak + current
         self.kv_budget_bytes = int(budget)
         self.memory_profile = {  # GiB, for the start-up log and the benchmark record
             "total": total / 2**30,
@@ -134,12 +161,105 @@ class ModelRunner:
         return max(0, int(budget) // self.block_bytes)
 
     @torch.inference_mode()
-    def run_prefill_without_cache(self, seqs: list[Sequence]) -> None:
-        input_ids, positions, context = self.prepare_prefill(seqs)
+    def warmup_forward(self) -> None:
+        """A forward without KV cache as large as a step can be: ``max_num_batched_tokens`` new
+        tokens in prompts of at most ``max_model_len``, logits for up to ``max_num_seqs`` rows."""
+        cfg = self.config
+        num_tokens = cfg.max_num_batched_tokens
+        lens = [cfg.max_model_len] * (num_tokens // cfg.max_model_len)
+        if num_tokens % cfg.max_model_len:
+            lens.append(num_tokens % cfg.max_model_len)
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
+        context = Context(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=self.device),
+            max_seqlen_q=max(lens),
+            logits_indices=torch.arange(min(cfg.max_num_seqs, num_tokens), device=self.device),
+        )
         with forward_context(context):
+            input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
             self.model.compute_logits(self.model(input_ids, positions))
 
-    # ---- inputs --------------------------------------------------------------------------
+    # ---- one step ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
+        """Forward every scheduled sequence's new tokens; sample one token for each sequence whose
+        last known token was computed. Rank 0 returns the sampled tokens, other ranks None."""
+        self._update_states(sched)
+        input_ids, positions, context, sample_ids = self.prepare_inputs(sched)
+        metadata = None
+        if self.rank == 0 and sample_ids:  # built before the forward so its copies overlap it
+            rows = [self.seqs[i] for i in sample_ids]
+            metadata = SamplingMetadata.build(
+                rows, self.config.hf_config.vocab_size, self.device, self.eos_token_ids
+            )
+        logits = self.run_model(input_ids, positions, context)
+        if self.rank != 0:
+            return None
+        if not sample_ids:
+            return ModelRunnerOutput([], [])
+        out = self.sampler(logits, metadata)
+        return ModelRunnerOutput(sample_ids, out.token_ids.tolist(), out.logprobs)
+
+    def _update_states(self, sched: SchedulerOutput) -> None:
+        for seq_id in sched.finished_seq_ids:
+            self.seqs.pop(seq_id, None)
+        for new in sched.new_seqs:
+            self.seqs[new.seq_id] = SeqState(new)
+        c = sched.cached_seqs
+        for seq_id, tokens, blocks, computed in zip(
+            c.seq_ids, c.new_token_ids, c.new_block_ids, c.num_computed_tokens, strict=True
+        ):
+            state = self.seqs[seq_id]
+            state.token_ids += tokens
+            state.block_table += blocks
+            state.num_computed_tokens = computed
+
+    def prepare_inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, Context, list[int]]:
+        """Pack the step's new tokens; returns input ids, positions, the attention context and the
+        ids of the sequences that sample (their last new token's row is in ``logits_indices``)."""
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        cu_seqlens_q, context_lens, logits_indices, sample_ids, tables = [0], [], [], [], []
+        for seq_id, n in sched.num_scheduled_tokens.items():
+            state = self.seqs[seq_id]
+            start, end, table = state.num_computed_tokens, state.num_computed_tokens + n, state.block_table
+            if n == 1:
+                input_ids.append(state.token_ids[start])
+                positions.append(start)
+                slots.append(table[start // bs] * bs + start % bs)
+            else:
+                input_ids += state.token_ids[start:end]
+                positions += range(start, end)
+                for i in range(start // bs, (end - 1) // bs + 1):
+                    base = table[i] * bs - i * bs
+                    slots += range(base + max(start, i * bs), base + min(end, (i + 1) * bs))
+            cu_seqlens_q.append(cu_seqlens_q[-1] + n)
+            context_lens.append(end)
+            tables.append(table)
+            if end == len(state.token_ids):
+                logits_indices.append(cu_seqlens_q[-1] - 1)
+                sample_ids.append(seq_id)
+        max_seqlen_q = max(sched.num_scheduled_tokens.values())
+        width = max(len(t) for t in tables)
+        context = Context(
+            cu_seqlens_q=self._to_device(cu_seqlens_q, torch.int32),
+            max_seqlen_q=max_seqlen_q,
+            context_lens=self._to_device(context_lens, torch.int32),
+            # Decode steps bound the context by max_model_len, as the CUDA graphs do: same kernel split.
+            max_context_len=self.config.max_model_len if max_seqlen_q == 1 else max(context_lens),
+            block_tables=self._to_device([t + [0] * (width - len(t)) for t in tables], torch.int32),
+            slot_mapping=self._to_device(slots, torch.int64),
+            logits_indices=(
+                None if len(logits_indices) == len(input_ids) else self._to_device(logits_indices, torch.int64)
+            ),
+        )
+        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), context, sample_ids
 
     def _to_device(self, data, dtype) -> torch.Tensor:
         t = torch.tensor(data, dtype=dtype)
@@ -147,95 +267,19 @@ class ModelRunner:
             return t.pin_memory().to(self.device, non_blocking=True)
         return t
 
-    def _block_tables(self, seqs: list[Sequence]) -> torch.Tensor:
-        width = max(len(s.block_table) for s in seqs)
-        return self._to_device(
-            [s.block_table + [0] * (width - len(s.block_table)) for s in seqs], torch.int32
-        )
-
-    def prepare_prefill(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, Context]:
-        input_ids, positions, slot_mapping, cu_seqlens_q, context_lens = [], [], [], [0], []
-        max_seqlen_q = 0
-        bs = self.block_size
-        for seq in seqs:
-            start, end = seq.num_cached_tokens, seq.num_tokens
-            input_ids.extend(seq.token_ids[start:end])
-            positions.extend(range(start, end))
-            cu_seqlens_q.append(cu_seqlens_q[-1] + end - start)
-            context_lens.append(end)
-            max_seqlen_q = max(max_seqlen_q, end - start)
-            if seq.block_table:
-                for i in range(start // bs, seq.num_blocks):
-                    base = seq.block_table[i] * bs
-                    lo, hi = max(start, i * bs), min(end, (i + 1) * bs)
-                    slot_mapping.extend(range(base + lo - i * bs, base + hi - i * bs))
-        context = Context(
-            is_prefill=True,
-            cu_seqlens_q=self._to_device(cu_seqlens_q, torch.int32),
-            max_seqlen_q=max_seqlen_q,
-            context_lens=self._to_device(context_lens, torch.int32),
-            max_context_len=max(context_lens),
-            block_tables=self._block_tables(seqs) if seqs[0].block_table else None,
-            slot_mapping=self._to_device(slot_mapping, torch.int64) if slot_mapping else None,
-        )
-        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), context
-
-    def prepare_decode(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, Context]:
-        bs = self.block_size
-        input_ids = [s.last_token for s in seqs]
-        positions = [s.num_tokens - 1 for s in seqs]
-        slots = [s.block_table[(s.num_tokens - 1) // bs] * bs + (s.num_tokens - 1) % bs for s in seqs]
-        context_lens = [s.num_tokens for s in seqs]
-        context = Context(
-            is_prefill=False,
-            context_lens=self._to_device(context_lens, torch.int32),
-            max_context_len=self.config.max_model_len,  # as in the CUDA graphs: same kernel split
-            block_tables=self._block_tables(seqs),
-            slot_mapping=self._to_device(slots, torch.int64),
-        )
-        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), context
-
-    # ---- forward -------------------------------------------------------------------------
-
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, context: Context) -> torch.Tensor:
         graphs = self.graphs
         with forward_context(context):
-            if context.is_prefill or graphs is None or not graphs.fits(input_ids.shape[0]):
-                hidden = self.model(input_ids, positions)
-            else:
+            if context.is_decode_only and graphs is not None and graphs.fits(input_ids.shape[0]):
                 hidden = graphs.replay(input_ids, positions, context)
+            else:
+                hidden = self.model(input_ids, positions)
             return self.model.compute_logits(hidden)
-
-    @torch.inference_mode()
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> tuple[list[int], list | None]:
-        """One engine step: forward the scheduled sequences and sample one token for each.
-
-        Returns the token ids and, when some sequence asked for them, per-row logprobs dicts."""
-        prepare = self.prepare_prefill if is_prefill else self.prepare_decode
-        input_ids, positions, context = prepare(seqs)
-        metadata = None
-        if self.rank == 0:  # built before the forward so its host-to-device copies overlap it
-            metadata = SamplingMetadata.build(
-                seqs, self.config.hf_config.vocab_size, self.device, self.eos_token_ids
-            )
-        logits = self.run_model(input_ids, positions, context)
-        if self.rank != 0:
-            return [], None
-        out = self.sampler(logits, metadata)
-        return out.token_ids.tolist(), out.logprobs
 
     def shutdown(self) -> None:
         self.graphs = None
+        self.seqs.clear()
         for layer in self.attention_layers:
             layer.k_cache = layer.v_cache = None
         self.kv_cache = None
-
-
-class _WarmupParams:
-    temperature = 0.0
-    max_tokens = 1
-    ignore_eos = True
-
-
-_WARMUP_PARAMS = _WarmupParams()

@@ -25,8 +25,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from nanovllm.config import Config
-from nanovllm.engine.call_channel import CallSender, StepBatch, channel_bytes
-from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.call_channel import CallSender, channel_bytes
+from nanovllm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nanovllm.engine.tp_worker import START_TIMEOUT_S, open_store, worker_main
 
 logger = logging.getLogger("nanovllm")
@@ -36,8 +36,9 @@ WORKER_EXIT_TIMEOUT_S = 10.0  # after "shutdown", before the worker is killed
 DEATH_GRACE_S = 5.0  # after a collective fails, how long to wait for the culprit to show itself
 
 
-def make_model_runner(config: Config):
-    """A plain ``ModelRunner`` for one rank, a ``TensorParallelRunner`` for several."""
+def make_executor(config: Config):
+    """What runs the model for the engine: a plain ``ModelRunner`` for one rank, a
+    ``TensorParallelExecutor`` for several. Both answer ``execute_model(scheduler_output)``."""
     import torch.distributed as dist
 
     from nanovllm.engine.model_runner import ModelRunner
@@ -49,33 +50,7 @@ def make_model_runner(config: Config):
         )
     if config.tensor_parallel_size == 1:
         return ModelRunner(config)
-    return TensorParallelRunner(config)
-
-
-def check_tensor_parallel(hf_config, tp: int) -> None:
-    """Raise ValueError unless the model splits evenly over ``tp`` ranks. (The vocabulary need not:
-    its shards are padded.)"""
-    heads, kv_heads = hf_config.num_attention_heads, hf_config.num_key_value_heads
-    inter = hf_config.intermediate_size
-    if heads % tp:
-        raise ValueError(f"tensor_parallel_size={tp} must divide the number of attention heads ({heads})")
-    if kv_heads % tp and tp % kv_heads:
-        raise ValueError(
-            f"tensor_parallel_size={tp} and the number of KV heads ({kv_heads}) must divide one another "
-            "(with more ranks than KV heads, each KV head is replicated on tp / num_kv_heads ranks)"
-        )
-    if inter % tp:
-        raise ValueError(f"tensor_parallel_size={tp} must divide the MLP intermediate_size ({inter})")
-
-
-def check_init_method(init_method: str) -> None:
-    url = urlparse(init_method) if isinstance(init_method, str) else None
-    try:
-        ok = url is not None and url.scheme == "tcp" and bool(url.hostname) and url.port is not None
-    except ValueError:  # a port that is not a number or out of range
-        ok = False
-    if not ok:
-        raise ValueError(f"distributed_init_method must look like 'tcp://host:port', got {init_method!r}")
+    return TensorParallelExecutor(config)
 
 
 def _recv(conn) -> tuple[str | None, Any]:
@@ -100,8 +75,9 @@ class WorkerError(RuntimeError):
     pass
 
 
-class TensorParallelRunner:
-    """Rank 0's model runner plus the workers that mirror it; used like a ``ModelRunner``."""
+class TensorParallelExecutor:
+    """Rank 0's model runner plus the workers that mirror it: each step's ``SchedulerOutput`` goes
+    to every worker, then rank 0 runs its own shard and samples."""
 
     def __init__(self, config: Config):
         from nanovllm.distributed import init_tensor_parallel
@@ -117,12 +93,7 @@ class TensorParallelRunner:
         host, port = _store_address(config.distributed_init_method)
         self.store = open_store(host, port, n, is_master=True)
         events = [ctx.Event() for _ in range(n - 1)]
-        size = channel_bytes(
-            config.max_num_batched_tokens,
-            config.max_num_seqs,
-            config.max_model_len,
-            config.kvcache_block_size,
-        )
+        size = channel_bytes(config.max_num_seqs, config.max_model_len, config.kvcache_block_size)
         self.sender = CallSender(events, size)
         self.conns = []
         try:
@@ -154,18 +125,12 @@ class TensorParallelRunner:
             raise
         self.num_blocks = self.runner.num_blocks
 
-    def __getattr__(self, name: str) -> Any:  # rank 0's runner answers the rest (kv_cache, device, ...)
-        runner = self.__dict__.get("runner")
-        if runner is None:
-            raise AttributeError(name)
-        return getattr(runner, name)
-
-    def run(self, seqs: list[Sequence], is_prefill: bool) -> list[int]:
+    def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput:
         self._check_workers()
-        self.sender.send("run", StepBatch.of(seqs, is_prefill), is_prefill)
-        token_ids = self._guard(lambda: self.runner.run(seqs, is_prefill))
+        self.sender.send("execute_model", sched)
+        output = self._guard(lambda: self.runner.execute_model(sched))
         self._wait_replies("ok", STEP_TIMEOUT_S)
-        return token_ids
+        return output
 
     # ---- failures --------------------------------------------------------------------------
 

@@ -1,29 +1,31 @@
-"""Continuous batching: which sequences run in the next step. Pure Python: no torch.
+"""Continuous batching with one token budget per step. Pure Python: no torch.
 
-Each step is either all prefill or all decode:
+Each step has ``max_num_batched_tokens`` tokens to give out:
 
-1. Prefill first. Admit waiting sequences in arrival order while there is room: at most
-   ``max_num_seqs`` running, at most ``max_num_batched_tokens`` new (uncached) tokens in the step,
-   and enough free KV blocks. Admission stops at the first sequence that does not fit, so arrival
-   order is kept.
-2. Otherwise decode every running sequence (one token each). If a sequence needs a new block and
-   none is free, preempt by recompute: the most recently admitted running sequence gives all its
-   blocks back and returns to the *front* of the waiting queue; it is prefilled again later, with
-   its generated tokens as part of the prompt (prefix caching usually makes that cheap).
+1. Running sequences first, in admission order: one token each when decoding, the next chunk of
+   the prompt when still in prefill (as much as the budget left allows).
+2. Then waiting sequences, in arrival order, while budget, ``max_num_seqs`` and free blocks allow.
+   A prompt that does not fit the rest of the budget starts with a first chunk and goes on in the
+   next steps (chunked prefill). Admission stops at the first sequence that cannot go, so arrival
+   order is kept; it is skipped altogether in a step that had to preempt.
+
+So one step may hold decodes and prefill chunks together. A sequence samples a token only when the
+step computes its last known token (see step.py).
+
+Preemption by recompute. When a running sequence needs a block and none is free, the most recently
+admitted running sequence (possibly in the middle of its prefill) gives all its blocks back and
+returns to the *front* of the waiting queue; it is computed again later, with its generated tokens
+as part of the prompt (prefix caching usually makes that cheap).
+
+With ``enable_chunked_prefill=False`` a step is all prefill (whole prompts) or all decode, as in
+the reference design: kept for comparison.
 """
 
 from collections import deque
-from dataclasses import dataclass
 
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
-
-
-@dataclass
-class SchedulerOutput:
-    seqs: list[Sequence]
-    is_prefill: bool
-    num_batched_tokens: int  # tokens the model computes this step
+from nanovllm.engine.step import CachedSeqs, ModelRunnerOutput, NewSeq, SchedulerOutput
 
 
 class Scheduler:
@@ -36,15 +38,20 @@ class Scheduler:
         num_blocks: int,
         block_size: int,
         eos_token_ids: set[int] | frozenset[int] = frozenset(),
+        enable_chunked_prefill: bool = True,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.block_size = block_size
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.enable_chunked_prefill = enable_chunked_prefill
         self.block_manager = BlockManager(num_blocks, block_size)
         self.waiting: deque[Sequence] = deque()
-        self.running: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        self._runner_holds: set[int] = set()  # seq ids whose state the runners keep
+        self._forget: list[int] = []  # seq ids the runners must drop at the next step
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
@@ -52,62 +59,137 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    def schedule(self) -> SchedulerOutput:
-        scheduled: list[Sequence] = []
-        num_batched_tokens = 0
-        while self.waiting and len(self.running) + len(scheduled) < self.max_num_seqs:
-            seq = self.waiting[0]
-            num_cached, num_new_blocks = self.block_manager.lookup(seq)
-            num_new_tokens = seq.num_tokens - num_cached
-            if num_new_blocks > self.block_manager.num_free_blocks or (
-                scheduled and num_batched_tokens + num_new_tokens > self.max_num_batched_tokens
-            ):
-                break
-            # Blocks are hashed now, before the step computes their K/V: nothing can read them
-            # in between, since the step runs right after scheduling.
-            self.block_manager.allocate(seq)
-            num_batched_tokens += num_new_tokens
-            if seq.num_prompt_cached_tokens is None:
-                seq.num_prompt_cached_tokens = seq.num_cached_tokens
-            seq.status = SequenceStatus.RUNNING
-            self.waiting.popleft()
-            scheduled.append(seq)
-        if scheduled:
-            self.running.extend(scheduled)
-            return SchedulerOutput(scheduled, True, num_batched_tokens)
+    # ---- schedule ----------------------------------------------------------------------------
 
-        while self.running and len(scheduled) < self.max_num_seqs:
-            seq = self.running.popleft()
-            while not self.block_manager.can_append(seq):
-                if self.running:
-                    self._preempt(self.running.pop())
-                else:
-                    self._preempt(seq)
-                    break
-            else:
-                self.block_manager.may_append(seq)
-                scheduled.append(seq)
-        self.running.extendleft(reversed(scheduled))
-        return SchedulerOutput(scheduled, False, len(scheduled))
+    def schedule(self) -> SchedulerOutput:
+        budget = self.max_num_batched_tokens
+        scheduled: list[tuple[Sequence, int]] = []
+        if not self.enable_chunked_prefill:
+            scheduled = self._admit(budget, True, [])
+            if not scheduled:
+                self._schedule_running(budget, scheduled)
+            return self._output(scheduled)
+        budget, preempted = self._schedule_running(budget, scheduled)
+        if not preempted:
+            scheduled += self._admit(budget, False, scheduled)
+        return self._output(scheduled)
+
+    def _schedule_running(self, budget: int, scheduled: list[tuple[Sequence, int]]) -> tuple[int, bool]:
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            while not self.block_manager.allocate_slots(seq, n):
+                victim = self.running.pop()  # the most recently admitted
+                self._preempt(victim)
+                preempted = True
+                if victim is seq:
+                    return budget, preempted
+            scheduled.append((seq, n))
+            budget -= n
+            i += 1
+        return budget, preempted
+
+    def _admit(
+        self, budget: int, whole_prompts: bool, scheduled: list[tuple[Sequence, int]]
+    ) -> list[tuple[Sequence, int]]:
+        admitted: list[tuple[Sequence, int]] = []
+        if not self.waiting:
+            return admitted
+        pending: set[int] = set()  # hashes of the full blocks this step computes
+        for seq, n in scheduled:
+            self._add_pending(seq, n, pending)
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            hits = self.block_manager.get_computed_blocks(seq)
+            hashes = seq.block_hashes
+            if len(hits) < len(hashes) and hashes[len(hits)] in pending:
+                break  # its next block is being computed right now: hit it next step instead
+            remaining = seq.num_tokens - len(hits) * self.block_size
+            if whole_prompts and remaining > budget:
+                break
+            n = min(remaining, budget)
+            if not self.block_manager.allocate_slots(seq, n, hits):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            if seq.num_prompt_cached_tokens is None:
+                seq.num_prompt_cached_tokens = seq.num_computed_tokens
+            self.running.append(seq)
+            admitted.append((seq, n))
+            self._add_pending(seq, n, pending)
+            budget -= n
+        return admitted
+
+    def _add_pending(self, seq: Sequence, n: int, pending: set[int]) -> None:
+        hashes = self.block_manager.block_hashes(seq)
+        first, end = seq.num_computed_tokens // self.block_size, (seq.num_computed_tokens + n) // self.block_size
+        pending.update(hashes[first:end])
 
     def _preempt(self, seq: Sequence) -> None:
         seq.status = SequenceStatus.WAITING
-        self.block_manager.deallocate(seq)
+        self.block_manager.free(seq)
+        self._drop_from_runner(seq)
         self.waiting.appendleft(seq)
         self.num_preemptions += 1
 
-    def update(self, output: SchedulerOutput, token_ids: list[int]) -> list[Sequence]:
-        """Append one sampled token per scheduled sequence; return the ones that finished."""
-        finished = []
-        for seq, token_id in zip(output.seqs, token_ids, strict=True):
+    def _output(self, scheduled: list[tuple[Sequence, int]]) -> SchedulerOutput:
+        out = SchedulerOutput(finished_seq_ids=self._forget)
+        self._forget = []
+        cached = out.cached_seqs
+        for seq, n in scheduled:
+            out.num_scheduled_tokens[seq.seq_id] = n
+            if seq.seq_id in self._runner_holds:
+                cached.seq_ids.append(seq.seq_id)
+                cached.new_token_ids.append(seq.token_ids[seq.num_tokens_sent :])
+                cached.new_block_ids.append(seq.block_table[seq.num_blocks_sent :])
+                cached.num_computed_tokens.append(seq.num_computed_tokens)
+            else:
+                self._runner_holds.add(seq.seq_id)
+                out.new_seqs.append(
+                    NewSeq(
+                        seq.seq_id,
+                        list(seq.token_ids),
+                        seq.num_prompt_tokens,
+                        list(seq.block_table),
+                        seq.num_computed_tokens,
+                        seq.sampling_params,
+                    )
+                )
+            seq.num_tokens_sent, seq.num_blocks_sent = seq.num_tokens, len(seq.block_table)
+        return out
+
+    # ---- after the step --------------------------------------------------------------------
+
+    def update(self, output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[tuple[Sequence, int]]:
+        """Advance every scheduled sequence by its computed tokens, register the blocks that are now
+        full and computed, append the sampled tokens and finish sequences that are done.
+
+        Returns (sequence, row in ``runner_output``) for every sequence that got a token."""
+        seqs = self._seqs_by_id(output)
+        for seq_id, n in output.num_scheduled_tokens.items():
+            seq = seqs.get(seq_id)
+            if seq is None:  # finished (aborted) after it was scheduled
+                continue
+            seq.num_computed_tokens += n
+            self.block_manager.cache_computed_blocks(seq)
+        sampled = []
+        pairs = zip(runner_output.seq_ids, runner_output.sampled_token_ids, strict=True)
+        for row, (seq_id, token_id) in enumerate(pairs):
+            seq = seqs.get(seq_id)
+            if seq is None:
+                continue
             seq.append_token(token_id)
-            seq.num_cached_tokens = seq.num_tokens - 1
-            self.block_manager.hash_full_blocks(seq)
+            sampled.append((seq, row))
             reason = self.finish_reason(seq, token_id)
             if reason is not None:
                 self.finish(seq, reason)
-                finished.append(seq)
-        return finished
+        return sampled
+
+    def _seqs_by_id(self, output: SchedulerOutput) -> dict[int, Sequence]:
+        ids = output.num_scheduled_tokens
+        return {s.seq_id: s for s in self.running if s.seq_id in ids}
 
     def finish_reason(self, seq: Sequence, token_id: int) -> str | None:
         params = seq.sampling_params
@@ -121,11 +203,27 @@ class Scheduler:
         return None
 
     def finish(self, seq: Sequence, reason: str) -> None:
-        """Finish a running sequence (EOS, length, a stop string found by the engine, an abort)."""
+        """Finish a sequence (EOS, length, a stop string found by the engine, an abort): its blocks
+        go back to the pool now."""
+        if seq.is_finished:
+            return
+        was_waiting = seq.status == SequenceStatus.WAITING
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.block_manager.deallocate(seq)
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
+        self.block_manager.free(seq)
+        self._drop_from_runner(seq)
+        if was_waiting:
             self.waiting.remove(seq)
+        else:
+            self.running.remove(seq)
+
+    def _drop_from_runner(self, seq: Sequence) -> None:
+        if seq.seq_id in self._runner_holds:
+            self._runner_holds.discard(seq.seq_id)
+            self._forget.append(seq.seq_id)
+
+    def runners_lost_state(self) -> None:
+        """A step failed part-way: the runners may hold half-applied state. Make them drop every
+        sequence and send each again in full at its next step."""
+        self._forget.extend(self._runner_holds)
+        self._runner_holds.clear()

@@ -1,4 +1,4 @@
-"""One request's tokens and bookkeeping. Pure Python: no torch."""
+"""One sequence's tokens and bookkeeping. Pure Python: no torch."""
 
 from copy import copy
 from enum import Enum, auto
@@ -17,8 +17,9 @@ class Sequence:
     """A prompt plus the tokens generated for it so far.
 
     ``block_table`` lists the KV-cache blocks holding this sequence's tokens in order;
-    ``num_cached_tokens`` counts the leading tokens whose K/V are already in those blocks
-    (prefix-cache hits at admission, or all computed tokens while running).
+    ``num_computed_tokens`` counts the leading tokens whose K/V are in those blocks (prefix-cache
+    hits at admission, then every token a step has computed). A running sequence always has at
+    least one token to compute: the rest of its prompt, or the token sampled last.
     """
 
     _ids = count()
@@ -31,14 +32,23 @@ class Sequence:
         self.sampling_params = copy(sampling_params)
         self.block_size = block_size
         self.block_table: list[int] = []
-        self.num_cached_tokens = 0
+        self.num_computed_tokens = 0
+        self.block_hashes: list[int] = []  # chained hashes of the full blocks (block_manager fills it)
         # Prompt tokens served from the prefix cache at the first admission (reported to the user).
         self.num_prompt_cached_tokens: int | None = None
         self.finish_reason: str | None = None
-        self.logprobs: list[dict[int, float]] = []  # one dict per generated token, when asked
+        # What the model runner holds of this sequence (the scheduler's bookkeeping).
+        self.num_tokens_sent = 0
+        self.num_blocks_sent = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
+
+    def __repr__(self) -> str:
+        return (
+            f"Sequence({self.seq_id}, {self.status.name}, tokens={self.num_tokens}, "
+            f"computed={self.num_computed_tokens}, blocks={self.block_table})"
+        )
 
     @property
     def num_tokens(self) -> int:
@@ -63,11 +73,6 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
-
-    @property
-    def num_blocks(self) -> int:
-        """Blocks needed to hold K/V for every token (the last one included)."""
-        return (self.num_tokens + self.block_size - 1) // self.block_size
 
     def block(self, i: int) -> list[int]:
         """Token ids of logical block ``i``."""

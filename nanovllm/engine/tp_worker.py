@@ -15,7 +15,8 @@ from datetime import timedelta
 from typing import Any
 
 from nanovllm.config import Config
-from nanovllm.engine.call_channel import CallReceiver, StepBatch
+from nanovllm.engine.call_channel import CallReceiver
+from nanovllm.engine.step import SchedulerOutput
 
 START_TIMEOUT_S = 900.0  # loading a large checkpoint on every rank
 
@@ -74,8 +75,8 @@ class _WorkerCalls:
     def __init__(self, runner):
         self.runner = runner
 
-    def run(self, batch: StepBatch, is_prefill: bool) -> None:
-        self.runner.run(batch.sequences(), is_prefill)
+    def execute_model(self, sched: SchedulerOutput) -> None:
+        self.runner.execute_model(sched)
 
 
 def serve(receiver: CallReceiver, conn, target: Any) -> None:

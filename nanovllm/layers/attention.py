@@ -2,7 +2,9 @@
 
 Every backend implements three calls on the same cache layout (see kernels/reference.py):
 ``store`` writes the step's new K/V through the slot mapping, ``prefill`` attends packed
-variable-length queries to their cached context, ``decode`` attends one query per sequence.
+variable-length queries to their cached context (any mix of prefill chunks and decodes, a decode
+being a query of length 1), ``decode`` attends one query per sequence (steps where every sequence
+decodes, the case CUDA graphs replay).
 """
 
 import torch
@@ -90,9 +92,9 @@ class Attention(nn.Module):
         if self.k_cache is None:  # warm-up forward before the cache exists
             return self._no_cache_prefill(q, k, v, ctx)
         self.backend.store(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
-        if ctx.is_prefill:
-            return self.backend.prefill(q, self.k_cache, self.v_cache, ctx, self.scale)
-        return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale)
+        if ctx.is_decode_only:
+            return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale)
+        return self.backend.prefill(q, self.k_cache, self.v_cache, ctx, self.scale)
 
     def _no_cache_prefill(self, q, k, v, ctx) -> torch.Tensor:
         out = torch.empty_like(q)

@@ -1,9 +1,9 @@
 """The project's own Triton kernels as an attention backend (the default on CUDA without flash-attn)."""
 
-from nanovllm.engine.cuda_graphs import decode_batch_bucket
 from nanovllm.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from nanovllm.kernels.prefill_attention import paged_prefill_attention
 from nanovllm.kernels.store_kvcache import store_kvcache
+from nanovllm.utils.buckets import decode_batch_bucket
 
 
 class TritonBackend:

@@ -4,6 +4,7 @@ from torch import nn
 
 from nanovllm.distributed import all_reduce, gather_to_rank0, tp_rank, tp_size
 from nanovllm.utils.context import get_context
+from nanovllm.utils.loader import expect_shape
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -20,6 +21,9 @@ class VocabParallelEmbedding(nn.Module):
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:
+        rows_differ = loaded.dim() == 2 and loaded.shape[0] != self.vocab_size
+        hint = f": the config's vocab_size={self.vocab_size} must equal its rows" if rows_differ else ""
+        expect_shape(loaded, (self.vocab_size, param.shape[1]), hint)
         shard = loaded[self.vocab_start : self.vocab_start + self.shard_size]
         param.data[: shard.shape[0]].copy_(shard)
 
@@ -33,16 +37,16 @@ class VocabParallelEmbedding(nn.Module):
 
 
 class ParallelLMHead(VocabParallelEmbedding):
-    """Logits for the sequences' last positions only during prefill; vocab shards gathered to rank 0
-    (other ranks return None)."""
+    """Logits only at the rows that sample (``logits_indices``: the last new token of each sequence
+    that samples this step); vocab shards gathered to rank 0 (other ranks return None)."""
 
     def __init__(self, vocab_size: int, hidden_size: int):
         super().__init__(vocab_size, hidden_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         context = get_context()
-        if context.is_prefill:
-            hidden_states = hidden_states[context.cu_seqlens_q[1:] - 1]
+        if context.logits_indices is not None:
+            hidden_states = hidden_states[context.logits_indices]
         logits = F.linear(hidden_states, self.weight)  # [num_seqs, shard_size]
         logits = gather_to_rank0(logits)
         return logits[:, : self.vocab_size] if logits is not None else None

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.distributed import all_reduce, tp_rank, tp_size
+from nanovllm.utils.loader import expect_shape
 
 
 class LinearBase(nn.Module):
@@ -29,7 +30,10 @@ class LinearBase(nn.Module):
             self.register_parameter("bias", None)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id=None) -> None:
-        if self.tp_dim is not None and param.dim() > self.tp_dim:  # a row-parallel bias is not split
+        split = self.tp_dim is not None and param.dim() > self.tp_dim  # a row-parallel bias is not split
+        full = [n * self.tp_size if split and d == self.tp_dim else n for d, n in enumerate(param.shape)]
+        expect_shape(loaded, full)
+        if split:
             size = param.shape[self.tp_dim]
             loaded = loaded.narrow(self.tp_dim, self.tp_rank * size, size)
         param.data.copy_(loaded)
@@ -59,6 +63,7 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         super().__init__(input_size, sum(output_sizes), bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: int) -> None:
+        expect_shape(loaded, (self.output_sizes[shard_id], *param.shape[1:]))
         size = self.output_sizes[shard_id] // self.tp_size
         offset = sum(self.output_sizes[:shard_id]) // self.tp_size
         param.data.narrow(0, offset, size).copy_(loaded.narrow(0, self.tp_rank * size, size))
@@ -73,6 +78,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     ):
         tp = tp_size()
         self.head_dim = head_dim
+        self.total_num_heads, self.total_num_kv_heads = num_heads, num_kv_heads
         self.num_heads = num_heads // tp
         self.num_kv_heads = max(1, num_kv_heads // tp)
         self.kv_head_offset = tp_rank() * num_kv_heads // tp  # first KV head of this rank
@@ -80,6 +86,8 @@ class QKVParallelLinear(ColumnParallelLinear):
         super().__init__(hidden_size, out * tp, bias)
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: str) -> None:
+        heads = self.total_num_heads if shard_id == "q" else self.total_num_kv_heads
+        expect_shape(loaded, (heads * self.head_dim, *param.shape[1:]))
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         if shard_id == "q":
             offset, size, start = 0, q_size, self.tp_rank * q_size

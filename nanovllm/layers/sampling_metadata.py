@@ -2,10 +2,20 @@
 
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from nanovllm.engine.sequence import Sequence
+from nanovllm.sampling_params import SamplingParams
+
+
+class SamplingRow(Protocol):
+    """What the sampler reads of one sequence (the model runner's per-sequence state)."""
+
+    sampling_params: SamplingParams
+    prompt_token_ids: list[int]
+    completion_token_ids: list[int]
+    num_completion_tokens: int
 
 
 @dataclass
@@ -46,7 +56,7 @@ class SamplingMetadata:
     @classmethod
     def build(
         cls,
-        seqs: Seq[Sequence],
+        seqs: Seq[SamplingRow],
         vocab_size: int,
         device: torch.device | str,
         eos_token_ids: int | Seq[int] | None = None,
@@ -158,7 +168,7 @@ class SamplingMetadata:
 
 
 def _token_occurrences(
-    seqs: Seq[Sequence], vocab_size: int, device: torch.device | str
+    seqs: Seq[SamplingRow], vocab_size: int, device: torch.device | str
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompt-occurrence mask ``[batch, vocab]`` bool and output counts ``[batch, vocab]`` int32.
 

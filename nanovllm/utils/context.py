@@ -1,4 +1,9 @@
-"""Per-step attention metadata, set once per forward by the model runner and read by the layers."""
+"""Per-step attention metadata, set once per forward by the model runner and read by the layers.
+
+A step packs the new tokens of every scheduled sequence back to back; a decode is a sequence with
+one new token, a prefill chunk one with several. Attention picks its kernel from ``max_seqlen_q``
+(1: every sequence decodes), and the LM head computes logits only at ``logits_indices``.
+"""
 
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -8,15 +13,17 @@ import torch
 
 @dataclass
 class Context:
-    is_prefill: bool = False
-    # Prefill: new tokens of all sequences packed back to back.
-    cu_seqlens_q: torch.Tensor | None = None  # [num_seqs + 1] int32, offsets into the new tokens
-    max_seqlen_q: int = 0
-    # Both: keys per sequence (cached prefix + new tokens) and where each sequence's K/V live.
-    context_lens: torch.Tensor | None = None  # [num_seqs] int32
+    cu_seqlens_q: torch.Tensor | None = None  # [num_seqs + 1] int32, offsets of each sequence's new tokens
+    max_seqlen_q: int = 1  # the most new tokens of one sequence
+    context_lens: torch.Tensor | None = None  # [num_seqs] int32, keys per sequence (cached + new tokens)
     max_context_len: int = 0  # an upper bound of context_lens (fixed under CUDA graphs)
     block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int32
-    slot_mapping: torch.Tensor | None = None  # [num_new_tokens] int32/int64, cache slot of each new token
+    slot_mapping: torch.Tensor | None = None  # [num_new_tokens] int64, cache slot of each new token (-1: none)
+    logits_indices: torch.Tensor | None = None  # [num_sampling_seqs] int64 rows of the hidden states; None: all
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_seqlen_q == 1
 
 
 _CONTEXT = Context()
@@ -38,6 +45,3 @@ def forward_context(context: Context):
         yield context
     finally:
         _CONTEXT, _ACTIVE = Context(), False
-
-
-_ACTIVE = False

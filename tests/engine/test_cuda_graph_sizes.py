@@ -3,7 +3,7 @@
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nanovllm.engine.cuda_graphs import graph_batch_sizes
+from nanovllm.utils.buckets import graph_batch_sizes
 
 
 def test_default_sizes():

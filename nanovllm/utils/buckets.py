@@ -1,0 +1,17 @@
+"""Padded decode batch sizes, shared by the CUDA graphs and the Triton decode backend."""
+
+
+def decode_batch_bucket(batch: int) -> int:
+    """The padded size of a decode batch: 1, 2, 4, 8, then multiples of 16. The Triton decode
+    backend picks its split count from this, never from the batch itself, so a batch run eagerly
+    and the same batch replayed in a CUDA graph do identical arithmetic."""
+    if batch <= 8:
+        return 1 << (batch - 1).bit_length()
+    return (batch + 15) // 16 * 16
+
+
+def graph_batch_sizes(max_num_seqs: int) -> list[int]:
+    """The decode buckets up to ``max_num_seqs`` (at most 512), which ends the list: the batch
+    sizes the decode graphs are captured at."""
+    top = min(max_num_seqs, 512)
+    return sorted({min(decode_batch_bucket(b), top) for b in range(1, top + 1)})
