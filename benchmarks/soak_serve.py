@@ -127,7 +127,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=48)
-    p.add_argument("--max-waiting-requests", type=int, default=24)
+    p.add_argument("--max-waiting-requests", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
     args = p.parse_args()

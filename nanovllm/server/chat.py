@@ -72,7 +72,7 @@ class ChatCompletions(Serving):
                         lp = None
                         if c.new_logprobs is not None and c.new_token_ids:
                             lp = self._logprobs(c.new_token_ids, c.new_logprobs, top_n)
-                        num_completion += len(c.new_token_ids)
+                        num_completion += len(c.new_token_ids or ())
                         if c.finish_reason is not None:
                             done.add(c.index)
                         if c.text_delta or lp or c.finish_reason is not None:

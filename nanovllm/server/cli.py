@@ -90,16 +90,16 @@ def _served_name(model_arg: str | None, resolved: str) -> str:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from nanovllm.engine.llm_engine import LLMEngine
     from nanovllm.server.api import ServerSettings, build_app
     from nanovllm.server.async_engine import AsyncEngine
-    from nanovllm.server.engine_shim import EngineShim  # THROWAWAY until Engine API v2
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     names = {f.name for f in fields(Config) if f.init and f.name != "model"}
     config = Config.from_kwargs(args.model, **{k: v for k, v in vars(args).items() if k in names})
-    engine = AsyncEngine(EngineShim(config))
+    engine = AsyncEngine(LLMEngine(config))
     settings = ServerSettings(
         served_model_name=args.served_model_name or _served_name(args.model, config.model),
         api_key=args.api_key,

@@ -92,7 +92,7 @@ class Completions(Serving):
                             lp = self._logprobs(c.new_token_ids, c.new_logprobs, offsets[c.index])
                         finish = c.finish_reason
                         offsets[c.index] += len(text)
-                        num_completion += len(c.new_token_ids)
+                        num_completion += len(c.new_token_ids or ())
                         if finish is not None:
                             done.add(c.index)
                         if text or c.new_token_ids or finish is not None:  # one chunk per step

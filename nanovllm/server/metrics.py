@@ -92,7 +92,7 @@ class RequestLog:
         self.num_completion_tokens = 0
 
     def on_output(self, out: Any) -> None:
-        new = sum(len(c.new_token_ids) for c in out.outputs)
+        new = sum(len(c.new_token_ids or ()) for c in out.outputs)
         if new and self.first_token is None:
             self.first_token = time.monotonic()
         self.num_completion_tokens += new

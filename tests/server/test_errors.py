@@ -111,6 +111,7 @@ def test_still_serving_after_errors(server):
     assert status == 200 and body["usage"]["completion_tokens"] <= 3
 
 
+@pytest.mark.slow
 def test_503_with_retry_after_over_max_waiting_requests(chat_ckpt):
     args = {**ENGINE_ARGS, "max_num_seqs": 1}
     server = Server(chat_ckpt, "--max-waiting-requests", "2", *engine_flags(**args))
