@@ -2,9 +2,10 @@
 
 1,000 requests from 48 concurrent clients: completions and chat, streamed or not, n of 1 or 2;
 10% of clients drop the connection mid-stream; 5% send bad parameters (they must get a 400). The
-server runs with --max-waiting-requests, so some 503s are intended. Reported: every status by
-kind, unintended 5xx (must be 0), KV-cache usage once idle (must be 0: no leaked blocks), and the
-server's RSS over the run (must stay flat). One JSON line goes to --results.
+server runs with --max-waiting-requests, so some 503s are intended (the client then waits 1 s,
+as Retry-After says). Reported: every status by kind, unintended 5xx (must be 0), KV-cache usage
+once idle (must be 0: no leaked blocks), and the server's RSS over the run (must stay flat).
+One JSON line goes to --results.
 
 Usage (from the repository root): python benchmarks/soak_serve.py [--requests 1000]
 """
@@ -111,6 +112,8 @@ async def soak(port: int, pid: int, n: int, concurrency: int, seed: int) -> dict
             expected = {"ok": (200, 503), "disconnect": (200, 503), "bad": (400,)}[kind]
             if status not in expected:
                 unintended.append((kind, status, body if isinstance(body, dict) else body.decode()))
+            if status == 503:
+                await asyncio.sleep(1.0)  # as Retry-After asks
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -127,7 +130,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--requests", type=int, default=1000)
     p.add_argument("--concurrency", type=int, default=48)
-    p.add_argument("--max-waiting-requests", type=int, default=32)
+    p.add_argument("--max-waiting-requests", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
     args = p.parse_args()
