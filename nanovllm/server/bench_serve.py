@@ -85,7 +85,13 @@ def _free_port() -> int:
 
 
 def start_server(model: str | None, engine_args: dict, port: int) -> subprocess.Popen:
-    flags = [x for k, v in engine_args.items() for x in ("--" + k.replace("_", "-"), str(v))]
+    flags = []
+    for k, v in engine_args.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):  # boolean flags take no value: --enforce-eager / --no-enforce-eager
+            flags.append(flag if v else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(v)]
     cmd = [sys.executable, "-m", "nanovllm", "serve", *([model] if model else []), "--port", str(port)]
     proc = subprocess.Popen(cmd + ["--log-level", "warning"] + flags)
     deadline = time.monotonic() + 600
