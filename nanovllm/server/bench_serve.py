@@ -1,0 +1,197 @@
+"""``nanovllm bench-serve``: a serving benchmark in the shape of ``vllm bench serve``.
+
+Starts ``nanovllm serve`` in a subprocess (or uses ``--base-url``), sends seeded random token-id
+prompts as streaming completions at a Poisson rate (``inf``: all at once), and reports request
+throughput, output tok/s and p50/p90/p99 of time to first token, time per output token and
+inter-token latency. The same requests then go through offline ``LLM.generate`` (after the server
+has stopped, so the two never share the machine) as the same-run baseline; the server's output
+tok/s at the highest load over that is the ratio the server must keep >= 0.9. One JSON line goes
+to ``--results``. The client is plain asyncio sockets, so it costs the server little CPU.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from datetime import datetime, timezone
+
+from nanovllm.server.bench_client import run_load
+
+
+def make_requests(n: int, input_len: tuple[int, int], output_len: tuple[int, int], vocab: int, seed: int):
+    rng = random.Random(seed)
+    hi = min(vocab, 10000) - 1
+    return [
+        ([rng.randint(100, hi) for _ in range(rng.randint(*input_len))], rng.randint(*output_len))
+        for _ in range(n)
+    ]
+
+
+def offline_tok_s(model, engine_args: dict, requests, temperature: float) -> dict:
+    """Offline ``LLM.generate`` on the same requests, in a fresh process (so that its GPU memory is
+    gone before the server starts, and the two never share the machine)."""
+    payload = json.dumps([model, engine_args, requests, temperature])
+    out = subprocess.run(
+        [sys.executable, "-m", "nanovllm.server.bench_serve", "--offline-json"],
+        input=payload,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _offline_main() -> None:
+    from nanovllm import LLM, SamplingParams
+
+    model, engine_args, requests, temperature = json.loads(sys.stdin.read())
+    llm = LLM(model, **engine_args)
+    params = [SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=m) for _, m in requests]
+    llm.generate([p for p, _ in requests[:2]], params[:2], use_tqdm=False)  # warm-up, as the server had
+    # generate() runs in a thread, as the server's engine does: on a CPU machine shared with other
+    # jobs, steps from the main thread ran 2-10x slower than from a thread (OpenMP under contention).
+    outs, start = [], time.perf_counter()
+    worker = threading.Thread(
+        target=lambda: outs.extend(llm.generate([p for p, _ in requests], params, use_tqdm=False))
+    )
+    worker.start()
+    worker.join()
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o["token_ids"]) for o in outs)
+    llm.shutdown()
+    print(
+        json.dumps(
+            {
+                "output_tok_per_s": round(tokens / seconds, 1),
+                "seconds": round(seconds, 2),
+                "output_tokens": tokens,
+            }
+        )
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: str | None, engine_args: dict, port: int) -> subprocess.Popen:
+    flags = []
+    for k, v in engine_args.items():
+        flag = "--" + k.replace("_", "-")
+        if isinstance(v, bool):  # boolean flags take no value: --enforce-eager / --no-enforce-eager
+            flags.append(flag if v else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(v)]
+    cmd = [sys.executable, "-m", "nanovllm", "serve", *([model] if model else []), "--port", str(port)]
+    proc = subprocess.Popen(cmd + ["--log-level", "warning"] + flags)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError("the server did not become healthy")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="nanovllm bench-serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model directory or .gguf (default: bundled SmolLM2)")
+    p.add_argument("--base-url", default=None, help="use this running server (no offline baseline)")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--input-len", type=int, nargs=2, default=[32, 256], metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, nargs=2, default=[32, 128], metavar=("MIN", "MAX"))
+    p.add_argument("--request-rates", default="inf", help="comma-separated requests/s; inf = all at once")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-args", default="{}", help="JSON, e.g. '{\"max_model_len\": 2048}'")
+    p.add_argument("--no-baseline", action="store_true", help="skip offline generate")
+    p.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
+    p.add_argument("--note", default=None)
+    args = p.parse_args(argv)
+    engine_args = json.loads(args.engine_args)
+
+    from nanovllm.benchmark import _record, git_commit
+    from nanovllm.models.registry import load_hf_config
+    from nanovllm.utils.model_source import resolve_model
+
+    model_path = resolve_model(args.model)
+    vocab = load_hf_config(model_path).vocab_size
+    requests = make_requests(
+        args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed
+    )
+    rates = [float(r) for r in args.request_rates.split(",")]
+    baseline = not args.no_baseline and not args.base_url
+    offline = []
+    if baseline:  # before and after the server, so that drift in a shared machine's speed shows
+        offline.append(offline_tok_s(args.model, engine_args, requests, args.temperature))
+    proc = None
+    if args.base_url:
+        host, port = args.base_url.split("//")[-1].rstrip("/").split(":")
+        port = int(port)
+    else:
+        host, port = "127.0.0.1", _free_port()
+        proc = start_server(args.model, engine_args, port)
+    try:
+        asyncio.run(run_load(host, port, requests[:2], float("inf"), args.temperature, args.seed))  # warm-up
+        loads = [asyncio.run(run_load(host, port, requests, r, args.temperature, args.seed)) for r in rates]
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(120)
+    if baseline:
+        offline.append(offline_tok_s(args.model, engine_args, requests, args.temperature))
+    workload = (
+        f"{args.num_prompts} random token-id prompts (seed {args.seed}), input {args.input_len[0]}-"
+        f"{args.input_len[1]}, output {args.output_len[0]}-{args.output_len[1]}, temperature "
+        f"{args.temperature}, ignore_eos, streaming completions over HTTP"
+    )
+    result = {
+        "bench": "serve",
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "device": _device(engine_args),
+        "model": os.path.basename(model_path.rstrip("/")),
+        "workload": workload,
+        "engine_args": engine_args,
+        "server": loads,
+        "note": args.note,
+    }
+    if offline:
+        mean = sum(o["output_tok_per_s"] for o in offline) / len(offline)
+        result["baseline"] = {
+            "offline_generate_before_and_after": offline,
+            "mean_output_tok_per_s": round(mean, 1),
+        }
+        saturated = [load for load in loads if load["request_rate"] == "inf"] or loads
+        result["server_over_offline"] = round(saturated[0]["output_tok_per_s"] / mean, 3)
+    _record(result, args.results)
+    return 0
+
+
+def _device(engine_args: dict) -> str:
+    import torch
+
+    if engine_args.get("device") != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"cpu ({os.cpu_count()} cores)"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--offline-json"]:
+        _offline_main()
+    else:
+        sys.exit(main())
