@@ -31,7 +31,11 @@ logger = logging.getLogger("nanovllm.server")
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped (a failed step, or shutdown); no request can be served."""
+    """The engine thread stopped (shutdown, or its loop broke); no request can be served."""
+
+
+class EngineStepError(RuntimeError):
+    """A step raised: the requests in it failed, the engine goes on serving the others."""
 
 
 @dataclass
@@ -150,7 +154,15 @@ class AsyncEngine:
                         failures.append((cmd.request_id, e))
                 step_start, outputs = time.monotonic(), []
                 if engine.has_unfinished_requests():
-                    outputs = engine.step()
+                    try:
+                        outputs = engine.step()
+                    except Exception as e:  # the step left no trace: fail its requests, keep serving
+                        logger.exception("engine step failed; failing the %d requests in flight", len(live))
+                        error = EngineStepError(f"engine step failed: {e!r}")
+                        for request_id in live:
+                            engine.abort_request(request_id)
+                            failures.append((request_id, error))
+                        live.clear()
                     live.difference_update(o.request_id for o in outputs if o.finished)
                 self.stats = engine.stats()
                 if outputs or failures:
@@ -158,8 +170,8 @@ class AsyncEngine:
             for request_id in live:
                 engine.abort_request(request_id)
             self.stats = engine.stats()
-        except BaseException as e:  # a failed step: every waiting handler gets a 500, health turns 503
-            logger.exception("engine step failed; the server can serve no more requests")
+        except BaseException as e:  # the loop itself broke: every waiting handler gets a 500, health turns 503
+            logger.exception("the engine thread failed; the server can serve no more requests")
             self.dead = e
             self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine failed: {e!r}"))
 

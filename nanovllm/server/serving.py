@@ -12,7 +12,7 @@ from typing import Any
 from starlette.requests import Request
 
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, RequestStream
+from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, EngineStepError, RequestStream
 from nanovllm.server.metrics import RequestLog, ServerMetrics
 from nanovllm.server.protocol import APIError
 
@@ -172,6 +172,9 @@ class Serving:
         except EngineDeadError as e:
             status = "error"
             raise APIError(503, str(e), type="server_error") from None
+        except EngineStepError as e:
+            status = "error"
+            raise APIError(500, str(e), type="server_error") from None
         finally:
             watcher.cancel()
             if getter is not None:
