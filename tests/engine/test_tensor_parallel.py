@@ -15,9 +15,7 @@ import pytest
 import torch.distributed as dist
 
 from nanovllm import LLM, SamplingParams
-from nanovllm.engine.call_channel import StepBatch, StepSequence
 from nanovllm.config import check_tensor_parallel
-from nanovllm.engine.sequence import Sequence
 from tests.tiny import hf_greedy, hf_model
 
 MAX_NEW = 16
@@ -169,20 +167,28 @@ def test_check_tensor_parallel(heads, kv_heads, inter, tp, message):
             check_tensor_parallel(hf, tp)
 
 
-def test_step_sequence_carries_what_the_inputs_need():
-    seq = Sequence(list(range(100, 140)), SamplingParams(), block_size=16)
-    seq.block_table, seq.num_cached_tokens = [7, 3, 9], 32
-    pre = pickle.loads(pickle.dumps(StepSequence.of(seq, is_prefill=True)))
-    assert pre.token_ids[32:40] == seq.token_ids[32:40] and pre.num_blocks == seq.num_blocks == 3
-    assert (pre.num_tokens, pre.block_table, pre.last_token) == (40, [7, 3, 9], 139)
-    with pytest.raises(IndexError):
-        pre.token_ids[0:40]  # the cached prefix never travels
-    dec = pickle.loads(pickle.dumps(StepSequence.of(seq, is_prefill=False)))
-    assert (dec.last_token, dec.num_tokens, dec.block_table) == (139, 40, [7, 3, 9])
-    assert len(pickle.dumps(StepSequence.of(seq, False))) < 120
-    (packed,) = pickle.loads(pickle.dumps(StepBatch.of([seq], is_prefill=True))).sequences()
-    assert (packed.num_tokens, packed.num_cached_tokens, packed.block_table) == (40, 32, [7, 3, 9])
-    assert packed.token_ids[32:40] == seq.token_ids[32:40]
+def test_steps_carry_only_what_changed():
+    """What every rank receives: a sequence travels whole once, then as deltas (a decode step is
+    one token and maybe one block per sequence)."""
+    from tests.engine.factories import make_scheduler, make_seq, run_step
+
+    sched = make_scheduler(num_blocks=16)
+    seq = make_seq(list(range(100, 140)))
+    sched.add(seq)
+    first = pickle.loads(pickle.dumps(sched.schedule()))
+    assert first.new_seqs[0].token_ids == seq.token_ids and first.new_seqs[0].block_ids == seq.block_table
+    sched.update(first, sched.__dict__.setdefault("fake_runner", _runner(sched)).execute_model(first))
+    run_step(sched)
+    decode = sched.schedule()
+    assert not decode.new_seqs and decode.cached_seqs.new_token_ids == [[7]]
+    assert decode.cached_seqs.new_block_ids == [[]] and decode.cached_seqs.num_computed_tokens == [41]
+    assert len(pickle.dumps(decode)) < 400
+
+
+def _runner(sched):
+    from tests.engine.fake_runner import FakeRunner
+
+    return FakeRunner(sched.block_manager.num_blocks, sched.block_size)
 
 
 def test_worker_that_raises_is_reported_with_its_traceback(reference):
