@@ -19,10 +19,9 @@ CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrom
 
 
 def find_chromium() -> str | None:
-    """$NANOVLLM_CHROMIUM, else the first Chromium on PATH."""
-    if os.environ.get("NANOVLLM_CHROMIUM"):
-        return os.environ["NANOVLLM_CHROMIUM"]
-    return next((p for p in map(shutil.which, CHROMIUM_NAMES) if p), None)
+    """$NANOVLLM_CHROMIUM if set (None if it is not an executable), else the first Chromium on PATH."""
+    names = [os.environ["NANOVLLM_CHROMIUM"]] if os.environ.get("NANOVLLM_CHROMIUM") else CHROMIUM_NAMES
+    return next((p for p in map(shutil.which, names) if p), None)
 
 
 class Browser:

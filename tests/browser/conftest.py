@@ -30,7 +30,6 @@ def pytest_collection_modifyitems(config, items):
     chromium = find_chromium()
     for item in items:
         if str(item.fspath).startswith(here):
-            item.add_marker(pytest.mark.browser)
             if chromium is None:
                 item.add_marker(
                     pytest.mark.skip(
@@ -98,6 +97,8 @@ class ScriptedServer:
 
             def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None):
                 self.send_response(status)
+                self.send_header("Connection", "close")  # no kept-alive socket outlives close()
+                self.close_connection = True
                 self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(body)))
                 for k, v in (extra or {}).items():
@@ -110,6 +111,8 @@ class ScriptedServer:
                     card = {"id": "scripted", "object": "model", "max_model_len": 64}
                     return self._send(200, json.dumps({"data": [card]}).encode(), "application/json")
                 name = "index.html" if self.path == "/" else self.path.removeprefix("/static/")
+                if not os.path.isfile(os.path.join(STATIC_DIR, name)):
+                    return self._send(404, b"{}", "application/json")
                 ctype = {"html": "text/html", "js": "text/javascript", "css": "text/css"}[name.split(".")[-1]]
                 with open(os.path.join(STATIC_DIR, name), "rb") as f:
                     self._send(200, f.read(), ctype)

@@ -12,6 +12,7 @@ from tests.browser.conftest import ScriptedServer, open_page, post_json
 from tests.server.conftest import Server
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+pytestmark = pytest.mark.browser
 REPLY = "[...document.querySelectorAll('#log .turn.assistant')].at(-1)"
 ERROR = "!document.getElementById('error').hidden && document.getElementById('error').textContent"
 STATS = re.compile(r"^(\d+) tokens? · first token \d+ ms · [\d.]+ tok/s")
@@ -178,6 +179,17 @@ def test_busy_and_lost_connection_are_shown(browser, scripted):
     assert reply_state(browser, "done") == "done"
     assert browser.eval("document.getElementById('error').hidden")
     assert [r["messages"][-1]["content"] for r in scripted.requests][-3:] == ["busy", "cut", "markup"]
+    assert browser.errors == []
+
+
+def test_unreachable_server_is_shown(browser):
+    gone = ScriptedServer({})
+    open_page(browser, gone.url)
+    gone.close()
+    send(browser, "anyone there?")
+    assert "Cannot reach the server" in browser.wait(ERROR)
+    assert browser.eval("document.getElementById('input').value") == "anyone there?"
+    assert browser.eval("document.getElementById('send').hidden") is False
     assert browser.errors == []
 
 
