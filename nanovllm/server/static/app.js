@@ -1,6 +1,6 @@
 // nanovllm's chat page: talks to this server's /v1/chat/completions with stream: true.
 // Model output is text, never markup: every string the model (or the user) wrote reaches the page
-// through textContent, and code fences become <pre><code> elements built here, never by innerHTML.
+// through textContent, and code fences become <pre><code> elements (render.js), never innerHTML.
 "use strict";
 
 const KEY_STORAGE = "nanovllm.apiKey"; // sessionStorage: the key lives as long as the tab
@@ -26,55 +26,7 @@ const ui = {
 // history holds the finished turns only: what the view shows is what the next request sends.
 const state = { model: null, history: [], controller: null };
 
-// ---- rendering (text only) -------------------------------------------------------------------
-
-function node(tag, className, text) {
-  const el = document.createElement(tag);
-  if (className) el.className = className;
-  if (text !== undefined) el.textContent = text;
-  return el;
-}
-
-/** Prose with `inline code` spans; line breaks are kept by CSS (white-space: pre-wrap). */
-function prose(text) {
-  const out = [];
-  const parts = text.split(/`([^`\n]+)`/); // odd indices are the code spans' contents
-  parts.forEach((part, i) => {
-    if (part) out.push(node(i % 2 ? "code" : "span", i % 2 ? "inline" : "text", part));
-  });
-  return out;
-}
-
-/**
- * Replace el's children with text split at ``` fences: prose outside, <pre><code> inside. An
- * unclosed fence (a reply still streaming) runs to the end. The info string after the opening
- * fence (```python) is shown as a label, also as text.
- */
-function renderText(el, text) {
-  const nodes = [];
-  const parts = text.split("```");
-  parts.forEach((part, i) => {
-    if (i % 2 === 0) {
-      // A code block is a block of its own: the line breaks around its fences would be blank lines.
-      if (i > 0) part = part.replace(/^\n+/, "");
-      if (i < parts.length - 1) part = part.replace(/\n+$/, "");
-      nodes.push(...prose(part));
-      return;
-    }
-    const newline = part.indexOf("\n");
-    let lang = "";
-    let code = part;
-    if (newline >= 0 && /^[\w+#.-]*$/.test(part.slice(0, newline).trim())) {
-      lang = part.slice(0, newline).trim();
-      code = part.slice(newline + 1);
-    }
-    const pre = node("pre", "code");
-    if (lang) pre.append(node("span", "lang", lang));
-    pre.append(node("code", "", code.replace(/\n$/, "")));
-    nodes.push(pre);
-  });
-  el.replaceChildren(...nodes);
-}
+// ---- the view (text only: render.js) ---------------------------------------------------------
 
 function addTurn(role, text) {
   const turn = node("div", `turn ${role}`);
@@ -133,33 +85,6 @@ async function httpError(res) {
     askKey();
   }
   return new Error(message);
-}
-
-/** The data of each server-sent event, as strings ("[DONE]" included). */
-async function* sseData(body) {
-  const reader = body.getReader();
-  const decoder = new TextDecoder();
-  let buffer = "";
-  try {
-    for (;;) {
-      const { value, done } = await reader.read();
-      if (done) return;
-      buffer = (buffer + decoder.decode(value, { stream: true })).replace(/\r\n/g, "\n");
-      let end;
-      while ((end = buffer.indexOf("\n\n")) >= 0) {
-        const event = buffer.slice(0, end);
-        buffer = buffer.slice(end + 2);
-        const data = event
-          .split("\n")
-          .filter((line) => line.startsWith("data:"))
-          .map((line) => line.slice(5).replace(/^ /, ""))
-          .join("\n");
-        if (data) yield data;
-      }
-    }
-  } finally {
-    reader.cancel().catch(() => {}); // left early ([DONE], an error): close the connection
-  }
 }
 
 function readSettings() {
