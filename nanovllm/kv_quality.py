@@ -88,9 +88,11 @@ def compare_greedy(ref: list, test: list, prefix: int = 32) -> dict:
 
 
 @torch.inference_mode()
-def text_log_likelihood(llm, token_ids: list[int], chunk: int = 128) -> float:
-    """Mean log-likelihood per token of ``token_ids[1:]``, prefilled ``chunk`` tokens at a time
-    through the KV cache of ``llm`` (tensor parallel size 1).
+def text_log_likelihood(llm, token_ids: list[int], chunk: int = 128, start: int = 0) -> float:
+    """Mean log-likelihood per token of ``token_ids[start + 1:]``, prefilled ``chunk`` tokens at a
+    time through the KV cache of ``llm`` (tensor parallel size 1). With ``start > 0`` the first
+    ``start`` tokens are not recomputed: their K/V must be in the cache from an earlier call on the
+    same tokens (as a prefix-cache hit would be).
 
     It writes cache blocks 0, 1, ... directly, bypassing the block manager: call it on an idle
     engine that will not serve prefix-cache hits afterwards (or on its last use)."""
@@ -102,14 +104,14 @@ def text_log_likelihood(llm, token_ids: list[int], chunk: int = 128) -> float:
     block_table = torch.arange(num_blocks, dtype=torch.int32, device=device)[None]
     weight = runner.model.lm_head.weight  # [vocab, hidden]
     total = 0.0
-    for start in range(0, n - 1, chunk):
-        end = min(start + chunk, n)
-        ids = torch.tensor(token_ids[start:end], device=device)
-        positions = torch.arange(start, end, device=device)
+    for lo in range(start, n - 1, chunk):
+        end = min(lo + chunk, n)
+        ids = torch.tensor(token_ids[lo:end], device=device)
+        positions = torch.arange(lo, end, device=device)
         ctx = Context(
             is_prefill=True,
-            cu_seqlens_q=torch.tensor([0, end - start], dtype=torch.int32, device=device),
-            max_seqlen_q=end - start,
+            cu_seqlens_q=torch.tensor([0, end - lo], dtype=torch.int32, device=device),
+            max_seqlen_q=end - lo,
             context_lens=torch.tensor([end], dtype=torch.int32, device=device),
             max_context_len=end,
             block_tables=block_table,
@@ -118,9 +120,9 @@ def text_log_likelihood(llm, token_ids: list[int], chunk: int = 128) -> float:
         with forward_context(ctx):
             hidden = runner.model(ids, positions)  # [chunk, hidden]
         logprobs = F.log_softmax(F.linear(hidden, weight).float(), dim=-1)
-        targets = torch.tensor(token_ids[start + 1 : end + 1], device=device)
+        targets = torch.tensor(token_ids[lo + 1 : end + 1], device=device)
         total += logprobs[: len(targets)].gather(1, targets[:, None]).sum().item()
-    return total / (n - 1)
+    return total / (n - 1 - start)
 
 
 def scoring_tokens(llm, max_tokens: int | None = None) -> list[int]:

@@ -54,9 +54,11 @@ def _store_kvcache_kernel(
     value = tl.load(
         value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :] * stride_vd, mask=mask
     )
-    if FP8:
-        key = tl.clamp(tl.math.div_rn(key.to(tl.float32), tl.load(k_scale_ptr)), -448.0, 448.0)
-        value = tl.clamp(tl.math.div_rn(value.to(tl.float32), tl.load(v_scale_ptr)), -448.0, 448.0)
+    if FP8:  # div_rn (IEEE division, as torch's) takes operands of one shape
+        k_scale = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32) + tl.load(k_scale_ptr)
+        v_scale = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32) + tl.load(v_scale_ptr)
+        key = tl.clamp(tl.math.div_rn(key.to(tl.float32), k_scale), -448.0, 448.0)
+        value = tl.clamp(tl.math.div_rn(value.to(tl.float32), v_scale), -448.0, 448.0)
     # int64: block_id * stride_cb overflows int32 on caches of more than 2 G elements.
     row = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
     dst = row + heads[:, None] * stride_ch + dims[None, :] * stride_cd
