@@ -33,15 +33,23 @@ QWEN3_0_6B = dict(
 )
 
 
-def workload(num_seqs: int = 256, max_input: int = 1024, max_output: int = 1024, seed: int = 0):
+def workload(
+    num_seqs: int = 256,
+    max_input: int = 1024,
+    max_output: int = 1024,
+    seed: int = 0,
+    min_input: int = 100,
+    min_output: int = 100,
+):
     from nanovllm import SamplingParams
 
     random.seed(seed)
     prompts = [
-        [random.randint(0, 10000) for _ in range(random.randint(100, max_input))] for _ in range(num_seqs)
+        [random.randint(0, 10000) for _ in range(random.randint(min_input, max_input))]
+        for _ in range(num_seqs)
     ]
     params = [
-        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(100, max_output))
+        SamplingParams(temperature=0.6, ignore_eos=True, max_tokens=random.randint(min_output, max_output))
         for _ in range(num_seqs)
     ]
     return prompts, params
@@ -126,12 +134,15 @@ def prefill_tok_s(llm, num_seqs: int = 8, length: int = 1024) -> float:
     return sum(s.num_prefill_tokens for s in stats) / sum(s.seconds for s in stats)
 
 
-def bandwidth_bound_s(hf_config, prompts, params, num_decode_steps: int, dtype_bytes: int, copy_gbs: float):
+def bandwidth_bound_s(
+    hf_config, prompts, params, num_decode_steps: int, dtype_bytes: int, copy_gbs: float, kv_bytes: int = 0
+):
     """Seconds the workload needs at copy bandwidth: weights once per step, every cached K/V once
-    per generated token, and every prompt token's K/V written once."""
+    per generated token, and every prompt token's K/V written once. ``kv_bytes``: bytes per cached
+    element (0: ``dtype_bytes``)."""
     c = hf_config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * dtype_bytes
+    kv_per_token = 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * (kv_bytes or dtype_bytes)
     inter, h, v = c.intermediate_size, c.hidden_size, c.vocab_size
     qkv = h * (c.num_attention_heads + 2 * c.num_key_value_heads) * head_dim
     layer = qkv + c.num_attention_heads * head_dim * h + 3 * h * inter
@@ -184,6 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--max-input", type=int, default=1024)
     parser.add_argument("--max-output", type=int, default=1024)
+    parser.add_argument("--min-input", type=int, default=100)
+    parser.add_argument("--min-output", type=int, default=100)
+    parser.add_argument("--max-model-len", type=int, default=4096)
+    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    parser.add_argument("--calculate-kv-scales", action="store_true")
     parser.add_argument("--baseline", choices=["none", "hf"], default="none")
     parser.add_argument(
         "--baseline-seqs",
@@ -218,11 +234,16 @@ def main(argv: list[str] | None = None) -> dict:
         return _record(cpu_chat_bench(args), args.results)
 
     model = args.model or write_random_qwen3(args.ckpt_dir)
-    prompts, params = workload(args.num_seqs, args.max_input, args.max_output)
+    prompts, params = workload(
+        args.num_seqs, args.max_input, args.max_output, min_input=args.min_input, min_output=args.min_output
+    )
     llm = LLM(
         model,
         enforce_eager=args.enforce_eager,
-        max_model_len=4096,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=max(16384, args.max_model_len),
+        kv_cache_dtype=args.kv_cache_dtype,
+        calculate_kv_scales=args.calculate_kv_scales,
         attention_backend=args.attention_backend,
         tensor_parallel_size=args.tensor_parallel_size,
         skip_tokenizer_init=True,
@@ -242,8 +263,9 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "triton": _triton_version(),
-        "workload": f"nano-vllm reference: {args.num_seqs} seqs, input 100-{args.max_input}, "
-        f"output 100-{args.max_output}, temperature 0.6, ignore_eos; {total_tokens} output tokens",
+        "workload": f"nano-vllm reference: {args.num_seqs} seqs, input {args.min_input}-{args.max_input}, "
+        f"output {args.min_output}-{args.max_output}, temperature 0.6, ignore_eos; {total_tokens} output "
+        f"tokens; max_model_len {args.max_model_len}",
         "model": "qwen3-0.6b-shaped random bf16" if not args.model else args.model,
         "tensor_parallel_size": args.tensor_parallel_size,
         "max_num_batched_tokens": llm.config.max_num_batched_tokens,
@@ -254,13 +276,17 @@ def main(argv: list[str] | None = None) -> dict:
         "engine_seconds": round(elapsed, 2),
         "num_preemptions": llm.engine.scheduler.num_preemptions,
         "kv_cache_blocks": runner.num_blocks,
+        "kv_cache_dtype": str(runner.kv_cache.dtype).removeprefix("torch."),
+        "calculate_kv_scales": args.calculate_kv_scales,
+        "max_decode_batch": max((s.num_decode_tokens for s in stats), default=0),
     }
     if torch.cuda.is_available():
         copy_gbs = copy_bandwidth_gbs()
         decode_steps = sum(1 for s in stats if s.num_decode_tokens)
         bound, total_bytes = bandwidth_bound_s(
-            llm.config.hf_config, prompts, params, decode_steps, runner.dtype.itemsize, copy_gbs
-        )
+            llm.config.hf_config, prompts, params, decode_steps, runner.dtype.itemsize, copy_gbs,
+            runner.kv_cache.dtype.itemsize,
+        )  # fmt: skip
         result.update(
             copy_gbs=round(copy_gbs, 1),
             bound_s=round(bound, 3),

@@ -33,6 +33,8 @@ class Config:
     device: str = "auto"
     seed: int = 0
     attention_backend: str = "auto"
+    kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": float8_e4m3fn (see layers/kv_quant.py)
+    calculate_kv_scales: bool = False  # fp8: scales from the first prefill instead of 1.0
     skip_tokenizer_init: bool = False  # prompts must then be token ids and outputs carry no text
     # Derived in __post_init__ (not engine arguments).
     hf_config: Any = field(default=None, init=False, repr=False)
@@ -86,7 +88,12 @@ class Config:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if not isinstance(self.calculate_kv_scales, bool):
+            raise ValueError(f"calculate_kv_scales must be True or False, got {self.calculate_kv_scales!r}")
         self._resolve_device_and_dtype()
+        from nanovllm.layers.kv_quant import check_kv_cache_dtype
+
+        check_kv_cache_dtype(self.kv_cache_dtype, self.device, self.attention_backend)
         self._load_model_config()
 
     def _resolve_device_and_dtype(self) -> None:

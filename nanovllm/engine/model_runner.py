@@ -14,6 +14,7 @@ from nanovllm.distributed import min_over_ranks
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.step import ModelRunnerOutput, NewSeq, SchedulerOutput
 from nanovllm.layers.attention import Attention, get_backend
+from nanovllm.layers.kv_quant import kv_cache_torch_dtype
 from nanovllm.layers.sampler import Sampler, SamplingMetadata
 from nanovllm.models.llama import head_dim_of
 from nanovllm.models.registry import model_class
@@ -58,6 +59,7 @@ class ModelRunner:
         self.block_size = config.kvcache_block_size
         self.device = torch.device(config.device, rank) if config.device == "cuda" else torch.device("cpu")
         self.dtype = config.torch_dtype
+        self.kv_cache_dtype = kv_cache_torch_dtype(config.kv_cache_dtype, self.dtype)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         torch.manual_seed(config.seed)
@@ -71,10 +73,12 @@ class ModelRunner:
             torch.set_default_dtype(default_dtype)
         load_weights(self.model, self._weights())
         self.model.eval().requires_grad_(False)
-        self.backend = get_backend(config.attention_backend, config.device, self.block_size)
+        fp8 = self.kv_cache_dtype == torch.float8_e4m3fn
+        self.backend = get_backend(config.attention_backend, config.device, self.block_size, fp8)
         self.attention_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
         for layer in self.attention_layers:
             layer.backend = self.backend
+            layer.calibrate_kv_scales = fp8 and config.calculate_kv_scales
         self.sampler = Sampler()
         self.eos_token_ids = sorted(config.eos_token_ids)  # min_tokens holds these back
         self.seqs: dict[int, SeqState] = {}
@@ -99,7 +103,7 @@ class ModelRunner:
     def block_bytes(self) -> int:
         """Bytes of one KV block over all layers (K and V) on this rank."""
         n = len(self.attention_layers) * 2 * self.block_size * self.num_kv_heads * self.head_dim
-        return n * self.dtype.itemsize
+        return n * self.kv_cache_dtype.itemsize
 
     def _allocate_kv_cache(self) -> int:
         """Size and allocate the cache; returns the number of blocks.
@@ -124,16 +128,17 @@ class ModelRunner:
                 "or lower max_model_len"
             )
         shape = (2, len(self.attention_layers), num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         gib = num_blocks * self.block_bytes / (1 << 30)
         logger.info(
-            "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB",
+            "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB of %s",
             num_blocks,
             self.block_size,
             num_blocks * self.block_size,
             gib,
+            str(self.kv_cache_dtype).removeprefix("torch."),
         )
         return num_blocks
 

@@ -19,6 +19,10 @@ the kernel is bound by memory bandwidth and the design follows from keeping ever
 * ``num_splits`` is a function of shapes only (batch, heads and ``max_context_len``), never of the
   values in ``context_lens``, so the call never waits for the GPU and can be captured in a CUDA
   graph. Inside the kernel each sequence divides its own context evenly over the splits.
+* An fp8 cache (float8_e4m3fn, see ``reference.py``) halves the bytes read. Each tile is upcast to
+  the query's dtype (exact: every e4m3 value is a bf16 and an fp16 value) and multiplied on the
+  tensor cores with fp32 accumulation; the per-layer scales are folded in rather than applied per
+  element: ``k_scale`` into the softmax scale, ``v_scale`` into the output.
 """
 
 import math
@@ -39,6 +43,8 @@ def _decode_split_kernel(
     context_lens_ptr,  # [batch]
     out_ptr,  # one split: [batch, num_heads, head_dim]; else [batch, num_heads, NUM_SPLITS, head_dim] fp32
     lse_ptr,  # [batch, num_heads, NUM_SPLITS] fp32 (unused when NUM_SPLITS == 1)
+    k_scale_ptr,  # [1] fp32 (fp8 caches only)
+    v_scale_ptr,
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
     stride_qb,
     stride_qh,
@@ -57,6 +63,7 @@ def _decode_split_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr,  # the cache is float8_e4m3fn, dequantised with k_scale / v_scale
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -72,6 +79,8 @@ def _decode_split_kernel(
     row_mask = rows < GROUP
     heads = kv_head * GROUP + rows
     q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=row_mask[:, None])
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -87,6 +96,8 @@ def _decode_split_kernel(
         kv_off = block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
         k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
+        if FP8:
+            k, v = k.to(q.dtype), v.to(q.dtype)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, BLOCK_N]
         s = tl.where(key_mask[None, :], s, float("-inf"))
@@ -101,6 +112,8 @@ def _decode_split_kernel(
     # has l_i = 0 and m_i = -inf, so it writes zeros with lse = -inf and weighs nothing in the merge.
     l_i = tl.maximum(l_i, 1.0)
     out = acc / l_i[:, None]
+    if FP8:
+        out = out * tl.load(v_scale_ptr)
     out_offs = seq * stride_ob + heads[:, None] * stride_oh + dims[None, :]
     if NUM_SPLITS == 1:
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
@@ -165,6 +178,9 @@ def paged_decode_attention(
     scale: float,
     max_context_len: int | None = None,  # an upper bound; fixes num_splits (e.g. max_model_len)
     num_splits: int | None = None,  # override the heuristic
+    k_scale: torch.Tensor | None = None,  # [1] float32, read for fp8 caches only
+    v_scale: torch.Tensor | None = None,
+    block_n: int = 64,  # keys per tile (a benchmark knob; the split heuristic assumes 64)
 ) -> torch.Tensor:  # [batch, num_heads, head_dim]
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -174,7 +190,8 @@ def paged_decode_attention(
     group = num_heads // num_kv_heads
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size  # from shapes only: no host sync
-    block_n = 64
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    assert not fp8 or (k_scale is not None and v_scale is not None), "an fp8 KV cache needs its scales"
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, max_context_len, block_n)
 
@@ -186,6 +203,7 @@ def paged_decode_attention(
         lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, partial, lse,
+        k_scale if fp8 else q, v_scale if fp8 else q,  # unread unless fp8
         scale * math.log2(math.e),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -199,6 +217,7 @@ def paged_decode_attention(
         BLOCK_N=block_n,
         NUM_SPLITS=num_splits,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP8=fp8,
         # Measured on H200 (bf16, head_dim 128): 64-key tiles, 4 warps and 3 stages in flight read
         # K/V at ~95% of copy bandwidth; 32-key tiles fall to ~80%, 128-key tiles or 8 warps are no better.
         num_warps=4,

@@ -14,6 +14,9 @@ context_len - q_len`` cached keys, new query ``i`` sees keys ``0 .. prefix + i``
 
 The heads are the fastest grid axis, so the programs that read the same K/V tiles (the heads of a
 GQA group, and the other groups of the same tile) run together and share them through L2.
+
+An fp8 cache is read as in the decode kernel: tiles upcast to the query's dtype (exactly), fp32
+accumulation, ``k_scale`` folded into the softmax scale and ``v_scale`` into the output.
 """
 
 import math
@@ -44,6 +47,7 @@ def _attend_tile(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,  # the tile crosses the diagonal or the end of the keys
     DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     """One step of online softmax over keys start_n .. start_n + BLOCK_N."""
     pos = start_n + tl.arange(0, BLOCK_N)
@@ -60,6 +64,8 @@ def _attend_tile(
     else:
         k = tl.load(k_cache_ptr + kv_offs)
         v = tl.load(v_cache_ptr + kv_offs)
+    if FP8:
+        k, v = k.to(q.dtype), v.to(q.dtype)
 
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASKED:
@@ -82,6 +88,8 @@ def _prefill_kernel(
     context_lens_ptr,  # [batch]
     block_tables_ptr,  # [batch, max_blocks]
     out_ptr,  # [num_tokens, num_heads, head_dim]
+    k_scale_ptr,  # [1] fp32 (fp8 caches only)
+    v_scale_ptr,
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
     stride_qt,
     stride_qh,
@@ -97,6 +105,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,  # queries per tile
     BLOCK_N: tl.constexpr,  # keys per tile
     DOT_PRECISION: tl.constexpr,
+    FP8: tl.constexpr,  # the cache is float8_e4m3fn, dequantised with k_scale / v_scale
 ):
     head = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -114,6 +123,8 @@ def _prefill_kernel(
     q_offs = (q_start + rows).to(tl.int64)[:, None] * stride_qt + head * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0)
     q_pos = prefix + rows  # each query's position among the keys
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -127,15 +138,17 @@ def _prefill_kernel(
     for start_n in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head_off, start_n, seen_end,
-            qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION,
+            qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, FP8,
         )  # fmt: skip
     for start_n in range(full_end, seen_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head_off, start_n, seen_end,
-            qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION,
+            qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, FP8,
         )  # fmt: skip
 
     out = acc / l_i[:, None]
+    if FP8:
+        out = out * tl.load(v_scale_ptr)
     o_offs = (q_start + rows).to(tl.int64)[:, None] * stride_ot + head * stride_oh + dims[None, :]
     tl.store(out_ptr + o_offs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
 
@@ -149,6 +162,8 @@ def paged_prefill_attention(
     block_tables: torch.Tensor,  # [batch, max_blocks] int
     scale: float,
     max_seqlen_q: int | None = None,  # longest q_len; None reads it from cu_seqlens_q (a host sync)
+    k_scale: torch.Tensor | None = None,  # [1] float32, read for fp8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_new_tokens, num_heads, head_dim]
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -156,6 +171,8 @@ def paged_prefill_attention(
     assert num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
     assert head_dim in (16, 32, 64, 128, 256), "head_dim must be a power of two"
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    assert not fp8 or (k_scale is not None and v_scale is not None), "an fp8 KV cache needs its scales"
     out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or batch == 0:
         return out
@@ -169,6 +186,7 @@ def paged_prefill_attention(
     grid = (num_heads, triton.cdiv(max_seqlen_q, block_m), batch)
     _prefill_kernel[grid](
         q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, out,
+        k_scale if fp8 else q, v_scale if fp8 else q,  # unread unless fp8
         scale * math.log2(math.e),
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -180,6 +198,7 @@ def paged_prefill_attention(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        FP8=fp8,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip

@@ -15,9 +15,37 @@ any value; they are never read.
 Prefill attention is causal and bottom-right aligned: a sequence with ``context_len`` keys of which
 the last ``q_len`` are new queries lets query ``i`` (0-based among the new ones) see keys
 ``0 .. context_len - q_len + i``. Prefix-cache hits (and chunked prefill) are this same case.
+
+An fp8 cache (``torch.float8_e4m3fn``) holds ``x / scale`` saturated to +-448, with one float32
+scale per layer for K and one for V (1-element tensors, so a CUDA graph reads their current value).
+Reads dequantise (``x * scale``) and attention runs in float32. Caches of the model dtype ignore
+the scales (they may be ``None``).
 """
 
 import torch
+
+FP8_DTYPE = torch.float8_e4m3fn
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn; it has no inf, and casting past it gives NaN
+
+
+def quantize_fp8_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x / scale`` rounded to the nearest float8_e4m3fn, saturated to +-448: finite in, finite out."""
+    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+
+
+def dequantize_ref(cache_rows: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """Cached rows as float32: ``x * scale`` for an fp8 cache, a plain upcast otherwise."""
+    if cache_rows.dtype == FP8_DTYPE:
+        assert scale is not None, "an fp8 KV cache needs its k_scale / v_scale"
+        return cache_rows.float() * scale
+    return cache_rows.float()
+
+
+def _to_cache(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    if cache.dtype == FP8_DTYPE:
+        assert scale is not None, "an fp8 KV cache needs its k_scale / v_scale"
+        return quantize_fp8_ref(x, scale)
+    return x.to(cache.dtype)
 
 
 def store_kvcache_ref(
@@ -26,11 +54,13 @@ def store_kvcache_ref(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens], -1 = skip
+    k_scale: torch.Tensor | None = None,  # [1] float32, read for fp8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = key[keep].to(k_cache.dtype)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = value[keep].to(v_cache.dtype)
+    k_cache.view(-1, *k_cache.shape[2:])[slots] = _to_cache(key[keep], k_cache, k_scale)
+    v_cache.view(-1, *v_cache.shape[2:])[slots] = _to_cache(value[keep], v_cache, v_scale)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -47,6 +77,8 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,  # [batch, max_blocks] int
     context_lens: torch.Tensor,  # [batch] int, keys per sequence (including the new token)
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [1] float32, read for fp8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [batch, num_heads, head_dim]
     batch, num_heads, head_dim = q.shape
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
@@ -56,8 +88,9 @@ def paged_decode_attention_ref(
     pos = torch.arange(max_len, device=q.device)
     blocks = block_tables[:, pos // block_size].long().clamp(min=0)  # [batch, max_len]
     slots = blocks * block_size + pos % block_size
-    k = k_cache.view(-1, num_kv_heads, head_dim)[slots].float()  # [batch, max_len, num_kv_heads, head_dim]
-    v = v_cache.view(-1, num_kv_heads, head_dim)[slots].float()
+    # [batch, max_len, num_kv_heads, head_dim]
+    k = dequantize_ref(k_cache.view(-1, num_kv_heads, head_dim)[slots], k_scale)
+    v = dequantize_ref(v_cache.view(-1, num_kv_heads, head_dim)[slots], v_scale)
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
     pad = torch.arange(max_len, device=q.device)[None, :] >= context_lens[:, None].to(q.device)
@@ -74,6 +107,8 @@ def paged_prefill_attention_ref(
     context_lens: torch.Tensor,  # [batch] int, keys per sequence (cached prefix + new tokens)
     block_tables: torch.Tensor,  # [batch, max_blocks] int
     scale: float,
+    k_scale: torch.Tensor | None = None,  # [1] float32, read for fp8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:  # [num_new_tokens, num_heads, head_dim]
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
@@ -83,8 +118,8 @@ def paged_prefill_attention_ref(
     for b, ctx in enumerate(context_lens.tolist()):
         start, end = cu[b], cu[b + 1]
         q_len = end - start
-        k = gather_kv(k_cache, block_tables[b], ctx).float()  # [ctx, num_kv_heads, head_dim]
-        v = gather_kv(v_cache, block_tables[b], ctx).float()
+        k = dequantize_ref(gather_kv(k_cache, block_tables[b], ctx), k_scale)  # [ctx, num_kv_heads, head_dim]
+        v = dequantize_ref(gather_kv(v_cache, block_tables[b], ctx), v_scale)
         qg = q[start:end].float().view(q_len, num_kv_heads, group, head_dim)
         scores = torch.einsum("qhgd,khd->hgqk", qg, k) * scale
         q_pos = torch.arange(ctx - q_len, ctx, device=q.device)

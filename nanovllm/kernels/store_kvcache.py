@@ -3,6 +3,11 @@
 One program per new token: it reads the token's slot from ``slot_mapping`` (slot -1 = padding, the
 program writes nothing) and copies all its KV heads, K and V, into row ``slot % block_size`` of
 block ``slot // block_size``. See ``reference.py`` for the cache layout.
+
+An fp8 cache gets ``x / scale`` saturated to +-448 (float8_e4m3fn has no inf: an unsaturated cast of
+a large value would be NaN), with the division correctly rounded so the result is bit-identical to
+``reference.quantize_fp8_ref``. Triton 3.6's interpreter rounds float -> fp8 casts wrongly (a
+mantissa carry can halve the value, subnormals flush to zero), so the fp8 store is tested on a GPU.
 """
 
 import torch
@@ -17,6 +22,8 @@ def _store_kvcache_kernel(
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,
     slot_mapping_ptr,  # [num_tokens]
+    k_scale_ptr,  # [1] float32 (fp8 caches only)
+    v_scale_ptr,
     stride_kt,
     stride_kh,
     stride_kd,
@@ -31,6 +38,7 @@ def _store_kvcache_kernel(
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,  # num_kv_heads rounded up to a power of two
+    FP8: tl.constexpr,  # the cache is float8_e4m3fn: quantise with the scales
 ):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
@@ -46,6 +54,11 @@ def _store_kvcache_kernel(
     value = tl.load(
         value_ptr + token * stride_vt + heads[:, None] * stride_vh + dims[None, :] * stride_vd, mask=mask
     )
+    if FP8:  # div_rn (IEEE division, as torch's) takes operands of one shape
+        k_scale = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32) + tl.load(k_scale_ptr)
+        v_scale = tl.zeros([BLOCK_H, HEAD_DIM], dtype=tl.float32) + tl.load(v_scale_ptr)
+        key = tl.clamp(tl.math.div_rn(key.to(tl.float32), k_scale), -448.0, 448.0)
+        value = tl.clamp(tl.math.div_rn(value.to(tl.float32), v_scale), -448.0, 448.0)
     # int64: block_id * stride_cb overflows int32 on caches of more than 2 G elements.
     row = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
     dst = row + heads[:, None] * stride_ch + dims[None, :] * stride_cd
@@ -59,19 +72,25 @@ def store_kvcache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,  # [num_tokens], -1 = skip
+    k_scale: torch.Tensor | None = None,  # [1] float32, read for fp8 caches only
+    v_scale: torch.Tensor | None = None,
 ) -> None:
     num_tokens, num_kv_heads, head_dim = key.shape
     assert value.shape == key.shape and slot_mapping.shape == (num_tokens,)
     assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (num_kv_heads, head_dim)
     assert k_cache.stride() == v_cache.stride()
     assert head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
+    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    assert not fp8 or (k_scale is not None and v_scale is not None), "an fp8 KV cache needs its scales"
     if num_tokens == 0:
         return
     _store_kvcache_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping,
+        k_scale if fp8 else slot_mapping, v_scale if fp8 else slot_mapping,  # unread unless fp8
         *key.stride(), *value.stride(), *k_cache.stride(),
         num_kv_heads,
         BLOCK_SIZE=k_cache.shape[1],
         HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
+        FP8=fp8,
     )  # fmt: skip

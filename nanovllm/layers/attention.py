@@ -4,7 +4,8 @@ Every backend implements three calls on the same cache layout (see kernels/refer
 ``store`` writes the step's new K/V through the slot mapping, ``prefill`` attends packed
 variable-length queries to their cached context (any mix of prefill chunks and decodes, a decode
 being a query of length 1), ``decode`` attends one query per sequence (steps where every sequence
-decodes, the case CUDA graphs replay).
+decodes, the case CUDA graphs replay). Each also takes the layer's ``k_scale`` / ``v_scale``, read
+only when the cache is fp8.
 """
 
 import torch
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanovllm.kernels import reference
+from nanovllm.layers.kv_quant import calibrate_kv_scales
 from nanovllm.utils.context import get_context
 
 
@@ -21,23 +23,23 @@ class TorchBackend:
     name = "torch"
 
     @staticmethod
-    def store(key, value, k_cache, v_cache, slot_mapping):
-        reference.store_kvcache_ref(key, value, k_cache, v_cache, slot_mapping)
+    def store(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+        reference.store_kvcache_ref(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     @staticmethod
-    def prefill(q, k_cache, v_cache, ctx, scale):
+    def prefill(q, k_cache, v_cache, ctx, scale, k_scale=None, v_scale=None):
         return reference.paged_prefill_attention_ref(
-            q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale
+            q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale, k_scale, v_scale
         )
 
     @staticmethod
-    def decode(q, k_cache, v_cache, ctx, scale):
+    def decode(q, k_cache, v_cache, ctx, scale, k_scale=None, v_scale=None):
         return reference.paged_decode_attention_ref(
-            q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale
+            q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, k_scale, v_scale
         )
 
 
-def get_backend(name: str, device: str, block_size: int = 256):
+def get_backend(name: str, device: str, block_size: int = 256, fp8_cache: bool = False):
     """Resolve ``attention_backend`` ("auto", "torch", "triton", "flash-attn") to a backend."""
     if name == "auto":
         if device == "cpu":
@@ -46,7 +48,7 @@ def get_backend(name: str, device: str, block_size: int = 256):
             try:
                 import flash_attn  # noqa: F401
 
-                name = "flash-attn" if block_size % 256 == 0 else "triton"
+                name = "flash-attn" if block_size % 256 == 0 and not fp8_cache else "triton"
             except ImportError:
                 name = "triton"
     if name == "torch":
@@ -81,6 +83,11 @@ class Attention(nn.Module):
         # Set by the model runner once the KV cache exists: [num_blocks, block_size, num_kv_heads, head_dim].
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        # fp8 caches: x / scale is stored (1.0 unless calibrated; see layers/kv_quant.py). Updated
+        # in place only, so captured CUDA graphs read the current values.
+        self.register_buffer("k_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.register_buffer("v_scale", torch.ones(1, dtype=torch.float32), persistent=False)
+        self.calibrate_kv_scales = False  # set by the model runner; cleared by the first prefill
 
     def forward(
         self,
@@ -91,10 +98,14 @@ class Attention(nn.Module):
         ctx = get_context()
         if self.k_cache is None:  # warm-up forward before the cache exists
             return self._no_cache_prefill(q, k, v, ctx)
-        self.backend.store(k, v, self.k_cache, self.v_cache, ctx.slot_mapping)
+        if self.calibrate_kv_scales and not ctx.is_decode_only:
+            calibrate_kv_scales(k, v, self.k_scale, self.v_scale)
+            self.calibrate_kv_scales = False
+        scales = self.k_scale, self.v_scale
+        self.backend.store(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, *scales)
         if ctx.is_decode_only:
-            return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale)
-        return self.backend.prefill(q, self.k_cache, self.v_cache, ctx, self.scale)
+            return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale, *scales)
+        return self.backend.prefill(q, self.k_cache, self.v_cache, ctx, self.scale, *scales)
 
     def _no_cache_prefill(self, q, k, v, ctx) -> torch.Tensor:
         out = torch.empty_like(q)

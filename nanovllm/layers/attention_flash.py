@@ -17,11 +17,12 @@ class FlashAttnBackend:
     name = "flash-attn"
 
     @staticmethod
-    def store(key, value, k_cache, v_cache, slot_mapping):
+    def store(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+        assert k_cache.dtype != torch.float8_e4m3fn, "flash-attn reads no fp8 KV cache (Config rejects it)"
         store_kvcache(key, value, k_cache, v_cache, slot_mapping)
 
     @staticmethod
-    def prefill(q, k_cache, v_cache, ctx, scale):
+    def prefill(q, k_cache, v_cache, ctx, scale, k_scale=None, v_scale=None):
         cu_seqlens_k = torch.nn.functional.pad(ctx.context_lens.cumsum(0, dtype=torch.int32), (1, 0))
         return flash_attn_varlen_func(
             q, k_cache, v_cache,
@@ -31,7 +32,7 @@ class FlashAttnBackend:
         )  # fmt: skip
 
     @staticmethod
-    def decode(q, k_cache, v_cache, ctx, scale):
+    def decode(q, k_cache, v_cache, ctx, scale, k_scale=None, v_scale=None):
         out = flash_attn_with_kvcache(
             q.unsqueeze(1), k_cache, v_cache,
             cache_seqlens=ctx.context_lens, block_table=ctx.block_tables, softmax_scale=scale, causal=True,

@@ -10,20 +10,22 @@ class TritonBackend:
     name = "triton"
 
     @staticmethod
-    def store(key, value, k_cache, v_cache, slot_mapping):
-        store_kvcache(key, value, k_cache, v_cache, slot_mapping)
+    def store(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
+        store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
     @staticmethod
-    def prefill(q, k_cache, v_cache, ctx, scale):
+    def prefill(q, k_cache, v_cache, ctx, scale, k_scale=None, v_scale=None):
         return paged_prefill_attention(
-            q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale, ctx.max_seqlen_q
-        )
+            q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale,
+            ctx.max_seqlen_q, k_scale, v_scale,
+        )  # fmt: skip
 
     @staticmethod
-    def decode(q, k_cache, v_cache, ctx, scale):
+    def decode(q, k_cache, v_cache, ctx, scale, k_scale=None, v_scale=None):
         # The split count depends only on the graph bucket and the context bound, so a batch run
         # eagerly and the same batch replayed in a CUDA graph do identical arithmetic.
         splits = choose_num_splits(decode_batch_bucket(q.shape[0]), k_cache.shape[2], ctx.max_context_len)
         return paged_decode_attention(
-            q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, ctx.max_context_len, splits
-        )
+            q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, ctx.max_context_len, splits,
+            k_scale, v_scale,
+        )  # fmt: skip

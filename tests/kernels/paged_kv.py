@@ -2,6 +2,8 @@
 
 import torch
 
+from nanovllm.kernels.reference import FP8_DTYPE, quantize_fp8_ref
+
 POISON = 1e4  # fills blocks no sequence owns: reading one by mistake shows up in the output
 
 
@@ -17,6 +19,7 @@ def make_paged_kv(
     dtype: torch.dtype,
     pad: str = "poison",  # what fills block tables past each sequence's blocks: "poison", "-1" or "0"
     seed: int = 0,
+    kv_scales: tuple[float, float] = (1.0, 1.0),  # an fp8 cache holds x / scale (poison saturates)
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """k_cache, v_cache, block_tables, context_lens; each sequence owns random, non-adjacent blocks."""
     gen = torch.Generator().manual_seed(seed)
@@ -40,6 +43,9 @@ def make_paged_kv(
         k_cache[rows] = k.view(nb, block_size, num_kv_heads, head_dim)
         v_cache[rows] = v.view(nb, block_size, num_kv_heads, head_dim)
     dev = device()
+    if dtype == FP8_DTYPE:
+        k_cache = quantize_fp8_ref(k_cache, torch.tensor([kv_scales[0]]))
+        v_cache = quantize_fp8_ref(v_cache, torch.tensor([kv_scales[1]]))
     return (
         k_cache.to(dtype).to(dev),
         v_cache.to(dtype).to(dev),

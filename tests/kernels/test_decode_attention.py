@@ -6,7 +6,7 @@ from tests.kernels.paged_kv import device, make_paged_kv
 pytest.importorskip("triton")
 
 from nanovllm.kernels.decode_attention import paged_decode_attention  # noqa: E402
-from nanovllm.kernels.reference import paged_decode_attention_ref  # noqa: E402
+from nanovllm.kernels.reference import FP8_DTYPE, paged_decode_attention_ref  # noqa: E402
 
 # Reference and kernel both accumulate in fp32, in a different order. The kernel also rounds the
 # softmax weights to the input dtype before the P @ V matmul (as flash attention does), and both
@@ -16,19 +16,29 @@ TOLERANCE = {
     torch.float16: dict(atol=4e-3, rtol=4e-3),  # fp16 P (11-bit mantissa) + fp16 output rounding
     torch.bfloat16: dict(atol=3e-2, rtol=3e-2),  # bf16 P (8-bit mantissa) + bf16 output rounding
 }
+# An fp8 cache: kernel and reference read the same fp8 values (the interpreter's fp8 -> float upcast
+# is exact), upcast exactly to the query dtype, so the tolerance is the query dtype's above.
+KV_SCALES = [(1.0, 1.0), (0.05, 0.02)]  # unit (many subnormals) and calibrated-like scales
 
 
-def check(context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, pad="poison", **kwargs):
+def check(
+    context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, pad="poison",
+    cache_dtype=None, kv_scales=(1.0, 1.0), **kwargs,
+):  # fmt: skip
     k_cache, v_cache, block_tables, lens = make_paged_kv(
-        context_lens, num_kv_heads, head_dim, block_size, dtype, pad=pad, seed=len(context_lens)
-    )
+        context_lens, num_kv_heads, head_dim, block_size, cache_dtype or dtype, pad=pad,
+        seed=len(context_lens), kv_scales=kv_scales,
+    )  # fmt: skip
+    k_scale, v_scale = (torch.tensor([s], device=device()) for s in kv_scales)
     gen = torch.Generator().manual_seed(1)
     # q as a view into a wider projection output: a stride on dim 0.
     q_wide = torch.randn(len(context_lens), num_heads + 2, head_dim, generator=gen).to(dtype).to(device())
     q = q_wide[:, :num_heads]
     scale = head_dim**-0.5
-    out = paged_decode_attention(q, k_cache, v_cache, block_tables, lens, scale, **kwargs)
-    ref = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, scale)
+    out = paged_decode_attention(
+        q, k_cache, v_cache, block_tables, lens, scale, k_scale=k_scale, v_scale=v_scale, **kwargs
+    )
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, scale, k_scale, v_scale)
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
 
 
@@ -47,6 +57,30 @@ def test_decode(block_size, group, dtype):
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 16])  # 16 > tiles of the short sequences: empty splits
 def test_decode_splits(num_splits):
     check([1, 17, 100, 300], 4, 2, 64, 32, torch.float32, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("dtype,group", [(torch.float32, 4), (torch.float16, 1)])
+@pytest.mark.parametrize("kv_scales", KV_SCALES)
+def test_decode_fp8(block_size, dtype, group, kv_scales):
+    check(
+        lens_around(block_size),
+        2 * group,
+        2,
+        32,
+        block_size,
+        dtype,
+        cache_dtype=FP8_DTYPE,
+        kv_scales=kv_scales,
+    )
+
+
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_fp8_splits(num_splits):  # v_scale is applied to each split's partial before the merge
+    check(
+        [1, 17, 100, 300], 4, 2, 64, 32, torch.float32, cache_dtype=FP8_DTYPE, kv_scales=(0.1, 0.03),
+        num_splits=num_splits,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("pad", ["-1", "0"])
@@ -74,24 +108,57 @@ def test_decode_gpu_heads(head_dim, num_heads, num_kv_heads, batch, max_len):
     check_random_batch(batch, max_len, head_dim, num_heads, num_kv_heads, 256, torch.bfloat16)
 
 
-def check_random_batch(batch, max_len, head_dim, num_heads, num_kv_heads, block_size, dtype):
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("batch,max_len", [(1, 4096), (7, 1000), (256, 1024), (64, 4096)])
+def test_decode_fp8_gpu(block_size, dtype, batch, max_len):
+    check_random_batch(batch, max_len, *QWEN3_0_6B, block_size, dtype, FP8_DTYPE, (0.04, 0.01))
+
+
+def check_random_batch(
+    batch,
+    max_len,
+    head_dim,
+    num_heads,
+    num_kv_heads,
+    block_size,
+    dtype,
+    cache_dtype=None,
+    kv_scales=(1.0, 1.0),
+):
     gen = torch.Generator().manual_seed(batch)
     lens = torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
     lens[0] = max_len
-    check(lens, num_heads, num_kv_heads, head_dim, block_size, dtype, max_context_len=max_len)
+    check(
+        lens, num_heads, num_kv_heads, head_dim, block_size, dtype, cache_dtype=cache_dtype,
+        kv_scales=kv_scales, max_context_len=max_len,
+    )  # fmt: skip
 
 
 @pytest.mark.gpu
-def test_decode_cuda_graph():
-    """Captured once with a fixed max_context_len, replayed over other context lengths."""
+@pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8_DTYPE])
+def test_decode_cuda_graph(cache_dtype):
+    """Captured once with a fixed max_context_len, replayed over other context lengths (and, for
+    fp8, other scales: the graph reads the scale tensors, it has no value of them baked in)."""
     num_heads, num_kv_heads, head_dim, block_size, max_len = 16, 8, 128, 256, 4096
     batch = 4
     k_cache, v_cache, block_tables, lens = make_paged_kv(
-        [max_len] * batch, num_kv_heads, head_dim, block_size, torch.bfloat16
+        [max_len] * batch, num_kv_heads, head_dim, block_size, cache_dtype, kv_scales=(0.05, 0.02)
     )
+    k_scale = torch.tensor([0.05], device="cuda")
+    v_scale = torch.tensor([0.02], device="cuda")
     q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=torch.bfloat16)
     run = lambda: paged_decode_attention(
-        q, k_cache, v_cache, block_tables, lens, 0.1, max_context_len=max_len
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        lens,
+        0.1,
+        max_context_len=max_len,
+        k_scale=k_scale,
+        v_scale=v_scale,
     )
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -101,9 +168,11 @@ def test_decode_cuda_graph():
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = run()
-    for new_lens in ([1, 2, 3, 4], [4096, 1, 255, 257], [1000, 2000, 3000, 4096]):
+    for i, new_lens in enumerate(([1, 2, 3, 4], [4096, 1, 255, 257], [1000, 2000, 3000, 4096])):
         lens.copy_(torch.tensor(new_lens, dtype=lens.dtype))
         q.normal_()
+        k_scale.fill_(0.05 * (i + 1))
+        v_scale.fill_(0.02 / (i + 1))
         graph.replay()
-        ref = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, 0.1)
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, 0.1, k_scale, v_scale)
         torch.testing.assert_close(out, ref, **TOLERANCE[torch.bfloat16])

@@ -6,7 +6,7 @@ from tests.kernels.paged_kv import device, make_paged_kv
 pytest.importorskip("triton")
 
 from nanovllm.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
-from nanovllm.kernels.reference import paged_prefill_attention_ref  # noqa: E402
+from nanovllm.kernels.reference import FP8_DTYPE, paged_prefill_attention_ref  # noqa: E402
 
 # As for decode: fp32 accumulation in both, softmax weights rounded to the input dtype before P @ V
 # in the kernel, output rounded to the input dtype in both.
@@ -15,6 +15,7 @@ TOLERANCE = {
     torch.float16: dict(atol=4e-3, rtol=4e-3),  # fp16 P (11-bit mantissa) + fp16 output rounding
     torch.bfloat16: dict(atol=3e-2, rtol=3e-2),  # bf16 P (8-bit mantissa) + bf16 output rounding
 }
+# fp8 caches: both sides read the same fp8 values and upcast them exactly: the query dtype's tolerance.
 
 
 def check(
@@ -27,10 +28,14 @@ def check(
     dtype,
     pad="poison",
     max_seqlen_q=None,
+    cache_dtype=None,
+    kv_scales=(1.0, 1.0),
 ):
     k_cache, v_cache, block_tables, lens = make_paged_kv(
-        context_lens, num_kv_heads, head_dim, block_size, dtype, pad=pad, seed=sum(q_lens)
-    )
+        context_lens, num_kv_heads, head_dim, block_size, cache_dtype or dtype, pad=pad, seed=sum(q_lens),
+        kv_scales=kv_scales,
+    )  # fmt: skip
+    k_scale, v_scale = (torch.tensor([s], device=device()) for s in kv_scales)
     gen = torch.Generator().manual_seed(2)
     num_tokens = sum(q_lens)
     # q as a view into a fused qkv output: a stride on dim 0.
@@ -41,9 +46,9 @@ def check(
     cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device())
     scale = head_dim**-0.5
     out = paged_prefill_attention(
-        q, k_cache, v_cache, cu, lens, block_tables, scale, max_seqlen_q=max_seqlen_q
+        q, k_cache, v_cache, cu, lens, block_tables, scale, max_seqlen_q, k_scale, v_scale
     )
-    ref = paged_prefill_attention_ref(q, k_cache, v_cache, cu, lens, block_tables, scale)
+    ref = paged_prefill_attention_ref(q, k_cache, v_cache, cu, lens, block_tables, scale, k_scale, v_scale)
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
 
 
@@ -63,6 +68,18 @@ def test_prefill_prefix_cached(block_size, dtype):
     q_lens = [5, 1, 20, 16]
     context_lens = [5 + block_size, 40, 20 + 2 * block_size, 16 + 3]
     check(q_lens, context_lens, 4, 2, 32, block_size, dtype)
+
+
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("dtype,group", [(torch.float32, 4), (torch.float16, 1)])
+@pytest.mark.parametrize("kv_scales", [(1.0, 1.0), (0.05, 0.02)])
+def test_prefill_fp8(block_size, dtype, group, kv_scales):
+    # Mixed batch as the engine's chunked prefill builds it: a fresh prompt, a decode (one query
+    # behind a cached context), and a chunk continuing a partly cached prompt.
+    q_lens, context_lens = [17, 1, 20], [17, block_size + 24, block_size + 20]
+    check(
+        q_lens, context_lens, 2 * group, 2, 32, block_size, dtype, cache_dtype=FP8_DTYPE, kv_scales=kv_scales
+    )
 
 
 @pytest.mark.parametrize("pad", ["-1", "0"])
@@ -92,3 +109,15 @@ def test_mixed_batch_gpu(block_size):
     q_lens = [1] * 60 + [512, 200, 1]
     context_lens = decode_ctx + [512 + 1024, 200, 17]
     check(q_lens, context_lens, 16, 8, 128, block_size, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_prefill_fp8_gpu(block_size, dtype):
+    # Qwen3-0.6B shapes; a mixed batch: long prompts, chunks behind cached prefixes, decodes (q_len 1).
+    gen = torch.Generator().manual_seed(block_size)
+    q_lens = [1, 1, 1, 127, 1000, 2048] + torch.randint(1, 600, (10,), generator=gen).tolist()
+    cached = [3000, 17, 256, 3, 1024, 0] + torch.randint(0, 1000, (10,), generator=gen).tolist()
+    context_lens = [q + c for q, c in zip(q_lens, cached, strict=True)]
+    check(q_lens, context_lens, 16, 8, 128, block_size, dtype, cache_dtype=FP8_DTYPE, kv_scales=(0.04, 0.01))

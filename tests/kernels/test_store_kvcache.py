@@ -5,11 +5,21 @@ from tests.kernels.paged_kv import device
 
 pytest.importorskip("triton")
 
-from nanovllm.kernels.reference import store_kvcache_ref  # noqa: E402
+from nanovllm.kernels.reference import FP8_DTYPE, quantize_fp8_ref, store_kvcache_ref  # noqa: E402
 from nanovllm.kernels.store_kvcache import store_kvcache  # noqa: E402
 
 
-def run_case(num_tokens, num_heads, num_kv_heads, head_dim, block_size, dtype, cache_dtype, seed=0):
+def run_case(
+    num_tokens,
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    dtype,
+    cache_dtype,
+    seed=0,
+    kv_scales=(1.0, 1.0),
+):
     gen = torch.Generator().manual_seed(seed)
     num_blocks = (num_tokens + block_size - 1) // block_size + 3
     # K and V as views into a fused qkv projection output: a stride on dim 0 only.
@@ -25,11 +35,14 @@ def run_case(num_tokens, num_heads, num_kv_heads, head_dim, block_size, dtype, c
     k_cache = torch.randn(shape, generator=gen).to(cache_dtype).to(device())
     v_cache = torch.randn(shape, generator=gen).to(cache_dtype).to(device())
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    store_kvcache(key, value, k_cache, v_cache, slot_mapping)
-    store_kvcache_ref(key, value, k_ref, v_ref, slot_mapping)
-    # A copy (with at most one round-to-nearest cast): bit-exact, untouched slots included.
-    torch.testing.assert_close(k_cache, k_ref, atol=0, rtol=0)
-    torch.testing.assert_close(v_cache, v_ref, atol=0, rtol=0)
+    k_scale, v_scale = (torch.tensor([s], device=device()) for s in kv_scales)
+    store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    store_kvcache_ref(key, value, k_ref, v_ref, slot_mapping, k_scale, v_scale)
+    # A copy with at most one round-to-nearest cast (fp8: after a correctly rounded division and
+    # saturation, as in the reference): bit-exact, untouched slots included.
+    as_bits = lambda t: t.view(torch.uint8) if t.dtype == FP8_DTYPE else t
+    torch.testing.assert_close(as_bits(k_cache), as_bits(k_ref), atol=0, rtol=0)
+    torch.testing.assert_close(as_bits(v_cache), as_bits(v_ref), atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("block_size", [16, 32, 256])
@@ -50,3 +63,34 @@ def test_store_kvcache(block_size, dtype, cache_dtype, num_kv_heads):
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_store_kvcache_gpu(block_size, dtype, head_dim):
     run_case(4096, 16, 8, head_dim, block_size, dtype, dtype, seed=block_size + head_dim)
+
+
+@pytest.mark.gpu  # Triton 3.6's interpreter rounds float -> fp8 casts wrongly; the GPU converts exactly.
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("kv_scales", [(1.0, 1.0), (0.05, 0.002)])  # 0.002: many values saturate
+def test_store_kvcache_fp8_gpu(block_size, dtype, kv_scales):
+    run_case(4096, 16, 8, 128, block_size, dtype, FP8_DTYPE, seed=block_size, kv_scales=kv_scales)
+
+
+def test_quantize_fp8_saturates_and_rounds_to_nearest():
+    scale = torch.tensor([0.5])
+    x = torch.tensor([0.0, 1.0, -3.3, 224.0, 300.0, -1e6, float("inf"), float("-inf"), 1e-4])
+    q = quantize_fp8_ref(x, scale).float()
+    assert not q.isnan().any()
+    assert q.tolist()[:8] == [
+        0.0,
+        2.0,
+        -6.5,
+        448.0,
+        448.0,
+        -448.0,
+        448.0,
+        -448.0,
+    ]  # 6.6 -> 6.5 (3-bit mantissa)
+    assert q[8] == 0.0  # 2e-4 is below half of the smallest subnormal (2^-9)
+    # Round-to-nearest: relative error at most 2^-4 over the normal range (mantissa of 3 bits).
+    y = torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * 5
+    y = y[(y.abs() >= 2**-6 * 0.1) & (y.abs() <= 448 * 0.1)]  # normal e4m3 values after / 0.1
+    back = quantize_fp8_ref(y, torch.tensor([0.1])).float() * 0.1
+    assert ((back - y).abs() / y.abs()).max() <= 2**-4 + 1e-6

@@ -1,0 +1,102 @@
+"""FP8 KV cache quality on real weights, on the CPU: the bundled SmolLM2-135M-Instruct, fp8 caches
+against the model-dtype (float32) cache. See nanovllm/kv_quality.py for the metrics.
+
+    python benchmarks/quality_fp8.py [--prompts 32] [--max-tokens 128] [--headrooms 1 2 4]
+
+Variants: scales 1.0 (vLLM's default) and scales calibrated on the first prefill with each
+headroom (the largest |x| seen maps to 448 / headroom). One JSON line per run, appended to
+benchmarks/results.jsonl.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nanovllm import LLM  # noqa: E402
+from nanovllm.benchmark import git_commit  # noqa: E402
+from nanovllm.kv_quality import (  # noqa: E402
+    CHAT_PROMPTS,
+    compare_greedy,
+    greedy_chat,
+    scoring_tokens,
+    text_log_likelihood,
+)
+from nanovllm.layers import kv_quant  # noqa: E402
+
+ENGINE_ARGS = dict(max_model_len=2048, kvcache_block_size=16, num_kvcache_blocks=1024, max_num_seqs=32)
+
+
+def run_variant(kv_cache_dtype: str, calibrate: bool, prompts: list[str], max_tokens: int) -> dict:
+    """Greedy chat first (its first prefill calibrates the scales), then the text's log-likelihood."""
+    with LLM(None, kv_cache_dtype=kv_cache_dtype, calculate_kv_scales=calibrate, **ENGINE_ARGS) as llm:
+        start = time.perf_counter()
+        chat = greedy_chat(llm, prompts, max_tokens)
+        tokens = scoring_tokens(llm)
+        ll = text_log_likelihood(llm, tokens)
+        layers = llm.engine.executor.attention_layers
+        k_scales = [layer.k_scale.item() for layer in layers]
+        v_scales = [layer.v_scale.item() for layer in layers]
+        model = os.path.basename(llm.config.model)
+    return {
+        "chat": chat,
+        "log_likelihood": ll,
+        "text_tokens": len(tokens),
+        "seconds": time.perf_counter() - start,
+        "k_scale_range": [round(min(k_scales), 5), round(max(k_scales), 5)],
+        "v_scale_range": [round(min(v_scales), 5), round(max(v_scales), 5)],
+        "model": model,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--headrooms", type=float, nargs="*", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--results", default=str(Path(__file__).with_name("results.jsonl")))
+    args = parser.parse_args()
+    prompts = CHAT_PROMPTS[: args.prompts]
+
+    ref = run_variant("auto", False, prompts, args.max_tokens)
+    variants = {"fp8, scales 1.0": run_variant("fp8", False, prompts, args.max_tokens)}
+    for h in args.headrooms:
+        kv_quant.CALIBRATION_HEADROOM = h
+        variants[f"fp8, calibrated, headroom {h:g}"] = run_variant("fp8", True, prompts, args.max_tokens)
+
+    result = {
+        "bench": "kv_cache_fp8_quality",
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "device": f"cpu ({os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "model": ref["model"],
+        "workload": f"{len(prompts)} chat prompts x {args.max_tokens} greedy tokens (stop at EOS); "
+        f"log-likelihood of benchmarks/data/scoring_text.txt ({ref['text_tokens']} tokens) prefilled "
+        "in chunks of 128 through the cache",
+        "baseline": "kv_cache_dtype='auto' (float32 cache) in the same run",
+        "baseline_log_likelihood": round(ref["log_likelihood"], 5),
+        "variants": {},
+    }
+    for name, v in variants.items():
+        row = compare_greedy(ref["chat"], v["chat"])
+        row = {k: round(x, 5) if isinstance(x, float) else x for k, x in row.items()}
+        row["log_likelihood"] = round(v["log_likelihood"], 5)
+        row["log_likelihood_delta"] = round(v["log_likelihood"] - ref["log_likelihood"], 5)
+        row["k_scale_range"], row["v_scale_range"] = v["k_scale_range"], v["v_scale_range"]
+        result["variants"][name] = row
+        print(f"{name:34s} {json.dumps(row)}")
+    line = json.dumps(result)
+    print(line)
+    with open(args.results, "a") as f:
+        f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
