@@ -271,8 +271,38 @@ def _unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield ``(hf_name, float32 tensor)`` one tensor at a time, dequantising from the memory-mapped file."""
+# Checkpoint tensors that one of our layers fuses into a single matmul: kept packed only if they agree.
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj"}
+_FUSED["up_proj"] = "gate_up_proj"
+
+
+def _module_name(hf_name: str) -> str:
+    """model.layers.0.self_attn.k_proj.weight -> model.layers.0.self_attn.qkv_proj (our module)."""
+    stem = hf_name.removesuffix(".weight")
+    head, _, last = stem.rpartition(".")
+    return f"{head}.{_FUSED[last]}" if last in _FUSED else stem
+
+
+def packed_module_types(path: str) -> dict[str, str]:
+    """Our module name -> ggml type (Q4_0, Q4_1, Q8_0) for every weight that can stay packed: a 2-D
+    weight of a decoder layer in one of those formats, whose fused partners (q/k/v, gate/up) share it.
+
+    The embedding and lm_head are dequantised: the packed kernel rounds its output to bfloat16, which
+    is harmless inside a layer but would round logits near 25 to steps of 0.125 and tie close choices."""
+    from nanovllm.layers.quantization import PACKED_TYPES
+
+    f = GGUFFile(path)
+    types: dict[str, set[str]] = {}
+    for name, (shape, qtype, _) in f.tensors.items():
+        if name.startswith("blk.") and name.endswith(".weight") and len(shape) == 2:
+            types.setdefault(_module_name(gguf_to_hf_name(name)), set()).add(qtype.name)
+    return {m: t.pop() for m, t in types.items() if len(t) == 1 and next(iter(t)) in PACKED_TYPES}
+
+
+def iter_gguf_weights(path: str, quantization: str | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(hf_name, tensor)`` one tensor at a time from the memory-mapped file: float32, dequantised;
+    with ``quantization="gguf"``, the weights ``packed_module_types`` lists stay raw block bytes
+    (uint8 ``[out_features, row_bytes]``) for the layers to pack."""
     from gguf.quants import dequantize
 
     f = GGUFFile(path)
@@ -280,13 +310,18 @@ def iter_gguf_weights(path: str) -> Iterator[tuple[str, torch.Tensor]]:
     permuted = _ARCHITECTURES[arch][2]
     num_heads = f.metadata[f"{arch}.attention.head_count"]
     num_kv_heads = f.metadata.get(f"{arch}.attention.head_count_kv", num_heads)
+    packed = packed_module_types(path) if quantization == "gguf" else {}
     for name, (shape, qtype, _) in f.tensors.items():
-        array = dequantize(f.tensor_bytes(name), qtype)
-        if array.dtype != np.float32 or not array.flags.writeable:
-            array = array.astype(np.float32)  # copies F32 data out of the read-only memory map
-        weight = torch.from_numpy(array).reshape(shape)
+        hf_name = gguf_to_hf_name(name)
+        if _module_name(hf_name) in packed and hf_name.endswith(".weight"):
+            weight = torch.from_numpy(np.array(f.tensor_bytes(name)))  # rows are whole blocks
+        else:
+            array = dequantize(f.tensor_bytes(name), qtype)
+            if array.dtype != np.float32 or not array.flags.writeable:
+                array = array.astype(np.float32)  # copies F32 data out of the read-only memory map
+            weight = torch.from_numpy(array).reshape(shape)
         if permuted and ".attn_q." in name:
             weight = _unpermute_rows(weight, num_heads)
         elif permuted and ".attn_k." in name:
             weight = _unpermute_rows(weight, num_kv_heads)
-        yield gguf_to_hf_name(name), weight
+        yield hf_name, weight
