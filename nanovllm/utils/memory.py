@@ -2,7 +2,7 @@
 
 import math
 
-CPU_KV_CACHE_CAP_BYTES = 512 << 20  # enough for ~11k tokens of SmolLM2-135M in float32
+CPU_KV_CACHE_CAP_BYTES = 384 << 20  # 33 blocks of 256 tokens of SmolLM2-135M in float32: a batch of 32
 CPU_KV_CACHE_MEMORY_SHARE = 0.5  # never more than this share of the memory available now
 
 
