@@ -66,7 +66,8 @@ def main() -> None:
         for fmt in args.formats.split(","):
             r = pass_ms(fmt, m, args.layers, args.repeats)
             out[f"{fmt}_m{m}"] = r
-            print(f"batch {m:2d} {fmt:10s} layers {r['layers_ms']:8.2f} ms  lm_head {r['lm_head_ms']:8.2f} ms")
+            layers, head = r["layers_ms"], r["lm_head_ms"]
+            print(f"batch {m:2d} {fmt:10s} layers {layers:8.2f} ms  lm_head {head:8.2f} ms")
     print(json.dumps(out))
 
 

@@ -298,7 +298,11 @@ def test_tokenizer_agrees_with_transformers(smollm2, tokenizer_cache, source):
     ours = load_gguf_tokenizer(smollm2)
     assert len(os.listdir(tokenizer_cache_dir())) == 1  # saved once, under one key, no temporary left
     theirs = AutoTokenizer.from_pretrained(os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2))
-    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (theirs.bos_token, theirs.eos_token, theirs.pad_token)
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (
+        theirs.bos_token,
+        theirs.eos_token,
+        theirs.pad_token,
+    )
     tokens = GGUFFile(smollm2).metadata["tokenizer.ggml.tokens"]
     for text in [
         "Hello, world!",
