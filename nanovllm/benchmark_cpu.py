@@ -1,76 +1,226 @@
-"""The CPU benchmark (``nanovllm bench`` without CUDA): chat prompts on the bundled SmolLM2,
-against transformers ``generate`` on the same prompts."""
+"""The CPU benchmark (``nanovllm bench`` without CUDA): the bundled SmolLM2 GGUF, two greedy workloads,
+each engine in its own process so that its peak resident memory is its own.
 
+* single stream: one chat prompt (46 tokens), 256 new tokens, EOS ignored;
+* batch: 32 chat prompts, 128 new tokens each, EOS ignored (nanovllm: all at once).
+
+Baselines on the same token ids: ``llama.cpp`` (llama-cpp-python, optional: the batch runs its prompts
+one at a time through the high-level API) and ``hf`` (transformers ``generate``, float32, the batch
+left-padded). Usage: ``python -m nanovllm.benchmark_cpu [--baseline llama.cpp|hf|none] [--results F]``.
+"""
+
+import argparse
 import datetime
+import json
 import os
-import random
+import resource
+import subprocess
+import sys
+import tempfile
 import time
 
-from nanovllm.benchmark import git_commit, hf_generate_padded
+SINGLE_PROMPT = "Explain how a hash table works and when to use one instead of a list."
+SINGLE_NEW, BATCH_NEW = 256, 128
+QUESTIONS = [
+    "introduce yourself", "list all prime numbers within 100", "What is the capital of France?",
+    "Explain how a hash table works.", "Write a haiku about autumn leaves.", "Why is the sky blue?",
+    "Give me three tips for learning a new language.", "Summarise the plot of Romeo and Juliet.",
+    "What is the difference between a list and a tuple in Python?", "How do vaccines work?",
+    "Describe the water cycle for a ten-year-old.", "Suggest a name for a friendly robot.",
+    "What causes the seasons?", "How do I boil an egg?", "What is photosynthesis?", "Tell me a joke.",
+    "What is 17 times 23?", "Name three planets.", "How does a bicycle stay upright?",
+    "What is machine learning?", "Write a limerick about a cat.", "How do bees make honey?",
+    "What is the tallest mountain?", "Explain recursion simply.", "Why do we sleep?",
+    "What is a black hole?", "Give a recipe for pancakes.", "How do airplanes fly?",
+    "What is the speed of light?", "Who wrote Hamlet?", "What is an API?", "How do magnets work?",
+]  # fmt: skip
 
-CHAT_TOPICS = [
-    "introduce yourself",
-    "list all prime numbers within 100",
-    "What is the capital of France?",
-    "Explain how a hash table works.",
-    "Write a haiku about autumn leaves.",
-    "Why is the sky blue?",
-    "Give me three tips for learning a new language.",
-    "Summarise the plot of Romeo and Juliet.",
-    "What is the difference between a list and a tuple in Python?",
-    "How do vaccines work?",
-    "Describe the water cycle for a ten-year-old.",
-    "Suggest a name for a friendly robot.",
-]
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def peak_rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux reports KiB
+
+
+def prompt_ids(model_path: str) -> dict:
+    """Token ids of both workloads, from the GGUF's own tokenizer and chat template."""
+    from nanovllm.utils.gguf import load_gguf_tokenizer
+
+    tok = load_gguf_tokenizer(model_path)
+
+    def chat(text: str) -> list[int]:
+        messages = [{"role": "user", "content": text}]
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+
+    return {"single": chat(SINGLE_PROMPT), "batch": [chat(q) for q in QUESTIONS]}
+
+
+# ---- one engine per process ----------------------------------------------------------------------
+
+
+def run_nanovllm(model_path: str, prompts: dict) -> dict:
+    from nanovllm import LLM, SamplingParams
+
+    start = time.perf_counter()
+    llm = LLM(model_path, max_model_len=512)  # the longest sequence is 46 + 256 tokens
+    load_s = time.perf_counter() - start
+    llm.generate([prompts["single"][:8]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
+
+    def tok_s(batch: list[list[int]], new: int) -> float | None:
+        if not batch:
+            return None
+        params = SamplingParams(temperature=0, max_tokens=new, ignore_eos=True)
+        start = time.perf_counter()
+        llm.generate(batch, params, use_tqdm=False)
+        return len(batch) * new / (time.perf_counter() - start)
+
+    single, batch = tok_s([prompts["single"]], SINGLE_NEW), tok_s(prompts["batch"], BATCH_NEW)
+    info = {"dtype": llm.config.dtype, "quantization": llm.config.quantization}
+    llm.shutdown()
+    return {"load_s": load_s, "single_tok_s": single, "batch_tok_s": batch, **info}
+
+
+def run_llama_cpp(model_path: str, prompts: dict) -> dict:
+    from llama_cpp import Llama
+
+    from nanovllm.utils.cpu import physical_cores
+
+    threads = physical_cores()
+    start = time.perf_counter()
+    llm = Llama(model_path, n_ctx=512, n_batch=512, n_threads=threads, verbose=False)
+    load_s = time.perf_counter() - start
+
+    def generate(ids: list[int], new: int) -> None:
+        for i, _ in enumerate(llm.generate(ids, top_k=1, temp=0.0, reset=True)):  # greedy, no EOS stop
+            if i + 1 == new:
+                break
+
+    generate(prompts["single"][:8], 4)  # warm-up
+    start = time.perf_counter()
+    generate(prompts["single"], SINGLE_NEW)
+    single = SINGLE_NEW / (time.perf_counter() - start)
+    start, batch = time.perf_counter(), None
+    for ids in prompts["batch"]:
+        generate(ids, BATCH_NEW)
+    if prompts["batch"]:
+        batch = len(prompts["batch"]) * BATCH_NEW / (time.perf_counter() - start)
+    return {"load_s": load_s, "single_tok_s": single, "batch_tok_s": batch, "threads": threads}
+
+
+def run_hf(model_path: str, prompts: dict) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    start = time.perf_counter()
+    directory, name = os.path.split(model_path)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32).eval()
+    load_s = time.perf_counter() - start
+
+    def tok_s(batch: list[list[int]], new: int) -> float | None:
+        if not batch:
+            return None
+        width = max(map(len, batch))
+        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(
+                ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                eos_token_id=None, pad_token_id=0,
+            )  # fmt: skip
+        return len(batch) * new / (time.perf_counter() - start)
+
+    single, batch = tok_s([prompts["single"]], SINGLE_NEW), tok_s(prompts["batch"], BATCH_NEW)
+    return {"load_s": load_s, "single_tok_s": single, "batch_tok_s": batch}
+
+
+ENGINES = {"nanovllm": run_nanovllm, "llama.cpp": run_llama_cpp, "hf": run_hf}
+LABELS = {
+    "nanovllm": "nanovllm",
+    "llama.cpp": "llama.cpp (llama-cpp-python, same GGUF, batch one prompt at a time)",
+    "hf": "hf transformers generate, float32 (dequantised GGUF), batch left-padded",
+}
+
+
+def measure(engine: str, model_path: str, prompts: dict) -> dict:
+    """Run one engine's workloads in a fresh Python process; its figures plus its peak RSS."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = os.path.join(tmp, "prompts.json")
+        with open(spec, "w") as f:
+            json.dump(prompts, f)
+        cmd = [sys.executable, "-m", "nanovllm.benchmark_cpu", "--worker", engine, "--model", model_path]
+        out = subprocess.run(cmd + ["--prompts", spec], capture_output=True, text=True, timeout=1800)
+    if out.returncode:
+        raise RuntimeError(f"{engine} benchmark process failed:\n{out.stderr[-3000:]}")
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}
 
 
 def cpu_chat_bench(args) -> dict:
-    """The bundled SmolLM2 on the CPU: 32 chat prompts of mixed lengths, 64-256 new tokens each,
-    against transformers ``generate`` (one left-padded batch, float32) on the same prompts."""
+    """The record: nanovllm's figures and, with ``args.baseline``, the baseline's from the same run."""
+    from nanovllm.utils.cpu import physical_cores
+    from nanovllm.utils.model_source import resolve_model
+
+    model_path = resolve_model(args.model)
+    prompts = prompt_ids(model_path)
+    if getattr(args, "single_only", False):
+        prompts["batch"] = []
     import torch
 
-    from nanovllm import LLM, SamplingParams
-
-    rng = random.Random(0)
-    llm = LLM(args.model, max_model_len=2048)
-    convs = []
-    for i in range(32):
-        extra = " ".join(rng.choice(CHAT_TOPICS) for _ in range(rng.randint(0, 6)))  # mixed lengths
-        text = CHAT_TOPICS[i % len(CHAT_TOPICS)] + (f" Context: {extra}" if extra else "")
-        convs.append([{"role": "user", "content": text}])
-    prompts = [llm.apply_chat_template(c) for c in convs]
-    params = [
-        SamplingParams(temperature=0.6, max_tokens=rng.randint(64, 256), ignore_eos=True) for _ in prompts
-    ]
-    total = sum(p.max_tokens for p in params)
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    llm.generate(prompts, params, use_tqdm=False)
-    engine_s = time.perf_counter() - start
-    model_path = llm.config.model
-    llm.shutdown()
+    ours = measure("nanovllm", model_path, prompts)
     result = {
-        "bench": "cpu_chat",
+        "bench": "cpu_chat_greedy",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "device": f"cpu ({os.cpu_count()} cores)",
+        "device": f"cpu ({os.cpu_count()} logical, {physical_cores()} physical cores)",
         "torch": torch.__version__,
         "model": os.path.basename(model_path),
-        "workload": f"32 chat prompts ({min(map(len, prompts))}-"
-        f"{max(map(len, prompts))} tokens), 64-256 new tokens ({total}), temperature 0.6, ignore_eos",
-        "engine_tok_s": round(total / engine_s, 1),
+        "workload": f"greedy, EOS ignored: single stream {len(prompts['single'])}-token chat prompt, "
+        f"{SINGLE_NEW} new; batch {len(prompts['batch'])} chat prompts ({BATCH_NEW} new each)",
+        **{f"engine_{k}": v for k, v in ours.items()},
+        "engine_single_ms_per_token": round(1000 / ours["single_tok_s"], 2),
     }
-    if args.baseline == "hf":
-        from transformers import AutoModelForCausalLM
-
-        directory, name = os.path.split(model_path)
-        kwargs = {"gguf_file": name} if name.endswith(".gguf") else {}
-        model = AutoModelForCausalLM.from_pretrained(
-            directory if kwargs else model_path, dtype=torch.float32, **kwargs
-        ).eval()
-        start = time.perf_counter()
-        hf_generate_padded(model, prompts, params, "cpu")
-        result["baseline"] = "hf transformers generate, one left-padded batch of 32, float32, same GGUF"
-        result["baseline_tok_s"] = round(total / (time.perf_counter() - start), 1)
-        result["speedup_vs_baseline"] = round(result["engine_tok_s"] / result["baseline_tok_s"], 2)
+    if args.baseline in ENGINES and args.baseline != "nanovllm":
+        base = measure(args.baseline, model_path, prompts)
+        result["baseline"] = LABELS[args.baseline]
+        result |= {f"baseline_{k}": v for k, v in base.items()}
+        result["speedup_single"] = round(ours["single_tok_s"] / base["single_tok_s"], 2)
+        if ours["batch_tok_s"]:
+            result["speedup_batch"] = round(ours["batch_tok_s"] / base["batch_tok_s"], 2)
     return result
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    p = argparse.ArgumentParser(prog="nanovllm bench (CPU)", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="a .gguf file (default: the bundled SmolLM2)")
+    p.add_argument("--baseline", choices=["none", "llama.cpp", "hf"], default="none")
+    p.add_argument("--single-only", action="store_true", help="skip the 32-prompt batch workload")
+    p.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
+    p.add_argument("--worker", choices=sorted(ENGINES), help=argparse.SUPPRESS)
+    p.add_argument("--prompts", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:  # one engine, in this process: print its figures as one JSON line
+        with open(args.prompts) as f:
+            prompts = json.load(f)
+        r = ENGINES[args.worker](args.model, prompts)
+        print(json.dumps(r | {"peak_rss_mb": peak_rss_mb()}))
+        return None
+    result = cpu_chat_bench(args)
+    print(json.dumps(result))
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(json.dumps(result) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()

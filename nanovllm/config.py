@@ -1,6 +1,7 @@
 """The engine's one configuration object: every engine argument, validated once, up front."""
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -8,6 +9,9 @@ from urllib.parse import urlparse
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "torch", "triton", "flash-attn")
+_QUANTIZATIONS = ("auto", "gguf", None)
+
+logger = logging.getLogger("nanovllm")
 
 
 @dataclass
@@ -36,6 +40,9 @@ class Config:
     kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": float8_e4m3fn (see layers/kv_quant.py)
     calculate_kv_scales: bool = False  # fp8: scales from the first prefill instead of 1.0
     skip_tokenizer_init: bool = False  # prompts must then be token ids and outputs carry no text
+    # "gguf": a GGUF's Q4_0/Q4_1/Q8_0 weights stay packed (CPU only); None: dequantised to dtype;
+    # "auto": "gguf" for a GGUF file on the CPU at tensor_parallel_size 1, else None.
+    quantization: str | None = "auto"
     # Derived in __post_init__ (not engine arguments).
     hf_config: Any = field(default=None, init=False, repr=False)
     eos_token_ids: frozenset[int] = field(default=frozenset(), init=False)
@@ -86,6 +93,8 @@ class Config:
         for name in ("enable_chunked_prefill", "enforce_eager", "skip_tokenizer_init"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.quantization not in _QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {_QUANTIZATIONS}, got {self.quantization!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
         if not isinstance(self.calculate_kv_scales, bool):
@@ -110,6 +119,10 @@ class Config:
             )
         if self.device == "cpu" and self.tensor_parallel_size > (os.cpu_count() or 1) * 4:
             raise ValueError(f"tensor_parallel_size={self.tensor_parallel_size} is too large for this CPU")
+        if self.device == "cpu" and self.tensor_parallel_size == 1:
+            from nanovllm.utils.cpu import set_cpu_threads
+
+            logger.info("CPU threads: %d (one per physical core)", set_cpu_threads())
 
     @property
     def is_gguf(self) -> bool:
@@ -125,9 +138,18 @@ class Config:
         self.hf_config = load_hf_config(self.model)
         resolve_architecture(self.hf_config)  # unsupported architectures fail here, before any weight is read
         hf = self.hf_config
+        self._resolve_quantization()
         if self.dtype == "auto":
             if self.device == "cpu":
-                self.dtype = "float32"
+                from nanovllm.utils.cpu import has_native_bf16
+
+                # bfloat16 only where the CPU multiplies it natively; emulated, it is slower than float32
+                self.dtype = "bfloat16" if has_native_bf16() else "float32"
+                logger.info(
+                    "dtype %s (%s)",
+                    self.dtype,
+                    "the CPU has AVX512-BF16/AMX" if has_native_bf16() else "no native bfloat16 on this CPU",
+                )
             else:
                 ckpt = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
                 ckpt = str(ckpt).removeprefix("torch.") if ckpt is not None else "bfloat16"
@@ -157,6 +179,24 @@ class Config:
         for i in ids:
             eos.update(i if isinstance(i, list) else [] if i is None else [i])
         return eos
+
+    def _resolve_quantization(self) -> None:
+        """Settle ``quantization`` and hand the models the packed weights' formats through
+        ``hf_config.packed_modules`` (module name -> ggml type; empty when nothing stays packed)."""
+        can_pack = self.is_gguf and self.device == "cpu" and self.tensor_parallel_size == 1
+        if self.quantization == "auto":
+            self.quantization = "gguf" if can_pack else None
+        elif self.quantization == "gguf" and not can_pack:
+            raise ValueError(
+                "quantization='gguf' needs a .gguf model on device='cpu' with tensor_parallel_size=1; "
+                "use quantization=None to dequantise the weights instead"
+            )
+        packed = {}
+        if self.quantization == "gguf":
+            from nanovllm.utils.gguf import packed_module_types
+
+            packed = packed_module_types(self.model)
+        self.hf_config.packed_modules = packed
 
     @property
     def torch_dtype(self):

@@ -5,7 +5,6 @@ Every rank runs one; only rank 0 samples (the logits are gathered to it).
 """
 
 import logging
-import math
 
 import torch
 
@@ -20,10 +19,9 @@ from nanovllm.models.llama import head_dim_of
 from nanovllm.models.registry import model_class
 from nanovllm.utils.context import Context, forward_context
 from nanovllm.utils.loader import iter_safetensors, load_weights
+from nanovllm.utils.memory import cpu_kv_cache_blocks
 
 logger = logging.getLogger("nanovllm")
-
-CPU_KV_CACHE_BYTES = 4 << 30  # like vLLM's CPU backend default (VLLM_CPU_KVCACHE_SPACE=4 GiB)
 
 
 class SeqState:
@@ -94,7 +92,7 @@ class ModelRunner:
         if self.config.is_gguf:
             from nanovllm.utils.gguf import iter_gguf_weights
 
-            return iter_gguf_weights(self.config.model)
+            return iter_gguf_weights(self.config.model, self.config.quantization)
         return iter_safetensors(self.config.model)
 
     # ---- KV cache ------------------------------------------------------------------------
@@ -117,8 +115,9 @@ class ModelRunner:
         elif self.device.type == "cuda":
             num_blocks = self._blocks_that_fit_on_gpu()
         else:
-            needed = cfg.max_num_seqs * math.ceil(cfg.max_model_len / self.block_size)
-            num_blocks = max(1, min(needed, CPU_KV_CACHE_BYTES // self.block_bytes))
+            num_blocks = cpu_kv_cache_blocks(
+                self.block_bytes, self.block_size, cfg.max_num_seqs, cfg.max_model_len
+            )
         num_blocks = min_over_ranks(num_blocks)  # one block table serves every rank
         if num_blocks * self.block_size < cfg.max_model_len:
             raise ValueError(

@@ -17,7 +17,9 @@ class VocabParallelEmbedding(nn.Module):
         self.vocab_size = vocab_size
         self.shard_size = (vocab_size + self.tp_size - 1) // self.tp_size
         self.vocab_start = self.tp_rank * self.shard_size
-        self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size), requires_grad=False)
+        # zeros only where the last shard has padding rows (a tied lm_head drops its own table unread)
+        new = torch.zeros if self.shard_size * self.tp_size != vocab_size else torch.empty
+        self.weight = nn.Parameter(new(self.shard_size, hidden_size), requires_grad=False)
         self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded: torch.Tensor) -> None:

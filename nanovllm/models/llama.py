@@ -19,6 +19,11 @@ def head_dim_of(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+def packed_type(config, prefix: str) -> str | None:
+    """The GGUF block format the weight of module ``prefix`` stays packed in, or None (a float weight)."""
+    return (getattr(config, "packed_modules", None) or {}).get(prefix)
+
+
 def rope_of(config) -> tuple[float, dict | None]:
     """(rope_theta, scaling dict or None) from a transformers 4 or 5 config."""
     params = getattr(config, "rope_parameters", None) or {}
@@ -32,7 +37,7 @@ def rope_of(config) -> tuple[float, dict | None]:
 class LlamaAttention(nn.Module):
     qkv_bias = False
 
-    def __init__(self, config):
+    def __init__(self, config, prefix: str = ""):
         super().__init__()
         tp = tp_size()
         self.head_dim = head_dim_of(config)
@@ -45,11 +50,13 @@ class LlamaAttention(nn.Module):
             config.num_attention_heads,
             config.num_key_value_heads,
             bias=bias,
+            quant_type=packed_type(config, f"{prefix}.qkv_proj"),
         )
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * self.head_dim,
             config.hidden_size,
             bias=getattr(config, "attention_bias", False),
+            quant_type=packed_type(config, f"{prefix}.o_proj"),
         )
         theta, scaling = rope_of(config)
         self.rotary_emb = get_rope(self.head_dim, config.max_position_embeddings, theta, scaling)
@@ -72,11 +79,15 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, prefix: str = ""):
         super().__init__()
         inter = config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [inter, inter])
-        self.down_proj = RowParallelLinear(inter, config.hidden_size)
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, [inter, inter], quant_type=packed_type(config, f"{prefix}.gate_up_proj")
+        )
+        self.down_proj = RowParallelLinear(
+            inter, config.hidden_size, quant_type=packed_type(config, f"{prefix}.down_proj")
+        )
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -84,10 +95,10 @@ class LlamaMLP(nn.Module):
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config, attention_cls: type[nn.Module]):
+    def __init__(self, config, attention_cls: type[nn.Module], prefix: str):
         super().__init__()
-        self.self_attn = attention_cls(config)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = attention_cls(config, f"{prefix}.self_attn")
+        self.mlp = LlamaMLP(config, f"{prefix}.mlp")
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -108,7 +119,10 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(
-            [LlamaDecoderLayer(config, attention_cls) for _ in range(config.num_hidden_layers)]
+            [
+                LlamaDecoderLayer(config, attention_cls, f"model.layers.{i}")
+                for i in range(config.num_hidden_layers)
+            ]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 

@@ -7,8 +7,8 @@ from nanovllm.models.llama import LlamaAttention, LlamaForCausalLM
 
 
 class Qwen3Attention(LlamaAttention):
-    def __init__(self, config):
-        super().__init__(config)
+    def __init__(self, config, prefix: str = ""):
+        super().__init__(config, prefix)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
 

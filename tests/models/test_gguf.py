@@ -275,11 +275,34 @@ def test_config_agrees_with_transformers(smollm2, hf_model):
     assert getattr(ours, "dtype", None) in (torch.float32, "float32") or ours.torch_dtype == torch.float32
 
 
-def test_tokenizer_agrees_with_transformers(smollm2):
+@pytest.fixture(scope="module")
+def tokenizer_cache(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("cache"))
+    old = os.environ.get("NANOVLLM_CACHE_DIR")
+    os.environ["NANOVLLM_CACHE_DIR"] = cache
+    yield cache
+    if old is None:
+        del os.environ["NANOVLLM_CACHE_DIR"]
+    else:
+        os.environ["NANOVLLM_CACHE_DIR"] = old
+
+
+@pytest.mark.parametrize("source", ["converted", "cached"])  # in this order: the first run fills the cache
+def test_tokenizer_agrees_with_transformers(smollm2, tokenizer_cache, source):
     from transformers import AutoTokenizer
 
+    from nanovllm.utils.gguf import tokenizer_cache_dir
+
+    entries = os.listdir(tokenizer_cache_dir()) if os.path.isdir(tokenizer_cache_dir()) else []
+    assert len(entries) == (0 if source == "converted" else 1)
     ours = load_gguf_tokenizer(smollm2)
+    assert len(os.listdir(tokenizer_cache_dir())) == 1  # saved once, under one key, no temporary left
     theirs = AutoTokenizer.from_pretrained(os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2))
+    assert (ours.bos_token, ours.eos_token, ours.pad_token) == (
+        theirs.bos_token,
+        theirs.eos_token,
+        theirs.pad_token,
+    )
     tokens = GGUFFile(smollm2).metadata["tokenizer.ggml.tokens"]
     for text in [
         "Hello, world!",

@@ -1,0 +1,56 @@
+"""CPU set-up decisions: quantization argument, KV-cache sizing policy, physical cores, dtype default."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nanovllm.config import Config
+from nanovllm.utils.cpu import has_native_bf16, physical_cores
+from nanovllm.utils.memory import CPU_KV_CACHE_CAP_BYTES, cpu_kv_cache_blocks
+
+
+def test_quantization_is_validated(tiny_ckpt):
+    with pytest.raises(ValueError, match="quantization must be one of"):
+        Config.from_kwargs(tiny_ckpt("qwen3"), quantization="int3")
+    with pytest.raises(ValueError, match="needs a .gguf model.*quantization=None"):
+        Config.from_kwargs(tiny_ckpt("qwen3"), device="cpu", quantization="gguf")
+
+
+def test_safetensors_model_is_not_packed_and_cpu_dtype_follows_the_cpu(tiny_ckpt):
+    config = Config.from_kwargs(tiny_ckpt("qwen3"), device="cpu")
+    assert config.quantization is None and config.hf_config.packed_modules == {}
+    assert config.dtype == ("bfloat16" if has_native_bf16() else "float32")
+
+
+def test_physical_cores_is_within_the_logical_count():
+    import os
+
+    assert 1 <= physical_cores() <= len(os.sched_getaffinity(0))
+
+
+MiB = 1 << 20
+
+
+@given(
+    block_bytes=st.integers(1 * MiB, 64 * MiB),
+    block_size=st.sampled_from([16, 64, 256]),
+    max_num_seqs=st.integers(1, 512),
+    max_model_len=st.integers(16, 8192),
+    available=st.integers(256 * MiB, 64 << 30),
+)
+def test_kv_cache_policy(block_bytes, block_size, max_num_seqs, max_model_len, available):
+    per_seq = -(-max_model_len // block_size)
+    try:
+        blocks = cpu_kv_cache_blocks(block_bytes, block_size, max_num_seqs, max_model_len, available)
+    except ValueError as e:  # refused only when one sequence would not fit in 90% of the memory
+        assert per_seq * block_bytes > 0.9 * available and "lower max_model_len" in str(e)
+        return
+    assert per_seq <= blocks <= max_num_seqs * per_seq  # one full sequence at least, never more than usable
+    assert blocks == per_seq or blocks * block_bytes <= min(CPU_KV_CACHE_CAP_BYTES, available // 2)
+
+
+def test_kv_cache_for_the_default_chat_model_stays_small():
+    # SmolLM2-135M in float32: 30 layers x K,V x 3 heads x 64 x 4 bytes per token, blocks of 256
+    block_bytes = 30 * 2 * 3 * 64 * 4 * 256
+    blocks = cpu_kv_cache_blocks(block_bytes, 256, 512, 4096, available=16 << 30)
+    assert blocks * block_bytes <= CPU_KV_CACHE_CAP_BYTES and blocks * 256 >= 8192
