@@ -41,7 +41,7 @@ def make_executor(config: Config):
     ``TensorParallelExecutor`` for several. Both answer ``execute_model(scheduler_output)``."""
     import torch.distributed as dist
 
-    from nanovllm.engine.executor import ModelRunner
+    from nanovllm.engine.model_runner import ModelRunner
 
     if dist.is_initialized():  # the layers would shard themselves over that group
         raise RuntimeError(
@@ -81,7 +81,7 @@ class TensorParallelExecutor:
 
     def __init__(self, config: Config):
         from nanovllm.distributed import init_tensor_parallel
-        from nanovllm.engine.executor import ModelRunner
+        from nanovllm.engine.model_runner import ModelRunner
 
         self.config = config
         self.world_size = n = config.tensor_parallel_size

@@ -50,7 +50,7 @@ def worker_main(
         import torch
 
         from nanovllm.distributed import init_tensor_parallel
-        from nanovllm.engine.executor import ModelRunner
+        from nanovllm.engine.model_runner import ModelRunner
 
         if config.device == "cpu":
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
