@@ -35,8 +35,8 @@ class _Request:
     detokenizers: list[IncrementalDetokenizer | None]
     texts: list[str]
     logprobs: list[list[dict[int, float]]]
-    # Increments since the last output (streamed requests).
-    new_token_ids: list[list[int]] = field(default_factory=list)
+    # Streamed requests: completion tokens already handed out, and text not yet handed out.
+    num_streamed: list[int] = field(default_factory=list)
     text_deltas: list[str] = field(default_factory=list)
 
     @property
@@ -71,6 +71,10 @@ class LLMEngine:
         self.requests: dict[str, _Request] = {}
         self._seq_owner: dict[int, tuple[_Request, int]] = {}  # seq id -> (request, completion index)
         self._auto_ids = count()
+        # Output processing of a step may raise (a detokenizer, Ctrl-C); what it had not finished
+        # waits here and is done by the next step, so no token, text or final output is lost.
+        self._unprocessed: dict[str, tuple[_Request, set[int]]] = {}  # request id -> completions
+        self._ready: list[RequestOutput] = []
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.last_step: StepStats | None = None
         self._closed = False
@@ -166,7 +170,7 @@ class LLMEngine:
             ],
             texts=[""] * n,
             logprobs=[[] for _ in seqs],
-            new_token_ids=[[] for _ in seqs],
+            num_streamed=[0] * n,
             text_deltas=[""] * n,
         )
         self.requests[request_id] = request
@@ -176,13 +180,18 @@ class LLMEngine:
         return request_id
 
     def abort_request(self, request_id: str) -> None:
-        """Drop a request; its KV blocks are free when this returns. Unknown ids are ignored."""
+        """Drop a request; its KV blocks are free when this returns, and the next step returns its
+        final output (finish_reason "abort"), so whoever waits for it stops waiting. Unknown ids are
+        ignored."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return
+        self._unprocessed.pop(request_id, None)
         for seq in request.seqs:
             self._seq_owner.pop(seq.seq_id, None)
             self.scheduler.finish(seq, "abort")
+        self._ready = [o for o in self._ready if o.request_id != request_id]
+        self._ready.append(self._output(request, finished=True))
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -202,7 +211,8 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, append the sampled tokens; return an output for every
-        streamed request that got tokens and every request that finished.
+        streamed request that got tokens and every request that finished (or was aborted) since the
+        last outputs were returned.
 
         If scheduling or the model raises, the exception reaches the caller and the step leaves no
         trace: no sequence advanced, no block became findable in the prefix cache, and the runners
@@ -210,23 +220,24 @@ class LLMEngine:
         start = time.perf_counter()
         try:
             sched = self.scheduler.schedule()
-            if sched.is_empty:
-                return []
-            runner_output = self.executor.execute_model(sched)
+            runner_output = None if sched.is_empty else self.executor.execute_model(sched)
         except BaseException:
             self.scheduler.runners_lost_state()
             raise
+        if runner_output is None:
+            return self._process()  # what an earlier step left undone
         sampled = self.scheduler.update(sched, runner_output)
+        self._record(sampled, runner_output.logprobs)
         num_decodes = sum(1 for n in sched.num_scheduled_tokens.values() if n == 1)
         num_prefill = sched.total_num_scheduled_tokens - num_decodes
         self.num_prompt_tokens += num_prefill
         self.num_generation_tokens += len(sampled)
-        outputs = self._process(sampled, runner_output.logprobs)
+        outputs = self._process()
         self.last_step = StepStats(num_prefill, num_decodes, time.perf_counter() - start)
         return outputs
 
-    def _process(self, sampled: list[tuple[Sequence, int]], logprobs) -> list[RequestOutput]:
-        touched: dict[str, _Request] = {}
+    def _record(self, sampled: list[tuple[Sequence, int]], logprobs) -> None:
+        """Part of the step itself (plain bookkeeping): note which completions got a token."""
         for seq, row in sampled:
             owner = self._seq_owner.get(seq.seq_id)
             if owner is None:
@@ -234,19 +245,26 @@ class LLMEngine:
             request, i = owner
             if logprobs is not None and logprobs[row] is not None:
                 request.logprobs[i].append(logprobs[row])
-            if request.stream:
-                request.new_token_ids[i].append(seq.last_token)
-            self._detokenize(request, i, seq)
-            touched[request.request_id] = request
-        outputs = []
-        for request in touched.values():
+            self._unprocessed.setdefault(request.request_id, (request, set()))[1].add(i)
+
+    def _process(self) -> list[RequestOutput]:
+        """Detokenize and build the outputs of the requests that got tokens, one request at a time.
+        If this raises, the requests not yet done stay in ``_unprocessed`` and the outputs already
+        built in ``_ready``: the next step carries on from there."""
+        while self._unprocessed:
+            request_id, (request, touched) = next(iter(self._unprocessed.items()))
+            for i in sorted(touched):
+                self._detokenize(request, i, request.seqs[i])
+                touched.discard(i)
             finished = request.finished
             if request.stream or finished:
-                outputs.append(self._output(request, finished))
+                self._ready.append(self._output(request, finished))
+            del self._unprocessed[request_id]
             if finished:
-                self.requests.pop(request.request_id, None)
+                self.requests.pop(request_id, None)
                 for seq in request.seqs:
                     self._seq_owner.pop(seq.seq_id, None)
+        outputs, self._ready = self._ready, []
         return outputs
 
     def _output(self, request: _Request, finished: bool) -> RequestOutput:
@@ -262,14 +280,15 @@ class LLMEngine:
                     logprobs=list(request.logprobs[i]) if with_logprobs else None,
                 )
             if request.stream:
-                new = request.new_token_ids[i]
+                new = seq.completion_token_ids[request.num_streamed[i] :]
+                request.num_streamed[i] += len(new)
                 c = replace(
                     c,
                     new_token_ids=new,
                     text_delta=request.text_deltas[i],
                     new_logprobs=request.logprobs[i][-len(new) :] if with_logprobs and new else None,
                 )
-                request.new_token_ids[i], request.text_deltas[i] = [], ""
+                request.text_deltas[i] = ""
             completions.append(c)
         return RequestOutput(
             request_id=request.request_id,

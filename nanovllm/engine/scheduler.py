@@ -124,7 +124,10 @@ class Scheduler:
 
     def _add_pending(self, seq: Sequence, n: int, pending: set[int]) -> None:
         hashes = self.block_manager.block_hashes(seq)
-        first, end = seq.num_computed_tokens // self.block_size, (seq.num_computed_tokens + n) // self.block_size
+        first, end = (
+            seq.num_computed_tokens // self.block_size,
+            (seq.num_computed_tokens + n) // self.block_size,
+        )
         pending.update(hashes[first:end])
 
     def _preempt(self, seq: Sequence) -> None:
@@ -135,8 +138,8 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _output(self, scheduled: list[tuple[Sequence, int]]) -> SchedulerOutput:
-        out = SchedulerOutput(finished_seq_ids=self._forget)
-        self._forget = []
+        # Kept until update(): a step that fails (or an empty one, which never runs) must not lose them.
+        out = SchedulerOutput(finished_seq_ids=list(self._forget))
         cached = out.cached_seqs
         for seq, n in scheduled:
             out.num_scheduled_tokens[seq.seq_id] = n
@@ -167,6 +170,7 @@ class Scheduler:
         full and computed, append the sampled tokens and finish sequences that are done.
 
         Returns (sequence, row in ``runner_output``) for every sequence that got a token."""
+        del self._forget[: len(output.finished_seq_ids)]  # the runners have dropped these
         seqs = self._seqs_by_id(output)
         for seq_id, n in output.num_scheduled_tokens.items():
             seq = seqs.get(seq_id)
