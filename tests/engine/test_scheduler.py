@@ -121,23 +121,6 @@ def test_decode_preempts_most_recent_and_requeues_at_front():
     assert b.seq_id in out.finished_seq_ids or b.seq_id not in sched.fake_runner.seqs
 
 
-def test_preemption_in_the_middle_of_a_chunked_prefill():
-    sched = make_scheduler(num_blocks=6, max_num_batched_tokens=20, max_model_len=96)
-    a = make_seq(20, max_tokens=60, ignore_eos=True)
-    sched.add(a)
-    run_step(sched)
-    long = make_seq(70, max_tokens=4)
-    sched.add(long)
-    while long.status != SequenceStatus.WAITING or long.num_completion_tokens == 0:
-        run_step(sched)
-        if sched.num_preemptions:
-            break
-    assert sched.num_preemptions >= 1 and long.status == SequenceStatus.WAITING and long.block_table == []
-    while not sched.is_finished():
-        run_step(sched)
-    assert long.completion_token_ids == [7] * 4 and a.num_completion_tokens == 60
-
-
 def test_failed_step_makes_runners_resync():
     sched = make_scheduler(num_blocks=16)
     a = make_seq(20)
