@@ -64,7 +64,7 @@ def test_greedy_chat_matches_hf(llm):
     compared = 0
     for conv, out in zip(convs, outs, strict=False):
         ids = llm.apply_chat_template(conv)
-        ref, trusted = hf_greedy_until_tie(model, ids, MAX_NEW, llm.engine.eos_token_ids)
+        ref, trusted = hf_greedy_until_tie(model, ids, MAX_NEW, llm.engine.scheduler.eos_token_ids)
         assert out["token_ids"][:trusted] == ref[:trusted]
         compared += trusted
     assert compared >= MAX_NEW  # the comparison covered real ground, not just ties
