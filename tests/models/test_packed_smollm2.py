@@ -57,7 +57,7 @@ def mean_log_likelihood(quantization: str | None, ids: list[int]) -> float:
     model = model_class(hf)(hf)
     load_weights(model, iter_gguf_weights(config.model, config.quantization))
     n = len(ids)
-    context = Context(is_prefill=True, cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32), max_seqlen_q=n)
+    context = Context(cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32), max_seqlen_q=n)
     with torch.inference_mode(), forward_context(context):
         hidden = model(torch.tensor(ids), torch.arange(n))
         logits = F.linear(hidden[:-1], model.lm_head.weight).float()
