@@ -25,6 +25,9 @@ class Config:
     # 16384, with p99 time between tokens under load 45 ms against 96 (8192) and 87 (unchunked).
     max_num_batched_tokens: int | None = None
     enable_chunked_prefill: bool = True  # False: whole-prompt prefill steps and decode steps, never mixed
+    # Schedule step N+1 while the GPU runs step N (see engine/llm_engine.py). None: on for CUDA at
+    # tensor_parallel_size 1, off elsewhere (a CPU computes while it schedules, so nothing overlaps).
+    async_scheduling: bool | None = None
     max_num_seqs: int = 512
     max_model_len: int = 4096
     gpu_memory_utilization: float = 0.9
@@ -100,6 +103,7 @@ class Config:
         if not isinstance(self.calculate_kv_scales, bool):
             raise ValueError(f"calculate_kv_scales must be True or False, got {self.calculate_kv_scales!r}")
         self._resolve_device_and_dtype()
+        self._resolve_async_scheduling()
         from nanovllm.layers.kv_quant import check_kv_cache_dtype
 
         check_kv_cache_dtype(self.kv_cache_dtype, self.device, self.attention_backend)
@@ -123,6 +127,17 @@ class Config:
             from nanovllm.utils.cpu import set_cpu_threads
 
             logger.info("CPU threads: %d (one per physical core)", set_cpu_threads())
+
+    def _resolve_async_scheduling(self) -> None:
+        if self.async_scheduling is None:
+            self.async_scheduling = self.device == "cuda" and self.tensor_parallel_size == 1
+        elif not isinstance(self.async_scheduling, bool):
+            raise ValueError(f"async_scheduling must be True, False or None, got {self.async_scheduling!r}")
+        elif self.async_scheduling and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "async_scheduling needs tensor_parallel_size=1 (tensor-parallel workers do not receive "
+                "the GPU-side sampled tokens); set async_scheduling=False"
+            )
 
     @property
     def is_gguf(self) -> bool:

@@ -112,14 +112,15 @@ class BlockManager:
     # ---- allocation ------------------------------------------------------------------------
 
     def allocate_slots(self, seq: Sequence, num_new_tokens: int, hits: list[int] | None = None) -> bool:
-        """Grow ``seq``'s block table to hold ``num_computed_tokens + num_new_tokens`` tokens.
+        """Grow ``seq``'s block table to hold ``num_new_tokens`` more than it computed or has in
+        flight.
 
         On admission ``hits`` (from ``get_computed_blocks``) are taken first and set
         ``num_computed_tokens``. Returns False, changing nothing, when the free blocks do not
         suffice (a hit on a free block takes that block out of the free list, so it counts too).
         """
         hits = hits or []
-        num_computed = len(hits) * self.block_size if hits else seq.num_computed_tokens
+        num_computed = len(hits) * self.block_size if hits else seq.num_computed_tokens + seq.num_inflight_tokens
         needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(seq.block_table) - len(hits)
         hits_on_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         if needed + hits_on_free > self.num_free_blocks:
@@ -156,6 +157,7 @@ class BlockManager:
                 self.free_block_ids[block_id] = None
         seq.block_table = []
         seq.num_computed_tokens = 0
+        seq.reset_inflight()  # what steps in flight compute for it is dropped when they finish
 
     # ---- invariants (tests call this after every step) ------------------------------------
 

@@ -4,6 +4,13 @@ A request with ``n > 1`` becomes n sequences that share the prompt (and, through
 its full KV blocks). Stop strings and text deltas come from incremental detokenization, done only
 for requests that need it (a stop string, or streaming); other texts are decoded once at the end.
 
+Async scheduling (``async_scheduling``, on by default on a GPU): ``step()`` schedules and launches
+step N, and only then waits for step N-1's sampled tokens, so the CPU work of a step (scheduling,
+input preparation, output processing) runs while the GPU computes the one before. The runner feeds
+step N-1's tokens to step N on the GPU; the scheduler learns them one step later. A sequence that
+finished at step N-1 has computed one more token in step N: it is dropped. Requests with penalties
+need every earlier token on the host, so while one runs the engine waits for each step first.
+
 The engine is not thread-safe: exactly one caller steps it (``LLM`` in a process, or the server's
 engine thread), and each ``RequestOutput`` is handed to whoever owns that request.
 """
@@ -20,6 +27,7 @@ from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.outputs import CompletionOutput, EngineStats, RequestOutput, StepStats
 from nanovllm.engine.scheduler import Scheduler
 from nanovllm.engine.sequence import Sequence
+from nanovllm.engine.step import ModelRunnerOutput, SchedulerOutput
 from nanovllm.sampling_params import SamplingParams
 
 logger = logging.getLogger("nanovllm")
@@ -68,7 +76,10 @@ class LLMEngine:
             eos_token_ids=eos,
             enable_chunked_prefill=config.enable_chunked_prefill,
         )
+        self.async_scheduling = config.async_scheduling
+        self._inflight = None  # (SchedulerOutput, the runner's handle) of the step launched last
         self.requests: dict[str, _Request] = {}
+        self._need_history: set[str] = set()  # requests whose sampling reads all earlier tokens
         self._seq_owner: dict[int, tuple[_Request, int]] = {}  # seq id -> (request, completion index)
         self._auto_ids = count()
         # Output processing of a step may raise (a detokenizer, Ctrl-C); what it had not finished
@@ -174,6 +185,8 @@ class LLMEngine:
             text_deltas=[""] * n,
         )
         self.requests[request_id] = request
+        if params.has_penalties:
+            self._need_history.add(request_id)
         for i, seq in enumerate(seqs):
             self._seq_owner[seq.seq_id] = (request, i)
             self.scheduler.add(seq)
@@ -183,7 +196,7 @@ class LLMEngine:
         """Drop a request; its KV blocks are free when this returns, and the next step returns its
         final output (finish_reason "abort"), so whoever waits for it stops waiting. Unknown ids are
         ignored."""
-        request = self.requests.pop(request_id, None)
+        request = self._drop_request(request_id)
         if request is None:
             return
         self._unprocessed.pop(request_id, None)
@@ -210,31 +223,56 @@ class LLMEngine:
     # ---- the loop ------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, append the sampled tokens; return an output for every
-        streamed request that got tokens and every request that finished (or was aborted) since the
-        last outputs were returned.
+        """Schedule and run one model step; return an output for every streamed request that got
+        tokens and every request that finished (or was aborted) since the last outputs were
+        returned. With async scheduling the tokens come from the step launched by the previous
+        call, and this call's step is left running.
 
-        If scheduling or the model raises, the exception reaches the caller and the step leaves no
-        trace: no sequence advanced, no block became findable in the prefix cache, and the runners
-        are told to drop their state (each sequence is sent in full again at its next step)."""
+        If scheduling or the model raises, the exception reaches the caller and the steps in flight
+        leave no trace: no sequence advanced, no block became findable in the prefix cache, and the
+        runners are told to drop their state (each sequence is sent in full again at its next step)."""
         start = time.perf_counter()
+        drained = False
         try:
+            if self._inflight is not None and self._need_history:
+                self._apply(*self._collect(self._inflight))  # penalties read the last token too
+                self._inflight, drained = None, True
             sched = self.scheduler.schedule()
-            runner_output = None if sched.is_empty else self.executor.execute_model(sched)
+            done, self._inflight = self._inflight, None
+            if not sched.is_empty:
+                if self.async_scheduling:
+                    self._inflight = (sched, self.executor.execute_model_async(sched))
+                else:
+                    done = (sched, self.executor.execute_model(sched))
+            if done is not None:
+                self._apply(*self._collect(done))
         except BaseException:
+            self._inflight = None
             self.scheduler.runners_lost_state()
             raise
-        if runner_output is None:
-            return self._process()  # what an earlier step left undone
+        outputs = self._process()
+        if done is not None or drained:
+            self.last_step = replace(self.last_step, seconds=time.perf_counter() - start)
+        return outputs
+
+    @staticmethod
+    def _collect(launched) -> tuple:
+        sched, result = launched
+        return sched, result if isinstance(result, ModelRunnerOutput) else result.get()
+
+    def _apply(self, sched: SchedulerOutput, runner_output: ModelRunnerOutput) -> None:
+        """Book a finished step: advance its sequences, record the sampled tokens."""
         sampled = self.scheduler.update(sched, runner_output)
         self._record(sampled, runner_output.logprobs)
         num_decodes = sum(1 for n in sched.num_scheduled_tokens.values() if n == 1)
         num_prefill = sched.total_num_scheduled_tokens - num_decodes
         self.num_prompt_tokens += num_prefill
         self.num_generation_tokens += len(sampled)
-        outputs = self._process()
-        self.last_step = StepStats(num_prefill, num_decodes, time.perf_counter() - start)
-        return outputs
+        self.last_step = StepStats(num_prefill, num_decodes, 0.0)
+
+    def _drop_request(self, request_id: str) -> _Request | None:
+        self._need_history.discard(request_id)
+        return self.requests.pop(request_id, None)
 
     def _record(self, sampled: list[tuple[Sequence, int]], logprobs) -> None:
         """Part of the step itself (plain bookkeeping): note which completions got a token."""
@@ -261,7 +299,7 @@ class LLMEngine:
                 self._ready.append(self._output(request, finished))
             del self._unprocessed[request_id]
             if finished:
-                self.requests.pop(request_id, None)
+                self._drop_request(request_id)
                 for seq in request.seqs:
                     self._seq_owner.pop(seq.seq_id, None)
         outputs, self._ready = self._ready, []
@@ -336,6 +374,7 @@ class LLMEngine:
             return
         self._closed = True
         atexit.unregister(self.shutdown)
+        self._inflight = None
         for request_id in list(self.requests):
             self.abort_request(request_id)
         self.executor.shutdown()

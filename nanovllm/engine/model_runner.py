@@ -14,7 +14,8 @@ from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.step import ModelRunnerOutput, NewSeq, SchedulerOutput
 from nanovllm.layers.attention import Attention, get_backend
 from nanovllm.layers.kv_quant import kv_cache_torch_dtype
-from nanovllm.layers.sampler import Sampler, SamplingMetadata
+from nanovllm.engine.input_batch import InputBatch
+from nanovllm.layers.sampler import Sampler, SamplingMetadata, logprobs_to_lists
 from nanovllm.models.llama import head_dim_of
 from nanovllm.models.registry import model_class
 from nanovllm.utils.context import Context, forward_context
@@ -25,9 +26,19 @@ logger = logging.getLogger("nanovllm")
 
 
 class SeqState:
-    """What a runner keeps of one sequence between steps (the scheduler sends only changes)."""
+    """What a runner keeps of one sequence between steps (the scheduler sends only changes).
 
-    __slots__ = ("token_ids", "num_prompt_tokens", "block_table", "num_computed_tokens", "sampling_params")
+    ``token_ids`` are the tokens the scheduler has sent; ``num_placeholders`` more were sampled
+    here and are not back yet (async scheduling: their values are on the device)."""
+
+    __slots__ = (
+        "token_ids",
+        "num_prompt_tokens",
+        "block_table",
+        "num_computed_tokens",
+        "sampling_params",
+        "num_placeholders",
+    )
 
     def __init__(self, new: NewSeq):
         self.token_ids = list(new.token_ids)
@@ -35,6 +46,11 @@ class SeqState:
         self.block_table = list(new.block_ids)
         self.num_computed_tokens = new.num_computed_tokens
         self.sampling_params = new.sampling_params
+        self.num_placeholders = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids) + self.num_placeholders
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -42,11 +58,28 @@ class SeqState:
 
     @property
     def completion_token_ids(self) -> list[int]:
+        assert not self.num_placeholders, "penalties need every token: the engine waits for them"
         return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_completion_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
+        return self.num_tokens - self.num_prompt_tokens
+
+
+class StepHandle:
+    """A launched step (async scheduling): its sampled tokens are on their way to the host."""
+
+    def __init__(self, seq_ids: list[int], tokens, event=None, logprobs=None, num_logprobs=None):
+        self.seq_ids, self.tokens, self.event = seq_ids, tokens, event
+        self.logprobs, self.num_logprobs = logprobs, num_logprobs
+
+    def get(self) -> ModelRunnerOutput:
+        """Wait for the step (the one host synchronisation per step) and return its tokens."""
+        if self.event is not None:
+            self.event.synchronize()
+        tokens = self.tokens[: len(self.seq_ids)].tolist()
+        lp = None if self.logprobs is None else logprobs_to_lists(self.logprobs, self.num_logprobs)
+        return ModelRunnerOutput(self.seq_ids, tokens, lp)
 
 
 class ModelRunner:
@@ -80,6 +113,16 @@ class ModelRunner:
         self.sampler = Sampler()
         self.eos_token_ids = sorted(config.eos_token_ids)  # min_tokens holds these back
         self.seqs: dict[int, SeqState] = {}
+        self.inputs = InputBatch(
+            config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len, self.block_size, self.device
+        )
+        self._metadata: tuple[list[int], SamplingMetadata] | None = None
+        # The last step's sampled tokens on the device, and each sampling sequence's row in them.
+        self._prev_sampled: torch.Tensor | None = None
+        self._prev_rows: dict[int, int] = {}
+        pin = self.device.type == "cuda"
+        self._token_host = [torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(3)]
+        self._turn = 0
 
         self.num_kv_heads = self.attention_layers[0].num_kv_heads
         self.head_dim = head_dim_of(hf)
@@ -188,25 +231,55 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute_model(self, sched: SchedulerOutput) -> ModelRunnerOutput | None:
         """Forward every scheduled sequence's new tokens; sample one token for each sequence whose
-        last known token was computed. Rank 0 returns the sampled tokens, other ranks None."""
+        last token was computed. Rank 0 returns the sampled tokens, other ranks None."""
+        handle = self.execute_model_async(sched)
+        return None if handle is None else handle.get()
+
+    @torch.inference_mode()
+    def execute_model_async(self, sched: SchedulerOutput) -> StepHandle | None:
+        """Launch the step and return without waiting for it. Its sampled tokens stay on the
+        device for the next step's placeholders; ``StepHandle.get()`` brings them to the host."""
         self._update_states(sched)
         input_ids, positions, context, sample_ids = self.prepare_inputs(sched)
         metadata = None
         if self.rank == 0 and sample_ids:  # built before the forward so its copies overlap it
-            rows = [self.seqs[i] for i in sample_ids]
-            metadata = SamplingMetadata.build(
-                rows, self.config.hf_config.vocab_size, self.device, self.eos_token_ids
-            )
+            metadata = self._sampling_metadata(sample_ids)
         logits = self.run_model(input_ids, positions, context)
         if self.rank != 0:
             return None
         if not sample_ids:
-            return ModelRunnerOutput([], [])
+            return StepHandle([], [])
         out = self.sampler(logits, metadata)
-        return ModelRunnerOutput(sample_ids, out.token_ids.tolist(), out.logprobs)
+        self._prev_sampled, self._prev_rows = out.token_ids, {sid: i for i, sid in enumerate(sample_ids)}
+        for seq_id in sample_ids:
+            self.seqs[seq_id].num_placeholders += 1
+        if self.device.type != "cuda":
+            return StepHandle(sample_ids, out.token_ids, None, out.logprobs_packed, metadata.num_logprobs)
+        host = self._token_host[self._turn]
+        self._turn = (self._turn + 1) % len(self._token_host)
+        host[: len(sample_ids)].copy_(out.token_ids, non_blocking=True)
+        lp = None
+        if out.logprobs_packed is not None:
+            lp = torch.empty(out.logprobs_packed.shape, dtype=torch.float64, pin_memory=True)
+            lp.copy_(out.logprobs_packed, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return StepHandle(sample_ids, host, event, lp, metadata.num_logprobs)
+
+    def _sampling_metadata(self, sample_ids: list[int]) -> SamplingMetadata:
+        """The step's sampling tensors; reused while the batch is the same and nothing in it
+        depends on the step (seeds count tokens, min_tokens and penalties read them)."""
+        cached = self._metadata
+        if cached is not None and cached[0] == sample_ids:
+            return cached[1]
+        rows = [self.seqs[i] for i in sample_ids]
+        metadata = SamplingMetadata.build(rows, self.config.hf_config.vocab_size, self.device, self.eos_token_ids)
+        # (min_tokens only ever stops holding EOS back, so metadata without those rows stays right.)
+        step_free = metadata.seeded_rows is None and metadata.min_tokens_rows is None and metadata.no_penalties
+        self._metadata = (list(sample_ids), metadata) if step_free else None
+        return metadata
 
     def _update_states(self, sched: SchedulerOutput) -> None:
         for seq_id in sched.finished_seq_ids:
@@ -218,58 +291,21 @@ class ModelRunner:
             c.seq_ids, c.new_token_ids, c.new_block_ids, c.num_computed_tokens, strict=True
         ):
             state = self.seqs[seq_id]
-            state.token_ids += tokens
+            if tokens:  # the values of tokens sampled here earlier: they replace placeholders
+                state.token_ids += tokens
+                state.num_placeholders = max(0, state.num_placeholders - len(tokens))
             state.block_table += blocks
             state.num_computed_tokens = computed
 
     def prepare_inputs(self, sched: SchedulerOutput) -> tuple[torch.Tensor, torch.Tensor, Context, list[int]]:
-        """Pack the step's new tokens; returns input ids, positions, the attention context and the
-        ids of the sequences that sample (their last new token's row is in ``logits_indices``)."""
-        bs = self.block_size
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        cu_seqlens_q, context_lens, logits_indices, sample_ids, tables = [0], [], [], [], []
-        for seq_id, n in sched.num_scheduled_tokens.items():
-            state = self.seqs[seq_id]
-            start, end, table = state.num_computed_tokens, state.num_computed_tokens + n, state.block_table
-            if n == 1:
-                input_ids.append(state.token_ids[start])
-                positions.append(start)
-                slots.append(table[start // bs] * bs + start % bs)
-            else:
-                input_ids += state.token_ids[start:end]
-                positions += range(start, end)
-                for i in range(start // bs, (end - 1) // bs + 1):
-                    base = table[i] * bs - i * bs
-                    slots += range(base + max(start, i * bs), base + min(end, (i + 1) * bs))
-            cu_seqlens_q.append(cu_seqlens_q[-1] + n)
-            context_lens.append(end)
-            tables.append(table)
-            if end == len(state.token_ids):
-                logits_indices.append(cu_seqlens_q[-1] - 1)
-                sample_ids.append(seq_id)
-        max_seqlen_q = max(sched.num_scheduled_tokens.values())
-        width = max(len(t) for t in tables)
-        context = Context(
-            cu_seqlens_q=self._to_device(cu_seqlens_q, torch.int32),
-            max_seqlen_q=max_seqlen_q,
-            context_lens=self._to_device(context_lens, torch.int32),
-            # Decode steps bound the context by max_model_len, as the CUDA graphs do: same kernel split.
-            max_context_len=self.config.max_model_len if max_seqlen_q == 1 else max(context_lens),
-            block_tables=self._to_device([t + [0] * (width - len(t)) for t in tables], torch.int32),
-            slot_mapping=self._to_device(slots, torch.int64),
-            logits_indices=(
-                None if len(logits_indices) == len(input_ids) else self._to_device(logits_indices, torch.int64)
-            ),
-        )
-        return self._to_device(input_ids, torch.int64), self._to_device(positions, torch.int64), context, sample_ids
-
-    def _to_device(self, data, dtype) -> torch.Tensor:
-        t = torch.tensor(data, dtype=dtype)
-        if self.device.type == "cuda":
-            return t.pin_memory().to(self.device, non_blocking=True)
-        return t
+        """The step's input ids (placeholders patched from the last step's samples), positions,
+        attention context, and the ids of the sequences that sample, in logits-row order."""
+        # Decode steps on a GPU bound the context by max_model_len, as the CUDA graphs do: same kernel split.
+        pad = self.config.max_model_len if self.device.type == "cuda" else None
+        input_ids, positions, context, sample_ids, fix = self.inputs.build(sched, self.seqs, self._prev_rows, pad)
+        if fix is not None:
+            input_ids[fix[0]] = self._prev_sampled[fix[1]]
+        return input_ids, positions, context, sample_ids
 
     @torch.inference_mode()
     def run_model(self, input_ids: torch.Tensor, positions: torch.Tensor, context: Context) -> torch.Tensor:

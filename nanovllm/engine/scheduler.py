@@ -79,7 +79,10 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            n = min(seq.num_tokens_to_schedule, budget)
+            if n <= 0:  # possible only while a step that samples it is in flight and synchronous
+                i += 1
+                continue
             while not self.block_manager.allocate_slots(seq, n):
                 victim = self.running.pop()  # the most recently admitted
                 self._preempt(victim)
@@ -123,11 +126,11 @@ class Scheduler:
         return admitted
 
     def _add_pending(self, seq: Sequence, n: int, pending: set[int]) -> None:
+        """Add the hashes of the full blocks that steps in flight and this one (``n`` tokens)
+        compute for ``seq``: they become prefix-cache hits once those steps are done."""
         hashes = self.block_manager.block_hashes(seq)
-        first, end = (
-            seq.num_computed_tokens // self.block_size,
-            (seq.num_computed_tokens + n) // self.block_size,
-        )
+        first = seq.num_computed_tokens // self.block_size
+        end = (seq.num_computed_tokens + seq.num_inflight_tokens + n) // self.block_size
         pending.update(hashes[first:end])
 
     def _preempt(self, seq: Sequence) -> None:
@@ -138,16 +141,19 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _output(self, scheduled: list[tuple[Sequence, int]]) -> SchedulerOutput:
+        """Describe the step to the runners and mark its tokens as in flight (``update`` confirms
+        them; a failed step's are dropped by ``runners_lost_state``)."""
         # Kept until update(): a step that fails (or an empty one, which never runs) must not lose them.
         out = SchedulerOutput(finished_seq_ids=list(self._forget))
         cached = out.cached_seqs
         for seq, n in scheduled:
             out.num_scheduled_tokens[seq.seq_id] = n
+            start = seq.num_computed_tokens + seq.num_inflight_tokens
             if seq.seq_id in self._runner_holds:
                 cached.seq_ids.append(seq.seq_id)
                 cached.new_token_ids.append(seq.token_ids[seq.num_tokens_sent :])
                 cached.new_block_ids.append(seq.block_table[seq.num_blocks_sent :])
-                cached.num_computed_tokens.append(seq.num_computed_tokens)
+                cached.num_computed_tokens.append(start)
             else:
                 self._runner_holds.add(seq.seq_id)
                 out.new_seqs.append(
@@ -156,18 +162,23 @@ class Scheduler:
                         list(seq.token_ids),
                         seq.num_prompt_tokens,
                         list(seq.block_table),
-                        seq.num_computed_tokens,
+                        start,
                         seq.sampling_params,
                     )
                 )
             seq.num_tokens_sent, seq.num_blocks_sent = seq.num_tokens, len(seq.block_table)
+            if start + n == seq.num_tokens + seq.num_placeholders:  # computes its last token: samples
+                seq.num_placeholders += 1
+            seq.num_inflight_tokens += n
         return out
 
     # ---- after the step --------------------------------------------------------------------
 
     def update(self, output: SchedulerOutput, runner_output: ModelRunnerOutput) -> list[tuple[Sequence, int]]:
-        """Advance every scheduled sequence by its computed tokens, register the blocks that are now
-        full and computed, append the sampled tokens and finish sequences that are done.
+        """Confirm a finished step: advance every scheduled sequence by its computed tokens,
+        register the blocks that are now full and computed, append the sampled tokens and finish
+        sequences that are done. With async scheduling the next step is already in flight; a
+        sequence finished here computes one token too many there, which is dropped.
 
         Returns (sequence, row in ``runner_output``) for every sequence that got a token."""
         del self._forget[: len(output.finished_seq_ids)]  # the runners have dropped these
@@ -177,13 +188,15 @@ class Scheduler:
             if seq is None:  # finished (aborted) after it was scheduled
                 continue
             seq.num_computed_tokens += n
+            seq.num_inflight_tokens -= n
             self.block_manager.cache_computed_blocks(seq)
         sampled = []
         pairs = zip(runner_output.seq_ids, runner_output.sampled_token_ids, strict=True)
         for row, (seq_id, token_id) in enumerate(pairs):
             seq = seqs.get(seq_id)
-            if seq is None:
+            if seq is None:  # finished or preempted after it was scheduled: the token is dropped
                 continue
+            seq.num_placeholders -= 1
             seq.append_token(token_id)
             sampled.append((seq, row))
             reason = self.finish_reason(seq, token_id)
@@ -231,3 +244,5 @@ class Scheduler:
         sequence and send each again in full at its next step."""
         self._forget.extend(self._runner_holds)
         self._runner_holds.clear()
+        for seq in self.running:  # every step in flight is dropped with the failed one
+            seq.reset_inflight()

@@ -18,8 +18,17 @@ class Sequence:
 
     ``block_table`` lists the KV-cache blocks holding this sequence's tokens in order;
     ``num_computed_tokens`` counts the leading tokens whose K/V are in those blocks (prefix-cache
-    hits at admission, then every token a step has computed). A running sequence always has at
-    least one token to compute: the rest of its prompt, or the token sampled last.
+    hits at admission, then every token a finished step has computed). A running sequence always
+    has at least one token to compute: the rest of its prompt, or the token sampled last.
+
+    With async scheduling the next step is scheduled while the current one still runs, so two
+    counters describe the steps in flight: ``num_inflight_tokens`` are scheduled but not yet
+    confirmed, and ``num_placeholders`` are sampled tokens whose values are still on the GPU (the
+    runner feeds them to the next step itself). Positions::
+
+        [0, num_computed)                      K/V in the cache
+        [num_computed, + num_inflight)         being computed by steps in flight
+        [num_tokens, + num_placeholders)       sampled by steps in flight, values unknown here
     """
 
     _ids = count()
@@ -33,6 +42,8 @@ class Sequence:
         self.block_size = block_size
         self.block_table: list[int] = []
         self.num_computed_tokens = 0
+        self.num_inflight_tokens = 0
+        self.num_placeholders = 0
         self.block_hashes: list[int] = []  # chained hashes of the full blocks (block_manager fills it)
         # Prompt tokens served from the prefix cache at the first admission (reported to the user).
         self.num_prompt_cached_tokens: int | None = None
@@ -53,6 +64,14 @@ class Sequence:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def num_tokens_to_schedule(self) -> int:
+        """Tokens no step has been given yet (a placeholder counts: the runner knows its value)."""
+        return self.num_tokens + self.num_placeholders - self.num_computed_tokens - self.num_inflight_tokens
+
+    def reset_inflight(self) -> None:
+        self.num_inflight_tokens = self.num_placeholders = 0
 
     @property
     def last_token(self) -> int:

@@ -24,7 +24,7 @@ from torch import nn
 from nanovllm.layers.sampling_metadata import SamplingMetadata
 from nanovllm.utils.compile import compile_on_cuda
 
-__all__ = ["Sampler", "SamplerOutput", "SamplingMetadata"]
+__all__ = ["Sampler", "SamplerOutput", "SamplingMetadata", "logprobs_to_lists"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -68,10 +68,19 @@ def seeded_exponentials(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: in
 @dataclass
 class SamplerOutput:
     token_ids: torch.Tensor  # [batch] int64, on the logits' device
-    # Per row: None if the request did not ask, else {token_id: logprob} with the request's
-    # top-N tokens of the raw distribution (most likely first), then the sampled token if it
-    # is not among them.
-    logprobs: list[dict[int, float] | None] | None = None
+    # Rows' top-N and sampled-token logprobs, packed on the device (see ``gather_logprobs``);
+    # None when no row asked. ``logprobs_to_lists`` unpacks them (that waits for the device).
+    logprobs_packed: torch.Tensor | None = None
+    num_logprobs: list[int | None] | None = None
+
+    @property
+    def logprobs(self) -> list[dict[int, float] | None] | None:
+        """Per row: None if the request did not ask, else {token_id: logprob} with the request's
+        top-N tokens of the raw distribution (most likely first), then the sampled token if it is
+        not among them."""
+        if self.logprobs_packed is None:
+            return None
+        return logprobs_to_lists(self.logprobs_packed, self.num_logprobs)
 
 
 class Sampler(nn.Module):
@@ -88,8 +97,8 @@ class Sampler(nn.Module):
             token_ids = logits.argmax(dim=-1)
         else:
             token_ids = self.sample(logits, md)
-        logprobs = None if raw_logprobs is None else gather_logprobs(raw_logprobs, token_ids, md)
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+        packed = None if raw_logprobs is None else gather_logprobs(raw_logprobs, token_ids, md)
+        return SamplerOutput(token_ids, packed, md.num_logprobs)
 
     @staticmethod
     def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
@@ -167,22 +176,18 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill(probs < threshold, 0.0)
 
 
-def gather_logprobs(
-    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, md: SamplingMetadata
-) -> list[dict[int, float] | None]:
-    """Top-N and sampled-token logprobs of the raw distribution, with one device-to-host copy."""
+def gather_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """Top-N and sampled-token logprobs of the raw distribution, packed as ``[batch, 2 * (N + 1)]``
+    float64: N top ids, the sampled id, then their logprobs (float64 holds both token ids and
+    float32 logprobs exactly, so one device-to-host copy brings them all)."""
     top_lp, top_ids = raw_logprobs.topk(md.max_num_logprobs, dim=-1)  # [batch, N]
     sampled_lp = raw_logprobs.gather(1, token_ids.unsqueeze(1))  # [batch, 1]
-    # float64 holds both token ids and float32 logprobs exactly: pack them for one transfer.
-    packed = torch.cat(
-        [top_ids.double(), token_ids.unsqueeze(1).double(), top_lp.double(), sampled_lp.double()], 1
-    )
-    return _logprobs_to_lists(packed, md.num_logprobs)
+    return torch.cat([top_ids.double(), token_ids.unsqueeze(1).double(), top_lp.double(), sampled_lp.double()], 1)
 
 
 @torch.compiler.disable
-def _logprobs_to_lists(packed: torch.Tensor, num_logprobs: list[int | None]) -> list[dict[int, float] | None]:
-    """``packed`` is ``[batch, 2 * (N + 1)]``: N top ids, the sampled id, then their logprobs."""
+def logprobs_to_lists(packed: torch.Tensor, num_logprobs: list[int | None]) -> list[dict[int, float] | None]:
+    """Unpack ``gather_logprobs``' tensor into one dict per row (None where a row did not ask)."""
     rows = packed.cpu().tolist()
     n = packed.shape[1] // 2
     out: list[dict[int, float] | None] = []
