@@ -172,7 +172,9 @@ class Config:
         self.max_model_len = min(self.max_model_len, hf.max_position_embeddings)
         if self.max_num_batched_tokens is None:
             default = 4096 if self.device == "cuda" else 2048
-            self.max_num_batched_tokens = default if self.enable_chunked_prefill else max(default, self.max_model_len)
+            self.max_num_batched_tokens = (
+                default if self.enable_chunked_prefill else max(default, self.max_model_len)
+            )
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
             raise ValueError(
                 f"without chunked prefill, max_num_batched_tokens ({self.max_num_batched_tokens}) must be "

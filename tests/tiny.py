@@ -115,7 +115,9 @@ def prefill_logits(llm, prompts: list[list[int]]):
     sched = SchedulerOutput()
     for s in seqs:
         assert bm.allocate_slots(s, s.num_tokens)
-        sched.new_seqs.append(NewSeq(s.seq_id, s.token_ids, s.num_tokens, s.block_table, 0, s.sampling_params))
+        sched.new_seqs.append(
+            NewSeq(s.seq_id, s.token_ids, s.num_tokens, s.block_table, 0, s.sampling_params)
+        )
         sched.num_scheduled_tokens[s.seq_id] = s.num_tokens
     runner._update_states(sched)
     try:

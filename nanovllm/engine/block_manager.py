@@ -120,7 +120,9 @@ class BlockManager:
         suffice (a hit on a free block takes that block out of the free list, so it counts too).
         """
         hits = hits or []
-        num_computed = len(hits) * self.block_size if hits else seq.num_computed_tokens + seq.num_inflight_tokens
+        num_computed = (
+            len(hits) * self.block_size if hits else seq.num_computed_tokens + seq.num_inflight_tokens
+        )
         needed = -(-(num_computed + num_new_tokens) // self.block_size) - len(seq.block_table) - len(hits)
         hits_on_free = sum(1 for b in hits if self.blocks[b].ref_count == 0)
         if needed + hits_on_free > self.num_free_blocks:
@@ -166,7 +168,9 @@ class BlockManager:
         for seq in seqs:
             for block_id in seq.block_table:
                 users[block_id] = users.get(block_id, 0) + 1
-            assert seq.num_computed_tokens <= len(seq.block_table) * self.block_size, f"{seq} outgrew its blocks"
+            assert seq.num_computed_tokens <= len(seq.block_table) * self.block_size, (
+                f"{seq} outgrew its blocks"
+            )
         for block in self.blocks:
             assert block.ref_count == users.get(block.block_id, 0), (
                 f"block {block.block_id}: ref_count {block.ref_count} != users {users.get(block.block_id, 0)}"

@@ -16,7 +16,6 @@ yet (async scheduling). It is packed as 0 and patched on the device:
 
 import math
 
-import numpy as np
 import torch
 
 from nanovllm.engine.step import SchedulerOutput
@@ -33,7 +32,10 @@ class InputBatch:
         n64 = 3 * max_num_tokens + 3 * max_num_seqs
         n32 = 2 * max_num_seqs + 1 + max_num_seqs * self.width
         self._sets = [
-            (torch.zeros(n64, dtype=torch.int64, pin_memory=pin), torch.zeros(n32, dtype=torch.int32, pin_memory=pin))
+            (
+                torch.zeros(n64, dtype=torch.int64, pin_memory=pin),
+                torch.zeros(n32, dtype=torch.int32, pin_memory=pin),
+            )
             for _ in range(2)
         ]
         self._turn = 0

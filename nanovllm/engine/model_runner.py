@@ -11,10 +11,10 @@ import torch
 from nanovllm.config import Config
 from nanovllm.distributed import min_over_ranks
 from nanovllm.engine.cuda_graphs import DecodeGraphs
+from nanovllm.engine.input_batch import InputBatch
 from nanovllm.engine.step import ModelRunnerOutput, NewSeq, SchedulerOutput
 from nanovllm.layers.attention import Attention, get_backend
 from nanovllm.layers.kv_quant import kv_cache_torch_dtype
-from nanovllm.engine.input_batch import InputBatch
 from nanovllm.layers.sampler import Sampler, SamplingMetadata, logprobs_to_lists
 from nanovllm.models.llama import head_dim_of
 from nanovllm.models.registry import model_class
@@ -114,14 +114,20 @@ class ModelRunner:
         self.eos_token_ids = sorted(config.eos_token_ids)  # min_tokens holds these back
         self.seqs: dict[int, SeqState] = {}
         self.inputs = InputBatch(
-            config.max_num_batched_tokens, config.max_num_seqs, config.max_model_len, self.block_size, self.device
+            config.max_num_batched_tokens,
+            config.max_num_seqs,
+            config.max_model_len,
+            self.block_size,
+            self.device,
         )
         self._metadata: tuple[list[int], SamplingMetadata] | None = None
         # The last step's sampled tokens on the device, and each sampling sequence's row in them.
         self._prev_sampled: torch.Tensor | None = None
         self._prev_rows: dict[int, int] = {}
         pin = self.device.type == "cuda"
-        self._token_host = [torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(3)]
+        self._token_host = [
+            torch.zeros(config.max_num_seqs, dtype=torch.int64, pin_memory=pin) for _ in range(3)
+        ]
         self._turn = 0
 
         self.num_kv_heads = self.attention_layers[0].num_kv_heads
@@ -275,9 +281,13 @@ class ModelRunner:
         if cached is not None and cached[0] == sample_ids:
             return cached[1]
         rows = [self.seqs[i] for i in sample_ids]
-        metadata = SamplingMetadata.build(rows, self.config.hf_config.vocab_size, self.device, self.eos_token_ids)
+        metadata = SamplingMetadata.build(
+            rows, self.config.hf_config.vocab_size, self.device, self.eos_token_ids
+        )
         # (min_tokens only ever stops holding EOS back, so metadata without those rows stays right.)
-        step_free = metadata.seeded_rows is None and metadata.min_tokens_rows is None and metadata.no_penalties
+        step_free = (
+            metadata.seeded_rows is None and metadata.min_tokens_rows is None and metadata.no_penalties
+        )
         self._metadata = (list(sample_ids), metadata) if step_free else None
         return metadata
 
@@ -302,7 +312,9 @@ class ModelRunner:
         attention context, and the ids of the sequences that sample, in logits-row order."""
         # Decode steps on a GPU bound the context by max_model_len, as the CUDA graphs do: same kernel split.
         pad = self.config.max_model_len if self.device.type == "cuda" else None
-        input_ids, positions, context, sample_ids, fix = self.inputs.build(sched, self.seqs, self._prev_rows, pad)
+        input_ids, positions, context, sample_ids, fix = self.inputs.build(
+            sched, self.seqs, self._prev_rows, pad
+        )
         if fix is not None:
             input_ids[fix[0]] = self._prev_sampled[fix[1]]
         return input_ids, positions, context, sample_ids

@@ -25,7 +25,7 @@ from collections import deque
 
 from nanovllm.engine.block_manager import BlockManager
 from nanovllm.engine.sequence import Sequence, SequenceStatus
-from nanovllm.engine.step import CachedSeqs, ModelRunnerOutput, NewSeq, SchedulerOutput
+from nanovllm.engine.step import ModelRunnerOutput, NewSeq, SchedulerOutput
 
 
 class Scheduler:

@@ -176,13 +176,17 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return probs.masked_fill(probs < threshold, 0.0)
 
 
-def gather_logprobs(raw_logprobs: torch.Tensor, token_ids: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+def gather_logprobs(
+    raw_logprobs: torch.Tensor, token_ids: torch.Tensor, md: SamplingMetadata
+) -> torch.Tensor:
     """Top-N and sampled-token logprobs of the raw distribution, packed as ``[batch, 2 * (N + 1)]``
     float64: N top ids, the sampled id, then their logprobs (float64 holds both token ids and
     float32 logprobs exactly, so one device-to-host copy brings them all)."""
     top_lp, top_ids = raw_logprobs.topk(md.max_num_logprobs, dim=-1)  # [batch, N]
     sampled_lp = raw_logprobs.gather(1, token_ids.unsqueeze(1))  # [batch, 1]
-    return torch.cat([top_ids.double(), token_ids.unsqueeze(1).double(), top_lp.double(), sampled_lp.double()], 1)
+    return torch.cat(
+        [top_ids.double(), token_ids.unsqueeze(1).double(), top_lp.double(), sampled_lp.double()], 1
+    )
 
 
 @torch.compiler.disable

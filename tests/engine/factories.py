@@ -39,7 +39,9 @@ def run_step(sched: Scheduler, runner: FakeRunner | None = None, token: int = 7)
     """One step against a fake runner (every sampled token is ``token`` unless the runner scripts
     one); checks the block manager's invariants afterwards. Returns (output, sampled seqs)."""
     if runner is None:  # one runner per scheduler: it keeps state between steps
-        runner = sched.__dict__.setdefault("fake_runner", FakeRunner(sched.block_manager.num_blocks, sched.block_size))
+        runner = sched.__dict__.setdefault(
+            "fake_runner", FakeRunner(sched.block_manager.num_blocks, sched.block_size)
+        )
         runner.script = lambda *_: token
     out = sched.schedule()
     assert out.total_num_scheduled_tokens <= sched.max_num_batched_tokens

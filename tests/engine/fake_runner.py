@@ -54,7 +54,9 @@ class FakeRunner:
         for seq_id, n in sched.num_scheduled_tokens.items():
             s = self.seqs[seq_id]
             start, end = s["computed"], s["computed"] + n
-            assert n >= 1 and end <= len(s["tokens"]), f"seq {seq_id}: computes {start}..{end} of {len(s['tokens'])}"
+            assert n >= 1 and end <= len(s["tokens"]), (
+                f"seq {seq_id}: computes {start}..{end} of {len(s['tokens'])}"
+            )
             assert len(s["blocks"]) * bs >= end, f"seq {seq_id}: {end} tokens in {len(s['blocks'])} blocks"
             for p in range(start, end):
                 self.cache[s["blocks"][p // bs] * bs + p % bs] = (p, s["tokens"][p])

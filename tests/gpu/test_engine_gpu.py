@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from nanovllm import LLM, SamplingParams
-
 from tests.tiny import hf_greedy, hf_model, prefill_logits
 
 pytestmark = pytest.mark.gpu
@@ -91,7 +90,10 @@ def test_chunked_mixed_steps_match_hf_at_qwen3_shapes(tmp_path):
     prompts = [[(31 * i + 7 * j) % 150000 for j in range(n)] for i, n in enumerate((5, 300, 700, 1000))]
     sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
     outs = {}
-    for label, kw in {"chunked": dict(max_num_batched_tokens=192), "whole": dict(enable_chunked_prefill=False)}.items():
+    for label, kw in {
+        "chunked": dict(max_num_batched_tokens=192),
+        "whole": dict(enable_chunked_prefill=False),
+    }.items():
         with LLM(path, skip_tokenizer_init=True, max_model_len=2048, num_kvcache_blocks=64, **kw) as llm:
             outs[label] = [o["token_ids"] for o in llm.generate(prompts, sp, use_tqdm=False)]
     # bf16: different packing changes rounding, so near-ties may flip late; the first tokens agree.

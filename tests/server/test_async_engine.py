@@ -21,7 +21,9 @@ async def collect(stream) -> list[int]:
 
 
 def test_failed_step_fails_its_requests_and_the_engine_goes_on(tiny_ckpt):
-    config = Config.from_kwargs(tiny_ckpt("qwen3"), kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=32)
+    config = Config.from_kwargs(
+        tiny_ckpt("qwen3"), kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=32
+    )
     runner = FakeRunner(32, 16)
     engine = LLMEngine(config, executor=runner)
     params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
