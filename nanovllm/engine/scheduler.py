@@ -52,6 +52,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._runner_holds: set[int] = set()  # seq ids whose state the runners keep
         self._forget: list[int] = []  # seq ids the runners must drop at the next step
+        self._forget_unconfirmed: list[int] = []  # sent with steps that have not finished yet
 
     def is_finished(self) -> bool:
         return not self.waiting and not self.running
@@ -143,8 +144,10 @@ class Scheduler:
     def _output(self, scheduled: list[tuple[Sequence, int]]) -> SchedulerOutput:
         """Describe the step to the runners and mark its tokens as in flight (``update`` confirms
         them; a failed step's are dropped by ``runners_lost_state``)."""
-        # Kept until update(): a step that fails (or an empty one, which never runs) must not lose them.
-        out = SchedulerOutput(finished_seq_ids=list(self._forget))
+        out = SchedulerOutput(finished_seq_ids=self._forget)
+        if scheduled:  # an empty step never runs: keep them for the next one
+            self._forget_unconfirmed += self._forget  # sent again if this step fails
+            self._forget = []
         cached = out.cached_seqs
         for seq, n in scheduled:
             out.num_scheduled_tokens[seq.seq_id] = n
@@ -181,7 +184,7 @@ class Scheduler:
         sequence finished here computes one token too many there, which is dropped.
 
         Returns (sequence, row in ``runner_output``) for every sequence that got a token."""
-        del self._forget[: len(output.finished_seq_ids)]  # the runners have dropped these
+        del self._forget_unconfirmed[: len(output.finished_seq_ids)]  # the runners have dropped these
         seqs = self._seqs_by_id(output)
         for seq_id, n in output.num_scheduled_tokens.items():
             seq = seqs.get(seq_id)
@@ -242,7 +245,8 @@ class Scheduler:
     def runners_lost_state(self) -> None:
         """A step failed part-way: the runners may hold half-applied state. Make them drop every
         sequence and send each again in full at its next step."""
-        self._forget.extend(self._runner_holds)
+        self._forget = self._forget_unconfirmed + self._forget + list(self._runner_holds)
+        self._forget_unconfirmed = []
         self._runner_holds.clear()
         for seq in self.running:  # every step in flight is dropped with the failed one
             seq.reset_inflight()
