@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--max-num-batched-tokens", type=int, default=None, help="default: the engine's")
     parser.add_argument("--no-chunked-prefill", action="store_true", help="whole-prompt prefill steps")
+    parser.add_argument(
+        "--no-async-scheduling", action="store_true", help="wait for each step before scheduling the next"
+    )
     parser.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
     parser.add_argument("--note", default="")
     parser.add_argument(
@@ -270,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tensor_parallel_size": args.tensor_parallel_size,
         "max_num_batched_tokens": llm.config.max_num_batched_tokens,
         "enable_chunked_prefill": llm.config.enable_chunked_prefill,
+        "async_scheduling": llm.config.async_scheduling,
         "attention_backend": runner.backend.name,
         "cuda_graphs": bool(runner.graphs),
         "engine_tok_s": round(total_tokens / elapsed, 1),
@@ -323,6 +327,8 @@ def engine_overrides(args) -> dict:
         out["max_num_batched_tokens"] = args.max_num_batched_tokens
     if args.no_chunked_prefill:
         out["enable_chunked_prefill"] = False
+    if args.no_async_scheduling:
+        out["async_scheduling"] = False
     return out
 
 

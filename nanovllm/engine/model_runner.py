@@ -75,6 +75,8 @@ class StepHandle:
 
     def get(self) -> ModelRunnerOutput:
         """Wait for the step (the one host synchronisation per step) and return its tokens."""
+        if not self.seq_ids:
+            return ModelRunnerOutput([], [])
         if self.event is not None:
             self.event.synchronize()
         tokens = self.tokens[: len(self.seq_ids)].tolist()
