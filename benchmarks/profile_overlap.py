@@ -41,16 +41,17 @@ def gpu_busy_us(prof) -> tuple[float, float]:
     return spans[-1][1] - spans[0][0], busy
 
 
-def measure(llm, batch: int, steps: int, trace: str | None, label: str) -> dict:
+def measure(llm, batch: int, steps: int, trace: str | None, label: str, table: bool) -> dict:
     engine = llm.engine
     rng = random.Random(batch)
     params = SamplingParams(temperature=0.6, max_tokens=steps + 20, ignore_eos=True)
     for _ in range(batch):
         engine.add_request(None, [rng.randint(0, 10000) for _ in range(512)], params)
-    for _ in range(10):  # prefill and a few decodes
-        engine.step()
+    sched = engine.scheduler
+    while sched.waiting or any(s.num_completion_tokens < 2 for s in sched.running):
+        engine.step()  # every prompt prefilled: the stretch below is all decode
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # GPU only: little overhead on the host
         start = time.perf_counter()
         for _ in range(steps):
             engine.step()
@@ -59,6 +60,8 @@ def measure(llm, batch: int, steps: int, trace: str | None, label: str) -> dict:
     while engine.has_unfinished_requests():
         engine.step()
     span, busy = gpu_busy_us(prof)
+    if table:  # where the GPU time goes, per kernel
+        print(prof.key_averages().table(sort_by="device_time_total", row_limit=14, max_name_column_width=60))
     if trace:
         prof.export_chrome_trace(os.path.join(trace, f"trace_{label}_bs{batch}.json"))
     return {
@@ -77,13 +80,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--ckpt-dir", default="/tmp/nanovllm-qwen3-0.6b-random")
     parser.add_argument("--trace", default=None)
+    parser.add_argument("--table", action="store_true", help="print the top kernels (async run)")
     args = parser.parse_args()
     path = write_random_qwen3(args.ckpt_dir)
     for mode in (True, False):
         label = "async" if mode else "sync"
         with LLM(path, skip_tokenizer_init=True, max_model_len=1024, async_scheduling=mode) as llm:
             for batch in args.batch:
-                print(json.dumps(measure(llm, batch, args.steps, args.trace, label)), flush=True)
+                result = measure(llm, batch, args.steps, args.trace, label, args.table and mode)
+                print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
