@@ -100,14 +100,18 @@ class BlockManager:
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
         """After a step succeeded: make the blocks that are now full and computed findable."""
+        end = min(seq.num_computed_tokens // self.block_size, len(seq.block_table))
+        if end <= seq.num_cached_blocks:
+            return
         hashes = self.block_hashes(seq)
-        for i in range(min(seq.num_computed_tokens // self.block_size, len(seq.block_table))):
+        for i in range(seq.num_cached_blocks, end):
             block = self.blocks[seq.block_table[i]]
             if block.hash == -1:
                 block.hash, block.token_ids = hashes[i], seq.block(i)
                 # A newer block with the same content takes the hash over; the older one keeps
                 # its own until reused (see _take_free_block).
                 self.hash_to_block[hashes[i]] = block.block_id
+        seq.num_cached_blocks = end
 
     # ---- allocation ------------------------------------------------------------------------
 
@@ -158,7 +162,7 @@ class BlockManager:
             if block.ref_count == 0:
                 self.free_block_ids[block_id] = None
         seq.block_table = []
-        seq.num_computed_tokens = 0
+        seq.num_computed_tokens = seq.num_cached_blocks = 0
         seq.reset_inflight()  # what steps in flight compute for it is dropped when they finish
 
     # ---- invariants (tests call this after every step) ------------------------------------

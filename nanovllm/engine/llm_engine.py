@@ -283,7 +283,10 @@ class LLMEngine:
             request, i = owner
             if logprobs is not None and logprobs[row] is not None:
                 request.logprobs[i].append(logprobs[row])
-            self._unprocessed.setdefault(request.request_id, (request, set()))[1].add(i)
+            # A request that is neither streamed nor detokenized as it goes has nothing to do
+            # until a completion finishes.
+            if request.stream or seq.is_finished or request.detokenizers[i] is not None:
+                self._unprocessed.setdefault(request.request_id, (request, set()))[1].add(i)
 
     def _process(self) -> list[RequestOutput]:
         """Detokenize and build the outputs of the requests that got tokens, one request at a time.

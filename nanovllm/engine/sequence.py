@@ -44,6 +44,7 @@ class Sequence:
         self.num_computed_tokens = 0
         self.num_inflight_tokens = 0
         self.num_placeholders = 0
+        self.num_cached_blocks = 0  # leading blocks cache_computed_blocks has registered
         self.block_hashes: list[int] = []  # chained hashes of the full blocks (block_manager fills it)
         # Prompt tokens served from the prefix cache at the first admission (reported to the user).
         self.num_prompt_cached_tokens: int | None = None
