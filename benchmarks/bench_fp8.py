@@ -126,15 +126,19 @@ def run_once(model: str, part: str, kv: str, run: int, copy_gbs: float | None) -
         result.update(
             copy_gbs=round(copy_gbs, 1), bound_s=round(bound, 3), fraction_of_bound=round(bound / elapsed, 3)
         )
-    model_ref = weakref.ref(runner.model)
+    refs = weakref.ref(runner), weakref.ref(runner.model)
     llm.shutdown()
     del llm, engine, runner
     gc.collect()
-    if model_ref() is not None:  # its weights would still hold memory the next engine counts as free
-        raise RuntimeError("the engine's model outlived its LLM; run each engine in its own process")
+    # The next engine sizes its KV cache from the memory free then: this one must be gone, weights,
+    # cache and graph pools included, or the two would be counted once and allocated twice.
+    if any(ref() is not None for ref in refs):
+        raise RuntimeError("the engine's model runner outlived its LLM; run each engine in its own process")
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         result["cuda_allocated_gib_after"] = round(torch.cuda.memory_allocated() / 2**30, 3)
+        if result["cuda_allocated_gib_after"] > 0.5:
+            raise RuntimeError(f"{result['cuda_allocated_gib_after']} GiB still allocated after shutdown")
     return result
 
 

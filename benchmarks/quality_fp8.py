@@ -1,7 +1,7 @@
 """FP8 KV cache quality on real weights, on the CPU: the bundled SmolLM2-135M-Instruct, fp8 caches
 against the model-dtype (float32) cache. See nanovllm/kv_quality.py for the metrics.
 
-    python benchmarks/quality_fp8.py [--prompts 32] [--max-tokens 128] [--headrooms 1 2 4]
+    python benchmarks/quality_fp8.py [--prompts 32] [--max-tokens 128] [--headrooms 2 1 4] [--note TEXT]
 
 Variants: scales 1.0 (vLLM's default) and scales calibrated on the first prefill with each
 headroom (the largest |x| seen maps to 448 / headroom). One JSON line per run, appended to
