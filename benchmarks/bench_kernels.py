@@ -13,7 +13,6 @@ The JSON line is also appended to benchmarks/results.jsonl (device, commit and d
 
 import json
 import math
-import subprocess
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nanovllm.benchmark import git_commit  # noqa: E402
 from nanovllm.kernels.decode_attention import choose_num_splits, paged_decode_attention  # noqa: E402
 from nanovllm.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
 
@@ -120,10 +120,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent
-        ).stdout.strip()
-        or None,  # fmt: skip
+        "commit": git_commit(),  # NANOVLLM_COMMIT where the checkout has no git history
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "workload": "Qwen3-0.6B attention shapes (16 q heads, 8 KV heads, head_dim 128, block 256), one "
         "layer, bf16 queries; decode replayed from a CUDA graph; fp8 scales 0.5 / 0.25",

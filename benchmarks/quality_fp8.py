@@ -1,7 +1,7 @@
 """FP8 KV cache quality on real weights, on the CPU: the bundled SmolLM2-135M-Instruct, fp8 caches
 against the model-dtype (float32) cache. See nanovllm/kv_quality.py for the metrics.
 
-    python benchmarks/quality_fp8.py [--prompts 32] [--max-tokens 128] [--headrooms 1 2 4]
+    python benchmarks/quality_fp8.py [--prompts 32] [--max-tokens 128] [--headrooms 2 1 4] [--note TEXT]
 
 Variants: scales 1.0 (vLLM's default) and scales calibrated on the first prefill with each
 headroom (the largest |x| seen maps to 448 / headroom). One JSON line per run, appended to
@@ -59,16 +59,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--headrooms", type=float, nargs="*", default=[1.0, 2.0, 4.0])
+    parser.add_argument("--headrooms", type=float, nargs="*", default=[2.0, 1.0, 4.0])
+    parser.add_argument("--note", default="")
     parser.add_argument("--results", default=str(Path(__file__).with_name("results.jsonl")))
     args = parser.parse_args()
     prompts = CHAT_PROMPTS[: args.prompts]
 
     ref = run_variant("auto", False, prompts, args.max_tokens)
-    variants = {"fp8, scales 1.0": run_variant("fp8", False, prompts, args.max_tokens)}
-    for h in args.headrooms:
-        kv_quant.CALIBRATION_HEADROOM = h
-        variants[f"fp8, calibrated, headroom {h:g}"] = run_variant("fp8", True, prompts, args.max_tokens)
+    print(f"float32 cache: log-likelihood {ref['log_likelihood']:.5f} in {ref['seconds']:.0f} s", flush=True)
+    runs = [("fp8, scales 1.0", False, None)]
+    runs += [(f"fp8, calibrated, headroom {h:g}", True, h) for h in args.headrooms]
+    variants = {}
+    for name, calibrate, headroom in runs:
+        if headroom is not None:
+            kv_quant.CALIBRATION_HEADROOM = headroom
+        variants[name] = v = run_variant("fp8", calibrate, prompts, args.max_tokens)
+        row = compare_greedy(ref["chat"], v["chat"])  # printed now: a long run killed later keeps these
+        print(f"{name}: {row}, log-likelihood {v['log_likelihood']:.5f} in {v['seconds']:.0f} s", flush=True)
 
     result = {
         "bench": "kv_cache_fp8_quality",
@@ -82,7 +89,9 @@ def main() -> None:
         "in chunks of 128 through the cache",
         "baseline": "kv_cache_dtype='auto' (float32 cache) in the same run",
         "baseline_log_likelihood": round(ref["log_likelihood"], 5),
+        "baseline_seconds": round(ref["seconds"], 1),
         "variants": {},
+        "note": args.note,
     }
     for name, v in variants.items():
         row = compare_greedy(ref["chat"], v["chat"])
@@ -90,6 +99,7 @@ def main() -> None:
         row["log_likelihood"] = round(v["log_likelihood"], 5)
         row["log_likelihood_delta"] = round(v["log_likelihood"] - ref["log_likelihood"], 5)
         row["k_scale_range"], row["v_scale_range"] = v["k_scale_range"], v["v_scale_range"]
+        row["seconds"] = round(v["seconds"], 1)
         result["variants"][name] = row
         print(f"{name:34s} {json.dumps(row)}")
     line = json.dumps(result)

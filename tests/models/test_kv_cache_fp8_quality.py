@@ -16,10 +16,12 @@ except (FileNotFoundError, ImportError):
 
 ENGINE = dict(max_model_len=1024, kvcache_block_size=16, num_kvcache_blocks=64, max_num_seqs=4)
 TEXT_TOKENS, PREFIX = 384, 256
-# Measured on the full check: |log-likelihood change| <= 0.013 nats/token and mean |logprob change|
-# of agreeing greedy tokens <= 0.05 for every scale choice. A dequantiser whose scale is 10x off
-# from the quantiser's moves the log-likelihood by far more than the bound (asserted below).
-LL_BOUND, LOGPROB_BOUND = 0.03, 0.1
+# Measured on the full check (benchmarks/README.md): |log-likelihood change| <= 0.009 nats/token and
+# mean |logprob change| of agreeing greedy tokens <= 0.044 for both scale choices. A dequantiser
+# whose scale is 10x off from the quantiser's moves the log-likelihood by far more than the bound
+# (asserted below). Here only ~11 greedy tokens agree and are compared, and one of them near a tie
+# moves their mean by ~0.05 (0.068 on this check at 6194777, 2-core x86 CPU, float32), hence 0.2.
+LL_BOUND, LOGPROB_BOUND = 0.03, 0.2
 
 
 @pytest.mark.slow
