@@ -12,6 +12,7 @@ from nanovllm.config import Config
 from nanovllm.distributed import min_over_ranks
 from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.input_batch import InputBatch
+from nanovllm.engine.sequence import TokenCounts
 from nanovllm.engine.step import ModelRunnerOutput, NewSeq, SchedulerOutput
 from nanovllm.layers.attention import Attention, get_backend
 from nanovllm.layers.kv_quant import kv_cache_torch_dtype
@@ -25,11 +26,13 @@ from nanovllm.utils.memory import cpu_kv_cache_blocks
 logger = logging.getLogger("nanovllm")
 
 
-class SeqState:
+class SeqState(TokenCounts):
     """What a runner keeps of one sequence between steps (the scheduler sends only changes).
 
     ``token_ids`` are the tokens the scheduler has sent; ``num_placeholders`` more were sampled
-    here and are not back yet (async scheduling: their values are on the device)."""
+    here and are not back yet (async scheduling: their values are on the device). Penalties read
+    ``completion_token_ids``: the engine waits for every step while such a request runs, so
+    there are no placeholders then."""
 
     __slots__ = (
         "token_ids",
@@ -51,19 +54,6 @@ class SeqState:
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids) + self.num_placeholders
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
-
-    @property
-    def completion_token_ids(self) -> list[int]:
-        assert not self.num_placeholders, "penalties need every token: the engine waits for them"
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
-    def num_completion_tokens(self) -> int:
-        return self.num_tokens - self.num_prompt_tokens
 
 
 class StepHandle:

@@ -13,7 +13,32 @@ class SequenceStatus(Enum):
     FINISHED = auto()
 
 
-class Sequence:
+class TokenCounts:
+    """Prompt / completion views over ``token_ids`` (first ``num_prompt_tokens`` are the prompt),
+    shared by the scheduler's ``Sequence`` and the runner's per-sequence state."""
+
+    __slots__ = ()
+    token_ids: list[int]
+    num_prompt_tokens: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def completion_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_completion_tokens(self) -> int:
+        return self.num_tokens - self.num_prompt_tokens
+
+
+class Sequence(TokenCounts):
     """A prompt plus the tokens generated for it so far.
 
     ``block_table`` lists the KV-cache blocks holding this sequence's tokens in order;
@@ -63,10 +88,6 @@ class Sequence:
         )
 
     @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
-
-    @property
     def num_tokens_to_schedule(self) -> int:
         """Tokens no step has been given yet (a placeholder counts: the runner knows its value)."""
         return self.num_tokens + self.num_placeholders - self.num_computed_tokens - self.num_inflight_tokens
@@ -77,18 +98,6 @@ class Sequence:
     @property
     def last_token(self) -> int:
         return self.token_ids[-1]
-
-    @property
-    def prompt_token_ids(self) -> list[int]:
-        return self.token_ids[: self.num_prompt_tokens]
-
-    @property
-    def completion_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
-
-    @property
-    def num_completion_tokens(self) -> int:
-        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
