@@ -186,11 +186,40 @@ def serve_load(args: argparse.Namespace, engine_args: dict, requests, rates: lis
         proc = start_server(args.model, engine_args, port)
     try:
         asyncio.run(run_load(host, port, requests[:2], float("inf"), args.temperature, args.seed))  # warm-up
-        return [asyncio.run(run_load(host, port, requests, r, args.temperature, args.seed)) for r in rates]
+        loads = []
+        for rate in rates:
+            before = _cpu_seconds(proc)
+            loads.append(asyncio.run(run_load(host, port, requests, rate, args.temperature, args.seed)))
+            after = _cpu_seconds(proc)
+            if before and after:  # what the load cost the server; the event loop is its main thread
+                loop_s, total_s = after[0] - before[0], after[1] - before[1]
+                tokens = max(1, loads[-1]["output_tokens"])
+                loads[-1].update(
+                    server_cpu_s=round(total_s, 2),
+                    event_loop_cpu_s=round(loop_s, 2),
+                    event_loop_busy=round(loop_s / loads[-1]["seconds"], 3),
+                    event_loop_us_per_token=round(1e6 * loop_s / tokens, 1),
+                )
+        return loads
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
+
+
+def _cpu_seconds(proc: subprocess.Popen | None) -> tuple[float, float] | None:
+    """CPU seconds (user + system) of the server's main thread and of the whole process (Linux)."""
+    if proc is None:
+        return None
+    try:
+        out = []
+        for stat in (f"/proc/{proc.pid}/task/{proc.pid}/stat", f"/proc/{proc.pid}/stat"):
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        return out[0], out[1]
+    except (OSError, ValueError):
+        return None
 
 
 def _device(engine_args: dict) -> str:

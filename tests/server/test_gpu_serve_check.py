@@ -43,6 +43,7 @@ def test_gpu_serve_check_script_runs_on_cpu(tmp_path):
     result = json.loads(line)
     (load,) = result["server"]
     assert load["completed"] == 4 and load["failed"] == 0
+    assert load["event_loop_us_per_token"] > 0  # the server's CPU, read from /proc
     # ignore_eos: every request produced exactly its max_tokens, through the server and offline
     offline = result["baseline"]["offline_generate_before_and_after"]
     assert load["output_tokens"] == offline[0]["output_tokens"] == offline[1]["output_tokens"]
