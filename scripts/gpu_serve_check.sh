@@ -6,8 +6,10 @@
 # is the server/offline output-throughput ratio of each run and their median.
 #
 # The GPU machine has no internet and no fastapi / uvicorn / prometheus_client: they install from the
-# wheelhouse .wheels/ (carried beside the checkout; built by `pip download`, see the report of
-# issue 12), skipped when they import already.
+# wheelhouse .wheels/ (git-ignored; carried beside the checkout), skipped when they import already.
+# Build it on a machine with PyPI (CPython 3.12, x86_64; pip resolves the dependencies):
+#   timeout 300 pip download --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
+#     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d .wheels fastapi uvicorn prometheus_client
 #
 # Usage on the GPU machine: OUT=/some/dir NANOVLLM_COMMIT=<sha> scripts/gpu_serve_check.sh
 # Knobs (environment), defaults for the GPU:
