@@ -62,5 +62,5 @@ timeout "${BENCH_TIMEOUT:-560}" "$PY" -m nanovllm.server.bench_serve --model "$M
   --results "$OUT/results.jsonl" --note "scripts/gpu_serve_check.sh; baseline: offline generate of the same requests before and after each server run" \
   > "$OUT/bench_serve.log" 2>&1
 status=$?
-tail -n 5 "$OUT/bench_serve.log"
+grep -E "^(run [0-9]|server/offline)" "$OUT/bench_serve.log" || tail -n 20 "$OUT/bench_serve.log"
 exit $status

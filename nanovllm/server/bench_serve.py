@@ -169,6 +169,14 @@ def main(argv: list[str] | None = None) -> int:
             saturated = [load for load in loads if load["request_rate"] == "inf"] or loads
             result["server_over_offline"] = round(saturated[0]["output_tok_per_s"] / mean, 3)
         results.append(_record(result, args.results))
+    for r in results:
+        for load in r["server"]:
+            offline = r.get("baseline", {}).get("mean_output_tok_per_s")
+            busy = load.get("event_loop_busy")
+            print(
+                f"run {r['run']} rate {load['request_rate']}: server {load['output_tok_per_s']} tok/s, "
+                f"event loop busy {busy}, offline mean {offline} tok/s"
+            )
     ratios = [r["server_over_offline"] for r in results if "server_over_offline" in r]
     if ratios:
         print(f"server/offline output tok/s: {ratios}, median {round(statistics.median(ratios), 3)}")
