@@ -9,7 +9,7 @@ several threads take turns at the engine (one lock around every engine call).
 import threading
 from collections import deque
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from itertools import count
 from typing import Any
 
@@ -30,6 +30,8 @@ class LLM:
         self._inbox: dict[str, deque[RequestOutput]] = {}
         self._ids = count()
         self._closed = False
+        self._abandoned: deque[str] = deque()  # requests of streams garbage-collected mid-step
+        self._owner: int | None = None  # the thread inside an engine call, if any
 
     def __enter__(self) -> "LLM":
         return self
@@ -47,10 +49,22 @@ class LLM:
 
     @contextmanager
     def _engine(self):
-        with self._lock:
+        with self._held():
             if self._closed:
                 raise RuntimeError("the engine has been shut down; create a new LLM")
+            while self._abandoned:
+                self._abort([self._abandoned.popleft()])
             yield self.engine
+
+    @contextmanager
+    def _held(self):
+        """The lock, noting which thread is inside an engine call (see ``_abandon``)."""
+        with self._lock:
+            outer, self._owner = self._owner, threading.get_ident()
+            try:
+                yield
+            finally:
+                self._owner = outer
 
     def _submit(self, prompts: list, params: list[SamplingParams], stream: bool) -> list[str]:
         """Validate every prompt and parameter set, then queue all of them (or none)."""
@@ -80,7 +94,7 @@ class LLM:
                     box.append(out)
 
     def _abort(self, request_ids: list[str]) -> None:
-        with self._lock:
+        with self._held():
             for request_id in request_ids:
                 self._inbox.pop(request_id, None)
                 if not self._closed:
@@ -125,7 +139,9 @@ class LLM:
                         bar.update(1)
                 stats = self.engine.last_step
                 if use_tqdm and stats is not None and stats.seconds > 0:
-                    bar.set_postfix(tok_s=f"{(stats.num_prefill_tokens + stats.num_decode_tokens) / stats.seconds:.0f}")
+                    bar.set_postfix(
+                        tok_s=f"{(stats.num_prefill_tokens + stats.num_decode_tokens) / stats.seconds:.0f}"
+                    )
         except BaseException:
             self._abort(request_ids)
             raise
@@ -161,7 +177,9 @@ class LLM:
             ids = ids["input_ids"]
         return list(ids)
 
-    def stream(self, prompt: str | list[int], sampling_params: SamplingParams | None = None) -> Iterator[dict]:
+    def stream(
+        self, prompt: str | list[int], sampling_params: SamplingParams | None = None
+    ) -> Iterator[dict]:
         """Generate for one prompt, yielding each step's increment: ``{"text_delta", "token_ids"
         (new ones), "finished", "finish_reason"}``. The text is correct across multi-byte characters.
 
@@ -171,29 +189,58 @@ class LLM:
         if isinstance(params, SamplingParams) and params.n != 1:
             raise ValueError("stream() serves one completion; use n=1")
         (request_id,) = self._submit([prompt], [params], stream=True)
-        return self._stream(request_id)
+        return _Stream(self, request_id)
 
-    def _stream(self, request_id: str) -> Iterator[dict]:
+    def _abandon(self, request_id: str) -> None:
+        """A stream was garbage-collected unfinished: abort its request now, or, when the collection
+        ran inside an engine call on this thread (mid-step), at the start of the next engine call."""
+        self._abandoned.append(request_id)
+        if self._owner != threading.get_ident() and not self._closed:
+            with suppress(RuntimeError), self._engine():  # RuntimeError: shut down meanwhile
+                pass
+
+
+class _Stream(Iterator[dict]):
+    """What ``LLM.stream`` returns. ``close()``, or the object being garbage-collected, aborts the
+    request, even before the first ``next()`` (a generator's ``finally`` would not run then)."""
+
+    def __init__(self, llm: LLM, request_id: str):
+        self._llm, self.request_id, self._open = llm, request_id, True
+
+    def __next__(self) -> dict:
         try:
-            while True:
-                box = self._inbox.get(request_id)
+            while self._open:
+                box = self._llm._inbox.get(self.request_id)
                 if box is None:
-                    return  # aborted, or the LLM was shut down
+                    break  # aborted, or the LLM was shut down
                 if not box:
-                    self._step()
+                    self._llm._step()
                     continue
                 out = box.popleft()
+                if out.finished:
+                    self.close()
                 c = out.outputs[0]
-                yield {
+                return {
                     "text_delta": c.text_delta,
                     "token_ids": c.new_token_ids,
                     "finished": out.finished,
                     "finish_reason": c.finish_reason,
                 }
-                if out.finished:
-                    return
-        finally:
-            self._abort([request_id])
+        except BaseException:
+            self.close()
+            raise
+        self.close()
+        raise StopIteration
+
+    def close(self) -> None:
+        if self._open:
+            self._open = False
+            self._llm._abort([self.request_id])
+
+    def __del__(self) -> None:
+        if getattr(self, "_open", False):
+            self._open = False
+            self._llm._abandon(self.request_id)
 
 
 def _as_prompt_list(prompts) -> list:

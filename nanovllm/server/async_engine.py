@@ -170,7 +170,7 @@ class AsyncEngine:
             for request_id in live:
                 engine.abort_request(request_id)
             self.stats = engine.stats()
-        except BaseException as e:  # the loop itself broke: every waiting handler gets a 500, health turns 503
+        except BaseException as e:  # the loop broke: every waiting handler gets a 500, health turns 503
             logger.exception("the engine thread failed; the server can serve no more requests")
             self.dead = e
             self._loop.call_soon_threadsafe(self._fail_all, EngineDeadError(f"engine failed: {e!r}"))

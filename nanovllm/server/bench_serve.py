@@ -3,10 +3,11 @@
 Starts ``nanovllm serve`` in a subprocess (or uses ``--base-url``), sends seeded random token-id
 prompts as streaming completions at a Poisson rate (``inf``: all at once), and reports request
 throughput, output tok/s and p50/p90/p99 of time to first token, time per output token and
-inter-token latency. The same requests then go through offline ``LLM.generate`` (after the server
-has stopped, so the two never share the machine) as the same-run baseline; the server's output
-tok/s at the highest load over that is the ratio the server must keep >= 0.9. One JSON line goes
-to ``--results``. The client is plain asyncio sockets, so it costs the server little CPU.
+inter-token latency. The same requests also go through offline ``LLM.generate`` before and after
+each server run (never while a server is up, so the two never share the machine) as the same-run
+baseline; the server's output tok/s at the highest load over their mean is the ratio the server
+must keep >= 0.9. ``--runs N`` alternates: offline, then N times (server, offline). One JSON line
+per run goes to ``--results``. The client is plain asyncio sockets, so it costs the server little CPU.
 """
 
 import argparse
@@ -16,6 +17,7 @@ import os
 import random
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -44,8 +46,9 @@ def offline_tok_s(model, engine_args: dict, requests, temperature: float) -> dic
         input=payload,
         capture_output=True,
         text=True,
-        check=True,
     )
+    if out.returncode != 0:
+        raise RuntimeError(f"offline generate exited with {out.returncode}:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -119,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine-args", default="{}", help="JSON, e.g. '{\"max_model_len\": 2048}'")
     p.add_argument("--no-baseline", action="store_true", help="skip offline generate")
+    p.add_argument("--runs", type=int, default=1, help="server runs, each between two offline runs")
     p.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
     p.add_argument("--note", default=None)
     args = p.parse_args(argv)
@@ -135,9 +139,52 @@ def main(argv: list[str] | None = None) -> int:
     )
     rates = [float(r) for r in args.request_rates.split(",")]
     baseline = not args.no_baseline and not args.base_url
-    offline = []
-    if baseline:  # before and after the server, so that drift in a shared machine's speed shows
-        offline.append(offline_tok_s(args.model, engine_args, requests, args.temperature))
+    workload = (
+        f"{args.num_prompts} random token-id prompts (seed {args.seed}), input {args.input_len[0]}-"
+        f"{args.input_len[1]}, output {args.output_len[0]}-{args.output_len[1]}, temperature "
+        f"{args.temperature}, ignore_eos, streaming completions over HTTP"
+    )
+    head = {
+        "bench": "serve",
+        "device": _device(engine_args),
+        "model": os.path.basename(model_path.rstrip("/")),
+        "workload": workload,
+        "engine_args": engine_args,
+    }
+    # offline, then (server, offline) per run: each server run sits between two offline runs, so that
+    # drift in the machine's speed shows, and the two never share the machine.
+    offline = [offline_tok_s(args.model, engine_args, requests, args.temperature)] if baseline else []
+    results = []
+    for run in range(args.runs):
+        loads = serve_load(args, engine_args, requests, rates)
+        result = {**head, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        result.update(commit=git_commit(), server=loads, note=args.note, run=f"{run + 1}/{args.runs}")
+        if baseline:
+            offline.append(offline_tok_s(args.model, engine_args, requests, args.temperature))
+            mean = (offline[-2]["output_tok_per_s"] + offline[-1]["output_tok_per_s"]) / 2
+            result["baseline"] = {
+                "offline_generate_before_and_after": offline[-2:],
+                "mean_output_tok_per_s": round(mean, 1),
+            }
+            saturated = [load for load in loads if load["request_rate"] == "inf"] or loads
+            result["server_over_offline"] = round(saturated[0]["output_tok_per_s"] / mean, 3)
+        results.append(_record(result, args.results))
+    for r in results:
+        for load in r["server"]:
+            offline = r.get("baseline", {}).get("mean_output_tok_per_s")
+            busy = load.get("event_loop_busy")
+            print(
+                f"run {r['run']} rate {load['request_rate']}: server {load['output_tok_per_s']} tok/s, "
+                f"event loop busy {busy}, offline mean {offline} tok/s"
+            )
+    ratios = [r["server_over_offline"] for r in results if "server_over_offline" in r]
+    if ratios:
+        print(f"server/offline output tok/s: {ratios}, median {round(statistics.median(ratios), 3)}")
+    return 0
+
+
+def serve_load(args: argparse.Namespace, engine_args: dict, requests, rates: list[float]) -> list[dict]:
+    """Start a server (or use ``--base-url``), warm it up, send the load once per rate, stop it."""
     proc = None
     if args.base_url:
         host, port = args.base_url.split("//")[-1].rstrip("/").split(":")
@@ -147,39 +194,40 @@ def main(argv: list[str] | None = None) -> int:
         proc = start_server(args.model, engine_args, port)
     try:
         asyncio.run(run_load(host, port, requests[:2], float("inf"), args.temperature, args.seed))  # warm-up
-        loads = [asyncio.run(run_load(host, port, requests, r, args.temperature, args.seed)) for r in rates]
+        loads = []
+        for rate in rates:
+            before = _cpu_seconds(proc)
+            loads.append(asyncio.run(run_load(host, port, requests, rate, args.temperature, args.seed)))
+            after = _cpu_seconds(proc)
+            if before and after:  # what the load cost the server; the event loop is its main thread
+                loop_s, total_s = after[0] - before[0], after[1] - before[1]
+                tokens = max(1, loads[-1]["output_tokens"])
+                loads[-1].update(
+                    server_cpu_s=round(total_s, 2),
+                    event_loop_cpu_s=round(loop_s, 2),
+                    event_loop_busy=round(loop_s / loads[-1]["seconds"], 3),
+                    event_loop_us_per_token=round(1e6 * loop_s / tokens, 1),
+                )
+        return loads
     finally:
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(120)
-    if baseline:
-        offline.append(offline_tok_s(args.model, engine_args, requests, args.temperature))
-    workload = (
-        f"{args.num_prompts} random token-id prompts (seed {args.seed}), input {args.input_len[0]}-"
-        f"{args.input_len[1]}, output {args.output_len[0]}-{args.output_len[1]}, temperature "
-        f"{args.temperature}, ignore_eos, streaming completions over HTTP"
-    )
-    result = {
-        "bench": "serve",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(),
-        "device": _device(engine_args),
-        "model": os.path.basename(model_path.rstrip("/")),
-        "workload": workload,
-        "engine_args": engine_args,
-        "server": loads,
-        "note": args.note,
-    }
-    if offline:
-        mean = sum(o["output_tok_per_s"] for o in offline) / len(offline)
-        result["baseline"] = {
-            "offline_generate_before_and_after": offline,
-            "mean_output_tok_per_s": round(mean, 1),
-        }
-        saturated = [load for load in loads if load["request_rate"] == "inf"] or loads
-        result["server_over_offline"] = round(saturated[0]["output_tok_per_s"] / mean, 3)
-    _record(result, args.results)
-    return 0
+
+
+def _cpu_seconds(proc: subprocess.Popen | None) -> tuple[float, float] | None:
+    """CPU seconds (user + system) of the server's main thread and of the whole process (Linux)."""
+    if proc is None:
+        return None
+    try:
+        out = []
+        for stat in (f"/proc/{proc.pid}/task/{proc.pid}/stat", f"/proc/{proc.pid}/stat"):
+            with open(stat) as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            out.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
+        return out[0], out[1]
+    except (OSError, ValueError):
+        return None
 
 
 def _device(engine_args: dict) -> str:

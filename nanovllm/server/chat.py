@@ -1,6 +1,5 @@
 """POST /v1/chat/completions: the tokenizer's chat template, then OpenAI's chat shape."""
 
-import contextlib
 from typing import Any
 
 from starlette.requests import Request
@@ -20,16 +19,17 @@ class ChatCompletions(Serving):
         ids = self.chat_prompt(messages, body.chat_template_kwargs)
         asked = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
-        max_tokens = self.check_prompt(ids, asked, param)
         top_n = (body.top_logprobs or 0) if body.logprobs else None
-        params = self.sampling_params(**body.sampling_fields(), max_tokens=max_tokens, logprobs=top_n)
+        params = self.sampling_params(body, ids, asked, param, logprobs=top_n)
         self.check_capacity()
         stream, log, created = self.start("chatcmpl", ids, params, messages)
         head = {"id": stream.request_id, "created": created, "model": self.model_name}
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            chunks = self._stream(request, stream, log, head, len(ids), params.n, top_n, usage)
-            return StreamingResponse(chunks, media_type="text/event-stream")
+            return StreamingResponse(
+                self._stream(request, stream, log, head, len(ids), params.n, top_n, usage),
+                media_type="text/event-stream",
+            )
         final = await self.final_output(request, stream, log)
         if final is None:
             return Response(status_code=499)  # the client left; nobody reads this
@@ -60,35 +60,15 @@ class ChatCompletions(Serving):
         role = {"role": "assistant", "content": ""}
         first = [{"index": i, "delta": role, "logprobs": None, "finish_reason": None} for i in range(n)]
         yield sse({**head, "choices": first})
-        done: set[int] = set()
-        num_completion = 0
-        try:
-            async with contextlib.aclosing(self.outputs(request, stream, log)) as outs:
-                async for out in outs:
-                    choices = []
-                    for c in out.outputs:
-                        if c.index in done:
-                            continue
-                        lp = None
-                        if c.new_logprobs is not None and c.new_token_ids:
-                            lp = self._logprobs(c.new_token_ids, c.new_logprobs, top_n)
-                        num_completion += len(c.new_token_ids or ())
-                        if c.finish_reason is not None:
-                            done.add(c.index)
-                        if c.text_delta or lp or c.finish_reason is not None:
-                            delta = {"content": c.text_delta} if c.text_delta else {}
-                            choices.append(
-                                {
-                                    "index": c.index,
-                                    "delta": delta,
-                                    "logprobs": lp,
-                                    "finish_reason": c.finish_reason,
-                                }
-                            )
-                    if choices:
-                        yield sse({**head, "choices": choices})
-        except APIError as e:
-            yield sse(e.body())
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": self.usage(num_prompt, num_completion)})
-        yield "data: [DONE]\n\n"
+
+        def choice(c) -> dict[str, Any] | None:
+            lp = None
+            if c.new_logprobs is not None and c.new_token_ids:
+                lp = self._logprobs(c.new_token_ids, c.new_logprobs, top_n)
+            if not (c.text_delta or lp or c.finish_reason is not None):
+                return None
+            delta = {"content": c.text_delta} if c.text_delta else {}
+            return {"index": c.index, "delta": delta, "logprobs": lp, "finish_reason": c.finish_reason}
+
+        async for chunk in self.sse_chunks(request, stream, log, head, num_prompt, include_usage, choice):
+            yield chunk

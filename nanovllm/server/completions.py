@@ -1,13 +1,12 @@
 """POST /v1/completions: OpenAI's legacy completions, streamed or not, with echo and logprobs."""
 
-import contextlib
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from nanovllm.server.protocol import APIError, CompletionRequest, parse
-from nanovllm.server.serving import Serving, sse
+from nanovllm.server.serving import Serving
 
 
 class Completions(Serving):
@@ -30,8 +29,7 @@ class Completions(Serving):
                 400, "echo with logprobs needs prompt logprobs, which are not computed", param="echo"
             )
         ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        max_tokens = self.check_prompt(ids, body.max_tokens)
-        params = self.sampling_params(**body.sampling_fields(), max_tokens=max_tokens, logprobs=body.logprobs)
+        params = self.sampling_params(body, ids, body.max_tokens, "max_tokens", logprobs=body.logprobs)
         self.check_capacity()
         echo = (prompt if isinstance(prompt, str) else self.decode(ids)) if body.echo else None
         stream, log, created = self.start("cmpl", ids, params, prompt)
@@ -73,36 +71,19 @@ class Completions(Serving):
             "text_offset": offsets,
         }
 
-    async def _stream(self, request, stream, log, head, num_prompt, n, echo, include_usage):
-        done: set[int] = set()
-        offsets = [0] * n
-        num_completion = 0
-        try:
-            async with contextlib.aclosing(self.outputs(request, stream, log)) as outs:
-                async for out in outs:
-                    choices = []
-                    for c in out.outputs:
-                        if c.index in done:
-                            continue
-                        text = c.text_delta
-                        if echo is not None and offsets[c.index] == 0 and (text or c.new_token_ids):
-                            text = echo + text
-                        lp = None
-                        if c.new_logprobs is not None and c.new_token_ids:
-                            lp = self._logprobs(c.new_token_ids, c.new_logprobs, offsets[c.index])
-                        finish = c.finish_reason
-                        offsets[c.index] += len(text)
-                        num_completion += len(c.new_token_ids or ())
-                        if finish is not None:
-                            done.add(c.index)
-                        if text or c.new_token_ids or finish is not None:  # one chunk per step
-                            choices.append(
-                                {"index": c.index, "text": text, "logprobs": lp, "finish_reason": finish}
-                            )
-                    if choices:
-                        yield sse({**head, "choices": choices})
-        except APIError as e:
-            yield sse(e.body())
-        if include_usage:
-            yield sse({**head, "choices": [], "usage": self.usage(num_prompt, num_completion)})
-        yield "data: [DONE]\n\n"
+    def _stream(self, request, stream, log, head, num_prompt, n, echo, include_usage):
+        offsets = [0] * n  # characters sent so far per completion, for logprobs' text_offset
+
+        def choice(c) -> dict[str, Any] | None:
+            text = c.text_delta
+            if echo is not None and offsets[c.index] == 0 and (text or c.new_token_ids):
+                text = echo + text
+            lp = None
+            if c.new_logprobs is not None and c.new_token_ids:
+                lp = self._logprobs(c.new_token_ids, c.new_logprobs, offsets[c.index])
+            offsets[c.index] += len(text)
+            if not (text or c.new_token_ids or c.finish_reason is not None):
+                return None
+            return {"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason}
+
+        return self.sse_chunks(request, stream, log, head, num_prompt, include_usage, choice)

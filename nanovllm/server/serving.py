@@ -6,7 +6,7 @@ import contextlib
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -14,9 +14,10 @@ from starlette.requests import Request
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.async_engine import AsyncEngine, EngineDeadError, EngineStepError, RequestStream
 from nanovllm.server.metrics import RequestLog, ServerMetrics
-from nanovllm.server.protocol import APIError
+from nanovllm.server.protocol import APIError, SamplingRequest
 
 _LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+_DISCONNECTED = object()  # put into a request's queue when its client leaves
 
 
 def sse(data: Any) -> str:
@@ -127,8 +128,14 @@ class Serving:
             )
         return max_tokens
 
-    @staticmethod
-    def sampling_params(**fields: Any) -> SamplingParams:
+    def sampling_params(
+        self, body: SamplingRequest, ids: list[int], max_tokens: int | None, param: str, logprobs: int | None
+    ) -> SamplingParams:
+        """The request's ``SamplingParams``, the one mapping for both endpoints: its sampling fields,
+        ``max_tokens`` checked against the context left after the prompt (None: all of it), and
+        ``logprobs`` (top-n per token, or None). A bad value is a 400 naming the field."""
+        fields = dict(body.sampling_fields(), max_tokens=self.check_prompt(ids, max_tokens, param))
+        fields["logprobs"] = logprobs
         try:
             return SamplingParams(**fields)
         except (ValueError, TypeError) as e:
@@ -144,59 +151,101 @@ class Serving:
         log = RequestLog(self.metrics, request_id, len(ids), prompt if self.log_prompts else None)
         return self.engine.add_request(request_id, ids, params), log, int(time.time())
 
-    async def outputs(self, request: Request, stream: RequestStream, log: RequestLog) -> AsyncIterator[Any]:
-        """The request's outputs in order. Ends early, aborting the request, if the client leaves
-        (or the handler is cancelled); raises APIError if the engine refused or failed it."""
+    async def outputs(
+        self, request: Request, stream: RequestStream, log: RequestLog
+    ) -> AsyncIterator[list[Any]]:
+        """The request's outputs in order, in batches: all that arrived since the handler last ran
+        (one step's output when it keeps up; several when the event loop fell behind, so that a busy
+        server writes once per request, not once per step). Ends early, aborting the request, if the
+        client leaves (or the handler is cancelled); raises APIError if the engine refused or failed
+        it. A disconnect puts a marker into the queue, so waiting is one ``queue.get()``: no task or
+        ``asyncio.wait`` per token."""
+        queue = stream.queue
         watcher = asyncio.ensure_future(_disconnected(request))
-        getter: asyncio.Future | None = None
+        watcher.add_done_callback(lambda w: w.cancelled() or queue.put_nowait(_DISCONNECTED))
         status = "disconnected"
         try:
             while True:
-                if stream.queue.empty():
-                    getter = asyncio.ensure_future(stream.get())
-                    await asyncio.wait((getter, watcher), return_when=asyncio.FIRST_COMPLETED)
-                    if not getter.done():
-                        getter.cancel()
+                batch = [await queue.get()]
+                while not queue.empty():
+                    batch.append(queue.get_nowait())
+                outs, error = [], None
+                for item in batch:
+                    if item is _DISCONNECTED:
+                        return  # the client left
+                    if isinstance(item, BaseException):
+                        error = item  # the engine sends nothing for this request after an error
+                        break
+                    log.on_output(item)
+                    outs.append(item)
+                if outs:
+                    yield outs
+                    if outs[-1].finished:
+                        status = "ok"
                         return
-                    out = getter.result()
-                else:
-                    out = await stream.get()
-                log.on_output(out)
-                yield out
-                if out.finished:
-                    status = "ok"
-                    return
-        except (ValueError, TypeError) as e:
-            status = "error"
-            raise APIError(400, str(e)) from None
-        except EngineDeadError as e:
-            status = "error"
-            raise APIError(503, str(e), type="server_error") from None
-        except EngineStepError as e:
-            status = "error"
-            raise APIError(500, str(e), type="server_error") from None
+                if error is not None:
+                    raise error
+        except (ValueError, TypeError, EngineDeadError, EngineStepError) as e:
+            status = "error"  # refused by the engine: 400; the engine stopped: 503; a step failed: 500
+            code = 503 if isinstance(e, EngineDeadError) else 500 if isinstance(e, EngineStepError) else 400
+            raise APIError(code, str(e), **({"type": "server_error"} if code >= 500 else {})) from None
         finally:
             watcher.cancel()
-            if getter is not None:
-                getter.cancel()  # cancelled while waiting: no task may outlive the request
             if status != "ok":
                 self.engine.abort(stream.request_id)
             log.finish(status, stream.first_scheduled)
 
     async def final_output(self, request: Request, stream: RequestStream, log: RequestLog) -> Any:
         last = None
-        async with contextlib.aclosing(self.outputs(request, stream, log)) as outs:
-            async for last in outs:  # noqa: B007
-                pass
+        async with contextlib.aclosing(self.outputs(request, stream, log)) as batches:
+            async for batch in batches:
+                last = batch[-1]
         return last if last is not None and last.finished else None
+
+    async def sse_chunks(
+        self,
+        request: Request,
+        stream: RequestStream,
+        log: RequestLog,
+        head: dict[str, Any],
+        num_prompt: int,
+        include_usage: bool,
+        choice: Callable[[Any], dict[str, Any] | None],
+    ) -> AsyncIterator[str]:
+        """A streamed request's server-sent events: a chunk per step with the choices that ``choice``
+        makes of each completion's increment (None: nothing to send for it), a completion left out
+        once it finished; then usage if asked, and ``[DONE]``. An error after the response started
+        becomes an error event. A batch of outputs goes out as one write."""
+        done: set[int] = set()
+        num_completion = 0
+        try:
+            async with contextlib.aclosing(self.outputs(request, stream, log)) as batches:
+                async for batch in batches:
+                    events = []
+                    for out in batch:
+                        choices = []
+                        for c in out.outputs:
+                            if c.index in done:
+                                continue
+                            num_completion += len(c.new_token_ids or ())
+                            if c.finish_reason is not None:
+                                done.add(c.index)
+                            if (item := choice(c)) is not None:
+                                choices.append(item)
+                        if choices:
+                            events.append(sse({**head, "choices": choices}))
+                    if events:
+                        yield "".join(events)
+        except APIError as e:
+            yield sse(e.body())
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": self.usage(num_prompt, num_completion)})
+        yield "data: [DONE]\n\n"
 
     @staticmethod
     def usage(num_prompt: int, num_completion: int) -> dict[str, int]:
-        return {
-            "prompt_tokens": num_prompt,
-            "completion_tokens": num_completion,
-            "total_tokens": num_prompt + num_completion,
-        }
+        total = num_prompt + num_completion
+        return {"prompt_tokens": num_prompt, "completion_tokens": num_completion, "total_tokens": total}
 
     @staticmethod
     def clamp(logprob: float) -> float:
