@@ -94,7 +94,7 @@ def run_llama_cpp(model_path: str, prompts: dict) -> dict:
 
     from nanovllm.utils.cpu import physical_cores
 
-    threads = physical_cores()
+    threads = int(os.environ.get("OMP_NUM_THREADS") or physical_cores())  # as our engine reads it
     start = time.perf_counter()
     llm = Llama(model_path, n_ctx=512, n_batch=512, n_threads=threads, verbose=False)
     load_s = time.perf_counter() - start
@@ -225,6 +225,7 @@ def cpu_chat_bench(args) -> dict:
         "device": cpu_name(),
         "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
         "rounds": len(ours_runs),
+        "threads_env": os.environ.get("OMP_NUM_THREADS"),  # None: one thread per physical core
         "torch": torch.__version__,
         "model": os.path.basename(model_path),
         "workload": f"greedy, EOS ignored: single stream {len(prompts['single'])}-token chat prompt, "
