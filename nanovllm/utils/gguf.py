@@ -126,9 +126,9 @@ class GGUFFile:
         self.path = path
         self._map = np.memmap(path, dtype=np.uint8, mode="r")
         st = os.stat(path)
-        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
-        if key in _HEADERS:  # the config, tokenizer and weight loader each open the file
-            self.metadata, self.tensors, self.header_size = _HEADERS[key]
+        file_key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        if file_key in _HEADERS:  # the config, tokenizer and weight loader each open the file
+            self.metadata, self.tensors, self.header_size = _HEADERS[file_key]
             return
         self._buf, self._pos = memoryview(self._map), 4
         version, num_tensors, num_kv = self._read("<I"), self._read("<Q"), self._read("<Q")
@@ -156,7 +156,7 @@ class GGUFFile:
                 raise ValueError(f"{path!r} is truncated: tensor {name!r} ends past the end of the file")
         if len(_HEADERS) >= 4:
             _HEADERS.clear()
-        _HEADERS[key] = self.metadata, self.tensors, self.header_size
+        _HEADERS[file_key] = self.metadata, self.tensors, self.header_size
 
     def tensor_bytes(self, name: str) -> np.ndarray:
         """The raw bytes of one tensor as ``uint8[*shape[:-1], row_bytes]`` (a view of the memory map)."""
