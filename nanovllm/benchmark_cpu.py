@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -190,7 +191,7 @@ def _median_runs(runs: list[dict]) -> dict:
     for key in runs[0]:
         values = [r[key] for r in runs]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            out[key] = sorted(values)[len(values) // 2]
+            out[key] = statistics.median(values)
         else:
             out[key] = values[0]
     if len(runs) > 1:
