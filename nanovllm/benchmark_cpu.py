@@ -191,7 +191,10 @@ def _median_runs(runs: list[dict]) -> dict:
     for key in runs[0]:
         values = [r[key] for r in runs]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            out[key] = statistics.median(values)
+            med = statistics.median(values)
+            out[key] = (
+                int(med) if all(isinstance(v, int) for v in values) and med == int(med) else round(med, 2)
+            )
         else:
             out[key] = values[0]
     if len(runs) > 1:
