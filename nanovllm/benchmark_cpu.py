@@ -14,6 +14,7 @@ import datetime
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -83,7 +84,7 @@ def run_llama_cpp(model_path: str, prompts: dict) -> dict:
 
     from nanovllm.utils.cpu import physical_cores
 
-    threads = physical_cores()
+    threads = int(os.environ.get("OMP_NUM_THREADS") or physical_cores())  # as our engine reads it
     start = time.perf_counter()
     llm = Llama(model_path, n_ctx=512, n_batch=512, n_threads=threads, verbose=False)
     load_s = time.perf_counter() - start
@@ -154,9 +155,46 @@ def measure(engine: str, model_path: str, prompts: dict) -> dict:
     return {k: round(v, 2) if isinstance(v, float) else v for k, v in r.items()}
 
 
+def cpu_name() -> str:
+    """e.g. "cpu (2 cores, AMD EPYC, AVX2)": physical cores, model name, the widest vector extension."""
+    from nanovllm.utils.cpu import cpu_flags, physical_cores
+
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    flags = cpu_flags()
+    isa = next(
+        (name for flag, name in [("amx_bf16", "AMX"), ("avx512_bf16", "AVX512-BF16"), ("avx512f", "AVX-512"),
+                                 ("avx2", "AVX2")] if flag in flags),
+        "no AVX2",
+    )  # fmt: skip
+    return f"cpu ({physical_cores()} cores, {model}, {isa})"
+
+
+def _median_runs(runs: list[dict]) -> dict:
+    """Per field, the median over runs (numbers) or the first run's value; plus each run's tok/s."""
+    out = {}
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            med = statistics.median(values)
+            out[key] = (
+                int(med) if all(isinstance(v, int) for v in values) and med == int(med) else round(med, 2)
+            )
+        else:
+            out[key] = values[0]
+    if len(runs) > 1:
+        out["runs_single_tok_s"] = [r["single_tok_s"] for r in runs]
+        out["runs_batch_tok_s"] = [r["batch_tok_s"] for r in runs]
+    return out
+
+
 def cpu_chat_bench(args) -> dict:
-    """The record: nanovllm's figures and, with ``args.baseline``, the baseline's from the same run."""
-    from nanovllm.utils.cpu import physical_cores
+    """The record: nanovllm's figures and, with ``args.baseline``, the baseline's from the same run,
+    each the median of ``args.rounds`` runs taken in turn (ours, baseline, ours, ...)."""
     from nanovllm.utils.model_source import resolve_model
 
     model_path = resolve_model(args.model)
@@ -165,12 +203,22 @@ def cpu_chat_bench(args) -> dict:
         prompts["batch"] = []
     import torch
 
-    ours = measure("nanovllm", model_path, prompts)
+    baseline = args.baseline if args.baseline in ENGINES and args.baseline != "nanovllm" else None
+    load_before = os.getloadavg()[0]
+    ours_runs, base_runs = [], []
+    for _ in range(max(1, getattr(args, "rounds", 1))):
+        ours_runs.append(measure("nanovllm", model_path, prompts))
+        if baseline:
+            base_runs.append(measure(baseline, model_path, prompts))
+    ours = _median_runs(ours_runs)
     result = {
         "bench": "cpu_chat_greedy",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
-        "device": f"cpu ({os.cpu_count()} logical, {physical_cores()} physical cores)",
+        "device": cpu_name(),
+        "load_average_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],  # before, after
+        "rounds": len(ours_runs),
+        "threads_env": os.environ.get("OMP_NUM_THREADS"),  # None: one thread per physical core
         "torch": torch.__version__,
         "model": os.path.basename(model_path),
         "workload": f"greedy, EOS ignored: single stream {len(prompts['single'])}-token chat prompt, "
@@ -178,8 +226,8 @@ def cpu_chat_bench(args) -> dict:
         **{f"engine_{k}": v for k, v in ours.items()},
         "engine_single_ms_per_token": round(1000 / ours["single_tok_s"], 2),
     }
-    if args.baseline in ENGINES and args.baseline != "nanovllm":
-        base = measure(args.baseline, model_path, prompts)
+    if baseline:
+        base = _median_runs(base_runs)
         result["baseline"] = LABELS[args.baseline]
         result |= {f"baseline_{k}": v for k, v in base.items()}
         result["speedup_single"] = round(ours["single_tok_s"] / base["single_tok_s"], 2)
@@ -193,6 +241,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--model", default=None, help="a .gguf file (default: the bundled SmolLM2)")
     p.add_argument("--baseline", choices=["none", "llama.cpp", "hf"], default="none")
     p.add_argument("--single-only", action="store_true", help="skip the 32-prompt batch workload")
+    p.add_argument("--rounds", type=int, default=1, help="alternating runs of each engine; medians are kept")
     p.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
     p.add_argument("--worker", choices=sorted(ENGINES), help=argparse.SUPPRESS)
     p.add_argument("--prompts", help=argparse.SUPPRESS)

@@ -12,31 +12,31 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanovllm.kernels import reference
+from nanovllm.kernels import reference, torch_paged
 from nanovllm.layers.kv_quant import calibrate_kv_scales
 from nanovllm.utils.context import get_context
 
 
 class TorchBackend:
-    """Plain torch: the CPU path, and the oracle for the others."""
+    """Plain torch: the CPU path (kernels/torch_paged.py; kernels/reference.py is the oracle of both)."""
 
     name = "torch"
 
     @staticmethod
     def store(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
-        reference.store_kvcache_ref(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+        ctx = get_context()
+        if ctx.slot_mapping is not slot_mapping:  # called outside a step's forward
+            reference.store_kvcache_ref(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+            return
+        plan = torch_paged.step_plan(ctx, k_cache.shape[1], k_cache.shape[2])
+        torch_paged.store_kvcache(key, value, k_cache, v_cache, plan, k_scale, v_scale)
 
     @staticmethod
     def prefill(q, k_cache, v_cache, ctx, scale, k_scale=None, v_scale=None):
-        return reference.paged_prefill_attention_ref(
-            q, k_cache, v_cache, ctx.cu_seqlens_q, ctx.context_lens, ctx.block_tables, scale, k_scale, v_scale
-        )
+        plan = torch_paged.step_plan(ctx, k_cache.shape[1], k_cache.shape[2])
+        return torch_paged.paged_attention(q, k_cache, v_cache, plan, scale, k_scale, v_scale)
 
-    @staticmethod
-    def decode(q, k_cache, v_cache, ctx, scale, k_scale=None, v_scale=None):
-        return reference.paged_decode_attention_ref(
-            q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, k_scale, v_scale
-        )
+    decode = prefill  # one plan covers decode-only steps, prompt chunks and any mix of the two
 
 
 def get_backend(name: str, device: str, block_size: int = 256, fp8_cache: bool = False):

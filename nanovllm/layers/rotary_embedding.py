@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from nanovllm.utils.compile import compile_on_cuda
+from nanovllm.utils.context import get_context
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
@@ -38,6 +39,7 @@ class RotaryEmbedding(nn.Module):
         freqs = torch.outer(torch.arange(max_position, dtype=torch.float), inv_freq)
         cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1).float()  # float32 whatever the default dtype
         self.register_buffer("cos_sin_cache", cache, persistent=False)
+        self._step: tuple | None = None  # CPU: (Context, positions, cos, sin) of the current forward
 
     def forward(
         self,
@@ -45,7 +47,20 @@ class RotaryEmbedding(nn.Module):
         q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
         k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return apply_rotary(q, k, positions, self.cos_sin_cache)
+        if positions.is_cuda:
+            return apply_rotary(q, k, positions, self.cos_sin_cache)
+        cos, sin = self._cpu_cos_sin(positions)
+        return _rotate_cpu(q, cos, sin), _rotate_cpu(k, cos, sin)
+
+    def _cpu_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[num_tokens, 1, head_dim] ``[cos, cos]`` and ``[-sin, sin]`` of ``positions``, looked up once
+        per forward and shared by every layer (the module is shared, see ``get_rope``). A forward is
+        recognised by its Context object and its positions tensor: both are new for every step."""
+        ctx = get_context()
+        if self._step is None or self._step[0] is not ctx or self._step[1] is not positions:
+            cos, sin = self.cos_sin_cache[positions].unsqueeze(1).chunk(2, dim=-1)
+            self._step = (ctx, positions, torch.cat([cos, cos], -1), torch.cat([-sin, sin], -1))
+        return self._step[2], self._step[3]
 
 
 @lru_cache(maxsize=8)
@@ -69,6 +84,14 @@ def get_rope(head_dim: int, max_position: int, base: float, scaling: dict | None
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.float().chunk(2, dim=-1)
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def _rotate_cpu(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x * [cos, cos] + [x2, x1] * [-sin, sin]``: the same products and sums as ``_rotate`` (and HF's
+    rotate_half), in four ops; ``[x2, x1]`` is the two halves swapped by one flip."""
+    xf = x.float()
+    swapped = xf.unflatten(-1, (2, -1)).flip(-2).flatten(-2)
+    return (xf * cos).add_(swapped.mul_(sin)).to(x.dtype)
 
 
 @compile_on_cuda

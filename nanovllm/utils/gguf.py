@@ -99,6 +99,10 @@ def default_model_path(distribution: str = DEFAULT_MODEL_DISTRIBUTION) -> str:
     )
 
 
+# (path, size, mtime) -> (metadata, tensors, header_size): a header is parsed once per process (~0.3 s)
+_HEADERS: dict[tuple, tuple] = {}
+
+
 class GGUFFile:
     """The header of a GGUF v2/v3 file, parsed once: ``metadata`` (key -> value) and ``tensors``.
 
@@ -121,6 +125,11 @@ class GGUFFile:
 
         self.path = path
         self._map = np.memmap(path, dtype=np.uint8, mode="r")
+        st = os.stat(path)
+        file_key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        if file_key in _HEADERS:  # the config, tokenizer and weight loader each open the file
+            self.metadata, self.tensors, self.header_size = _HEADERS[file_key]
+            return
         self._buf, self._pos = memoryview(self._map), 4
         version, num_tensors, num_kv = self._read("<I"), self._read("<Q"), self._read("<Q")
         if version not in (2, 3):
@@ -145,6 +154,9 @@ class GGUFFile:
         for name in self.tensors:
             if self._end(name) > len(self._map):
                 raise ValueError(f"{path!r} is truncated: tensor {name!r} ends past the end of the file")
+        if len(_HEADERS) >= 4:
+            _HEADERS.clear()
+        _HEADERS[file_key] = self.metadata, self.tensors, self.header_size
 
     def tensor_bytes(self, name: str) -> np.ndarray:
         """The raw bytes of one tensor as ``uint8[*shape[:-1], row_bytes]`` (a view of the memory map)."""

@@ -321,3 +321,17 @@ def test_tokenizer_agrees_with_transformers(smollm2, tokenizer_cache, source):
     assert "What is the capital of France?" in prompt
     assert prompt.endswith("<|im_start|>assistant\n")
     assert prompt == theirs.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def test_header_is_parsed_again_when_the_file_changes(tmp_path):
+    """The per-process header cache serves a re-opened file, and a rewritten file is read afresh."""
+    path = str(tmp_path / "changing.gguf")
+    for value in (1, 2):
+        writer = _new_writer(path)
+        writer.add_array("tokenizer.ggml.tokens", ["a"] * value)  # a new size: a new cache key
+        writer.add_tensor("output_norm.weight", np.full(COLS, value, np.float32))
+        _write(writer)
+        first, again = GGUFFile(path), GGUFFile(path)
+        assert first.metadata["tokenizer.ggml.tokens"] == ["a"] * value
+        assert again.metadata is first.metadata  # served from the cache
+        assert np.all(again.tensor_bytes("output_norm.weight").view(np.float32) == value)
