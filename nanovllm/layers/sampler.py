@@ -205,7 +205,6 @@ def gather_logprobs(
     )
 
 
-@torch.compiler.disable
 def logprobs_to_lists(packed: torch.Tensor, num_logprobs: list[int | None]) -> list[dict[int, float] | None]:
     """Unpack ``gather_logprobs``' tensor into one dict per row (None where a row did not ask)."""
     rows = packed.cpu().tolist()
