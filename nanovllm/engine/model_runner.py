@@ -168,10 +168,9 @@ class ModelRunner:
                 "or lower max_model_len"
             )
         shape = (2, len(self.attention_layers), num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
-        # On a CPU, empty: pages no step has written stay out of the resident set (every backend
-        # reads only positions a step wrote). On a GPU, zeros, which costs milliseconds.
-        alloc = torch.zeros if self.device.type == "cuda" else torch.empty
-        self.kv_cache = alloc(shape, dtype=self.kv_cache_dtype, device=self.device)
+        # Zeros, not empty: the torch backend's masked attention multiplies unwritten slots by
+        # zero weights, and garbage there can be NaN (measured: TP preemption on CPU read NaN).
+        self.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         gib = num_blocks * self.block_bytes / (1 << 30)
