@@ -81,7 +81,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_tokens_to_schedule, budget)
-            if n <= 0:  # possible only while a step that samples it is in flight and synchronous
+            if n <= 0:  # not expected (a placeholder always leaves one token): a guard, not a path
                 i += 1
                 continue
             while not self.block_manager.allocate_slots(seq, n):
