@@ -18,12 +18,8 @@ class Context:
     context_lens: torch.Tensor | None = None  # [num_seqs] int32, keys per sequence (cached + new tokens)
     max_context_len: int = 0  # an upper bound of context_lens (fixed under CUDA graphs)
     block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int32
-    slot_mapping: torch.Tensor | None = (
-        None  # [num_new_tokens] int64, cache slot of each new token (-1: none)
-    )
-    logits_indices: torch.Tensor | None = (
-        None  # [num_sampling_seqs] int64 rows of the hidden states; None: all
-    )
+    slot_mapping: torch.Tensor | None = None  # [num_new_tokens] int64, each one's cache slot (-1: none)
+    logits_indices: torch.Tensor | None = None  # [num_sampling_seqs] int64 hidden rows; None: all
 
     @property
     def is_decode_only(self) -> bool:
