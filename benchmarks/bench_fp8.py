@@ -32,7 +32,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanovllm import LLM, SamplingParams  # noqa: E402
 from nanovllm.benchmark import (  # noqa: E402
-    QWEN3_0_6B,
     bandwidth_bound_s,
     copy_bandwidth_gbs,
     git_commit,
@@ -50,17 +49,6 @@ TINY_WORKLOADS = {"long": (4, 300, 300, 8, 8, 512), "reference": (8, 10, 60, 4, 
 TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, intermediate_size=128, vocab_size=10240)  # fmt: skip
 RESULTS = Path(__file__).with_name("results.jsonl")
-
-
-def write_tiny_qwen3(path: str) -> str:
-    """Qwen3-0.6B's config with tiny sizes and random weights: the dry run's model."""
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        from transformers import Qwen3Config, Qwen3ForCausalLM
-
-        torch.manual_seed(0)
-        config = Qwen3Config(**{**QWEN3_0_6B, **TINY_MODEL}, architectures=["Qwen3ForCausalLM"])
-        Qwen3ForCausalLM(config).save_pretrained(path)
-    return path
 
 
 def run_once(model: str, part: str, kv: str, run: int, copy_gbs: float | None) -> dict:
@@ -182,7 +170,11 @@ def main() -> None:
         print(json.dumps(summarize(rows), indent=1))
         return
 
-    model = write_tiny_qwen3(args.ckpt_dir + "-tiny") if TINY else write_random_qwen3(args.ckpt_dir)
+    model = (
+        write_random_qwen3(args.ckpt_dir + "-tiny", "float32", **TINY_MODEL)
+        if TINY
+        else write_random_qwen3(args.ckpt_dir)
+    )
     copy_gbs = copy_bandwidth_gbs() if torch.cuda.is_available() else None
     rows = []
     for part in args.parts:

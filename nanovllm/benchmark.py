@@ -55,14 +55,15 @@ def workload(
     return prompts, params
 
 
-def write_random_qwen3(path: str, dtype: str = "bfloat16") -> str:
-    """A Qwen3-0.6B-shaped checkpoint with random weights, built on the GPU when there is one."""
+def write_random_qwen3(path: str, dtype: str = "bfloat16", **sizes) -> str:
+    """A Qwen3-0.6B-shaped checkpoint with random weights, built on the GPU when there is one;
+    ``sizes`` override config fields (a tiny model for dry runs)."""
     if os.path.isfile(os.path.join(path, "config.json")):
         return path
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(**QWEN3_0_6B, dtype=dtype, architectures=["Qwen3ForCausalLM"])
+    config = Qwen3Config(**{**QWEN3_0_6B, **sizes}, dtype=dtype, architectures=["Qwen3ForCausalLM"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     with torch.device(device):
