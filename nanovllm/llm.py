@@ -121,9 +121,10 @@ class LLM:
         if isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         if not isinstance(sampling_params, (list, tuple)) or len(sampling_params) != len(prompts):
+            got = len(sampling_params) if isinstance(sampling_params, (list, tuple)) else sampling_params
             raise ValueError(
-                f"got {len(sampling_params) if isinstance(sampling_params, (list, tuple)) else sampling_params!r}"
-                f" sampling params for {len(prompts)} prompts; pass one SamplingParams, or one per prompt"
+                f"got {got!r} sampling params for {len(prompts)} prompts; "
+                "pass one SamplingParams, or one per prompt"
             )
         request_ids = self._submit(prompts, list(sampling_params), stream=False)
         results: dict[str, dict] = {}

@@ -128,3 +128,40 @@ def paged_prefill_attention_ref(
         o = torch.einsum("hgqk,khd->qhgd", scores.softmax(dim=-1), v)
         out[start:end] = o.reshape(q_len, num_heads, head_dim).to(q.dtype)
     return out
+
+
+def qkv_prep_ref(
+    qkv: torch.Tensor,  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim]
+    positions: torch.Tensor,  # [num_tokens]
+    cos_sin_cache: torch.Tensor,  # [max_position, head_dim] float32, [cos | sin]
+    num_heads: int,
+    num_kv_heads: int,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    q_norm_weight: torch.Tensor | None = None,
+    k_norm_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:  # q: [num_tokens, num_heads, head_dim]; K and V written to the cache
+    """Split q, k, v; RMSNorm q and k per head (if weights are given); rotate-half rotary on q and k;
+    store k and v. The rounding of the model's unfused layers: norm in float32, rounded, times the
+    weight, rounded; rotary in float32, rounded."""
+    head_dim = k_cache.shape[3]
+    q, k, v = qkv.view(qkv.shape[0], -1, head_dim).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
+
+    def norm(x, weight):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+    def rotate(x):
+        cos, sin = cos_sin_cache[positions.long()].unsqueeze(1).chunk(2, dim=-1)
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+    if q_norm_weight is not None:
+        q, k = norm(q, q_norm_weight), norm(k, k_norm_weight)
+    q, k = rotate(q), rotate(k)
+    store_kvcache_ref(k, v, k_cache, v_cache, slot_mapping, k_scale, v_scale)
+    return q.contiguous()

@@ -21,6 +21,7 @@ class TorchBackend:
     """Plain torch: the CPU path (kernels/torch_paged.py; kernels/reference.py is the oracle of both)."""
 
     name = "torch"
+    qkv_prep = None  # no fused norm + rotary + store: the model's layers do it
 
     @staticmethod
     def store(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
@@ -101,8 +102,32 @@ class Attention(nn.Module):
         if self.calibrate_kv_scales and not ctx.is_decode_only:
             calibrate_kv_scales(k, v, self.k_scale, self.v_scale)
             self.calibrate_kv_scales = False
+        self.backend.store(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, self.k_scale, self.v_scale)
+        return self._attend(q, ctx)
+
+    def fuses_qkv_prep(self) -> bool:
+        """Whether ``forward_qkv`` can run: a backend with the fused kernel, a cache, no calibration due."""
+        return self.backend.qkv_prep is not None and self.k_cache is not None and not self.calibrate_kv_scales
+
+    def forward_qkv(
+        self,
+        qkv: torch.Tensor,  # [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim], from qkv_proj
+        positions: torch.Tensor,
+        cos_sin_cache: torch.Tensor,
+        q_norm: nn.Module | None = None,  # RMSNorm over each q / k head (Qwen3), or None
+        k_norm: nn.Module | None = None,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_dim]
+        """``forward`` from the fused projection: norms, rotary and the cache store in one kernel."""
+        ctx = get_context()
+        weights = (q_norm.weight, k_norm.weight, q_norm.eps) if q_norm is not None else (None, None, 0.0)
+        q = self.backend.qkv_prep(
+            qkv, positions, cos_sin_cache, self.num_heads, self.num_kv_heads, self.k_cache, self.v_cache,
+            ctx.slot_mapping, *weights, self.k_scale, self.v_scale,
+        )  # fmt: skip
+        return self._attend(q, ctx)
+
+    def _attend(self, q: torch.Tensor, ctx) -> torch.Tensor:
         scales = self.k_scale, self.v_scale
-        self.backend.store(k, v, self.k_cache, self.v_cache, ctx.slot_mapping, *scales)
         if ctx.is_decode_only:
             return self.backend.decode(q, self.k_cache, self.v_cache, ctx, self.scale, *scales)
         return self.backend.prefill(q, self.k_cache, self.v_cache, ctx, self.scale, *scales)

@@ -15,6 +15,7 @@ except ImportError:
 
 class FlashAttnBackend:
     name = "flash-attn"
+    qkv_prep = None
 
     @staticmethod
     def store(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):

@@ -2,12 +2,14 @@
 
 from nanovllm.kernels.decode_attention import choose_num_splits, paged_decode_attention
 from nanovllm.kernels.prefill_attention import paged_prefill_attention
+from nanovllm.kernels.qkv_prep import qkv_prep as _qkv_prep
 from nanovllm.kernels.store_kvcache import store_kvcache
 from nanovllm.utils.buckets import decode_batch_bucket
 
 
 class TritonBackend:
     name = "triton"
+    qkv_prep = staticmethod(_qkv_prep)  # norms + rotary + store in one kernel (kernels/qkv_prep.py)
 
     @staticmethod
     def store(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):

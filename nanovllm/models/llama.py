@@ -61,6 +61,8 @@ class LlamaAttention(nn.Module):
         theta, scaling = rope_of(config)
         self.rotary_emb = get_rope(self.head_dim, config.max_position_embeddings, theta, scaling)
         self.attn = Attention(self.num_heads, self.head_dim, self.head_dim**-0.5, self.num_kv_heads)
+        self.q_norm: nn.Module | None = None  # Qwen3 normalises each q and k head
+        self.k_norm: nn.Module | None = None
 
     def split_qkv(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -72,9 +74,16 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.split_qkv(self.qkv_proj(hidden_states))
-        q, k = self.rotary_emb(positions, q, k)
-        o = self.attn(q, k, v)  # [num_tokens, num_heads, head_dim]
+        qkv = self.qkv_proj(hidden_states)
+        if self.attn.fuses_qkv_prep():  # CUDA: the steps below in one kernel
+            cos_sin = self.rotary_emb.cos_sin_cache
+            o = self.attn.forward_qkv(qkv, positions, cos_sin, self.q_norm, self.k_norm)
+        else:
+            q, k, v = self.split_qkv(qkv)
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self.rotary_emb(positions, q, k)
+            o = self.attn(q, k, v)  # [num_tokens, num_heads, head_dim]
         return self.o_proj(o.flatten(1, 2))
 
 
