@@ -89,8 +89,9 @@ def _qkv_prep_kernel(
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
         # K rows and V rows hold different halves of the result: pick per row, write per cache.
-        out1 = tl.where(is_k[:, None], r1, v1)
-        out2 = tl.where(is_k[:, None], r2, v2)
+        # K is rounded to the model dtype first, as the unfused path stores it (fp8: then quantised).
+        out1 = tl.where(is_k[:, None], r1.to(dtype).to(tl.float32), v1)
+        out2 = tl.where(is_k[:, None], r2.to(dtype).to(tl.float32), v2)
         if FP8:  # div_rn (IEEE division, as torch's) takes operands of one shape
             k_scale = tl.load(k_scale_ptr)
             v_scale = tl.load(v_scale_ptr)

@@ -106,8 +106,12 @@ class Attention(nn.Module):
         return self._attend(q, ctx)
 
     def fuses_qkv_prep(self) -> bool:
-        """Whether ``forward_qkv`` can run: a backend with the fused kernel, a cache, no calibration due."""
-        return self.backend.qkv_prep is not None and self.k_cache is not None and not self.calibrate_kv_scales
+        """Whether ``forward_qkv`` can run: a backend with the fused kernel, a cache, and no fp8 scale
+        calibration due in this step (it needs k and v apart; decode-only steps never calibrate, so
+        CUDA graphs captured before the first prefill take the fused path as eager decodes do)."""
+        if self.backend.qkv_prep is None or self.k_cache is None:
+            return False
+        return not (self.calibrate_kv_scales and not get_context().is_decode_only)
 
     def forward_qkv(
         self,

@@ -84,6 +84,13 @@ def test_qkv_prep_gpu(qk_norm, head_dim, num_heads, num_kv_heads, cache_dtype):
     got, want = run_both(
         num_heads, num_kv_heads, head_dim, 256, torch.bfloat16, cache_dtype, qk_norm, kv_scales=(0.5, 0.25)
     )
-    # bf16 results may sit one rounding step apart (fused multiply-adds); fp8 ones one fp8 step
+    # bf16 results may sit one rounding step apart (fused multiply-adds change the last bit)
     for g, w in zip(got, want, strict=True):
-        torch.testing.assert_close(g.float(), w.float(), atol=6e-2, rtol=7e-2)
+        if g.dtype != FP8_DTYPE:
+            torch.testing.assert_close(g.float(), w.float(), atol=6e-2, rtol=1e-2)
+            continue
+        # fp8: the same bf16 value quantised the same way, unless that last bit crossed a rounding
+        # boundary of fp8 (one step, 1/8 relative): rare, and never more than one step
+        differ = g.view(torch.uint8) != w.view(torch.uint8)
+        assert differ.float().mean() < 1e-3
+        torch.testing.assert_close(g.float(), w.float(), atol=1e-2, rtol=0.13)
