@@ -65,7 +65,7 @@ def test_qkv_prep_ref_is_the_model_layers():
     k_layers, v_layers = k_cache.clone(), v_cache.clone()
     args = (qkv, positions, rope.cos_sin_cache, num_heads, num_kv_heads)
     q_ref = qkv_prep_ref(*args, k_cache, v_cache, slots, q_w, k_w)
-    q_norm, k_norm = RMSNorm(head_dim), RMSNorm(head_dim)
+    q_norm, k_norm = RMSNorm(head_dim).to(qkv.device), RMSNorm(head_dim).to(qkv.device)
     q_norm.weight.data.copy_(q_w)
     k_norm.weight.data.copy_(k_w)
     q, k, v = qkv.view(9, -1, head_dim).split([num_heads, num_kv_heads, num_kv_heads], dim=1)
