@@ -26,7 +26,8 @@ the kernel is bound by memory bandwidth and the design follows from keeping ever
   per pair where e4m3 -> bf16 is several: measured on an H100, batch 256 x 1k keys, this and
   128-key tiles (as many bytes per tile as bf16's 64) took the kernel from 282 to 241 us
   (bf16 cache: 364 us). That is 72% of copy bandwidth, against bf16's 96%: 256-key tiles, 8 warps
-  or 2-4 stages are all slower or equal (H100 sweep). ``v_scale`` is applied to the output.
+  or 2-4 stages are all slower or equal, and loading tile i + 1 into registers
+  while tile i computes is 4x slower (H100). ``v_scale`` is applied to the output.
 """
 
 import math
