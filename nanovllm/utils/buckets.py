@@ -4,7 +4,12 @@
 def decode_batch_bucket(batch: int) -> int:
     """The padded size of a decode batch: 1, 2, 4, 8, then multiples of 16. The Triton decode
     backend picks its split count from this, never from the batch itself, so a batch run eagerly
-    and the same batch replayed in a CUDA graph do identical arithmetic."""
+    and the same batch replayed in a CUDA graph do identical arithmetic.
+
+    Padding waste: over batches 1-256 the padded rows are 8% of the rows on average, the worst
+    being 17 -> 32 (47%) and 9 -> 16 (44%); from 64 on at most 19%. It costs little time: up to
+    a few dozen rows a decode step reads the weights once whatever the row count, and a padded
+    row attends to a single key and writes nothing to the cache."""
     if batch <= 8:
         return 1 << (batch - 1).bit_length()
     return (batch + 15) // 16 * 16
