@@ -1,0 +1,137 @@
+"""The engine core's side of the server: ``LLMEngine`` and its step loop, in a process of its own.
+
+The server process (async_engine.py) spawns ``engine_main`` and talks to it over two one-way pipes::
+
+    server process                                      engine process (the only owner of LLMEngine)
+    --------------                                      --------------
+    sender thread -- [("add", id, prompt, params), ("abort", id), ("stop",)] --> commands
+    reader thread <-- (step_start, stats, num_added, outputs, failures) -------- one message per step
+
+A step's message carries only what changed, as plain tuples (see ``_pack``): new token ids,
+finish reasons, new logprobs, and text only for requests with stop strings (the engine must
+detokenize those to stop them); the server process detokenizes everything else, so that the
+Python work per token stays off this process, whose main thread is what keeps the GPU fed.
+
+The loop blocks on the command pipe while there is nothing to run (no busy wait) and drains it
+without blocking between steps. The server going away (killed, crashed) closes the pipe: the loop
+reads EOF, shuts the engine down (tensor-parallel workers included) and the process exits.
+"""
+
+import contextlib
+import logging
+import signal
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger("nanovllm.server")
+
+_PASSED_ON = (ValueError, TypeError, FileNotFoundError)  # start-up errors the CLI prints as they are
+
+
+def engine_main(
+    commands,
+    outputs,
+    model: str | None,
+    engine_args: dict,
+    log_level: str = "info",
+    executor_factory: Callable[[Any], Any] | None = None,
+) -> None:
+    """The engine process's body: build the engine, answer ("ready", stats) or ("error", kind,
+    message, traceback), then serve commands until "stop" or EOF. ``executor_factory(config)``
+    replaces the model runner (tests); it must be picklable (a module-level function)."""
+    if threading.current_thread() is threading.main_thread():
+        # Ctrl-C reaches the whole process group; the server decides when this process stops.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = None
+    try:
+        try:
+            from nanovllm.config import Config
+            from nanovllm.engine.llm_engine import LLMEngine
+
+            config = Config.from_kwargs(model, **engine_args)
+            executor = None if executor_factory is None else executor_factory(config)
+            engine = LLMEngine(config, executor=executor)
+        except BaseException as e:
+            kind = type(e).__name__ if isinstance(e, _PASSED_ON) else "RuntimeError"
+            outputs.send(
+                ("error", kind, f"{e}" if isinstance(e, _PASSED_ON) else f"{e!r}", traceback.format_exc())
+            )
+            return
+        outputs.send(("ready", engine.stats()))
+        EngineLoop(engine, commands, outputs).run()
+    except (EOFError, OSError):
+        logger.info("the server is gone; the engine process stops")
+    finally:
+        if engine is not None:
+            engine.shutdown()
+        for conn in (commands, outputs):
+            with contextlib.suppress(OSError):
+                conn.close()
+
+
+class EngineLoop:
+    """One owner of the engine: apply the server's commands, step, send the step's outputs."""
+
+    def __init__(self, engine, commands, outputs):
+        self.engine, self.commands, self.outputs = engine, commands, outputs
+        self.live: set[str] = set()  # requests added and not yet finished or aborted
+        self.num_added = 0  # add commands received, so the server can count those still in the pipe
+        self.stopping = False
+
+    def run(self) -> None:
+        engine = self.engine
+        while True:
+            failures: list[tuple[str, str, str]] = []
+            if not engine.has_unfinished_requests():
+                self._apply(self.commands.recv(), failures)  # idle: sleep until the server writes
+            while not self.stopping and self.commands.poll():
+                self._apply(self.commands.recv(), failures)
+            if self.stopping:
+                break
+            step_start, outputs = time.monotonic(), []
+            if engine.has_unfinished_requests():
+                try:
+                    outputs = engine.step()
+                except Exception as e:  # the step left no trace: fail its requests, keep serving
+                    logger.exception("engine step failed; failing the %d requests in flight", len(self.live))
+                    for request_id in self.live:
+                        engine.abort_request(request_id)
+                        failures.append((request_id, "step", f"engine step failed: {e!r}"))
+                    self.live.clear()
+                self.live.difference_update(o.request_id for o in outputs if o.finished)
+            packed = [_pack(o) for o in outputs]
+            self.outputs.send((step_start, engine.stats(), self.num_added, packed, failures))
+        for request_id in self.live:
+            engine.abort_request(request_id)
+
+    def _apply(self, batch: list[tuple], failures: list[tuple[str, str, str]]) -> None:
+        for cmd in batch:
+            if cmd[0] == "add":
+                _, request_id, prompt, params = cmd
+                self.num_added += 1
+                try:
+                    self.engine.add_request(request_id, prompt, params, stream=True, detokenize=False)
+                    self.live.add(request_id)
+                except (ValueError, TypeError) as e:
+                    failures.append((request_id, type(e).__name__, str(e)))
+            elif cmd[0] == "abort":
+                self.engine.abort_request(cmd[1])
+                self.live.discard(cmd[1])
+            else:  # "stop"
+                self.stopping = True
+
+
+def _pack(out) -> tuple:
+    """A ``RequestOutput`` as (request_id, finished, num_cached_tokens, completions), each completion
+    (index, new_token_ids, new_logprobs, finish_reason, text_delta, text): only the completions that
+    got tokens or finished, and texts only where the engine made them (stop strings)."""
+    completions = [
+        (c.index, c.new_token_ids, c.new_logprobs, c.finish_reason, c.text_delta, c.text)
+        for c in out.outputs
+        if c.new_token_ids or c.finish_reason is not None
+    ]
+    return out.request_id, out.finished, out.num_cached_tokens, completions
