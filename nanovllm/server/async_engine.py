@@ -33,7 +33,7 @@ from typing import Any
 
 from nanovllm.config import Config
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.server.engine_process import engine_main
+from nanovllm.server.engine_process import engine_main, start_engine
 from nanovllm.server.output_builder import OutputBuilder
 
 logger = logging.getLogger("nanovllm.server")
@@ -101,15 +101,12 @@ class AsyncEngine:
         ctx = mp.get_context("spawn")
         commands, self._commands = ctx.Pipe(duplex=False)
         self._outputs, outputs = ctx.Pipe(duplex=False)
-        args = (commands, outputs, model, engine_args, log_level, executor_factory)
-        if in_thread:
-            self._worker = threading.Thread(
-                target=engine_main, args=args, name="nanovllm-engine", daemon=True
-            )
+        if in_thread:  # built here, stepped on the engine thread; the pipes stay in this process
+            self._worker = start_engine(commands, outputs, model, engine_args, executor_factory)
         else:  # not a daemon: daemons may not start tensor-parallel workers
+            args = (commands, outputs, model, engine_args, log_level, executor_factory)
             self._worker = ctx.Process(target=engine_main, args=args, name="nanovllm-engine")
-        self._worker.start()
-        if not in_thread:
+            self._worker.start()
             commands.close()  # the engine process holds these ends; closing ours makes its exit an EOF
             outputs.close()
         try:
@@ -247,6 +244,8 @@ class AsyncEngine:
             self._fail_all(EngineDeadError("the server is shutting down"))
 
     def _stop_worker(self, timeout: float) -> None:
+        if self._worker is None:  # in a thread, and the engine never started
+            return
         self._worker.join(timeout)
         if isinstance(self._worker, mp.process.BaseProcess) and self._worker.is_alive():
             logger.warning("the engine process did not stop in %.0f s; killing it", timeout)
@@ -256,7 +255,7 @@ class AsyncEngine:
     def _exit_status(self) -> str:
         code = getattr(self._worker, "exitcode", None)
         if code is None:
-            return "still running" if self._worker.is_alive() else "exit status unknown"
+            return "still running" if self._worker and self._worker.is_alive() else "exit status unknown"
         return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
 
 
