@@ -34,7 +34,7 @@ from typing import Any
 from nanovllm.config import Config
 from nanovllm.sampling_params import SamplingParams
 from nanovllm.server.engine_process import engine_main, start_engine
-from nanovllm.server.output_builder import OutputBuilder
+from nanovllm.server.output_builder import OutputBuilder, load_tokenizer
 
 logger = logging.getLogger("nanovllm.server")
 
@@ -61,19 +61,6 @@ class RequestStream:
         if isinstance(item, BaseException):
             raise item
         return item
-
-
-def load_tokenizer(config: Config):
-    """The tokenizer the engine loads, for the HTTP side (chat template, /tokenize, text)."""
-    if config.skip_tokenizer_init:
-        return None
-    if config.is_gguf:
-        from nanovllm.utils.gguf import load_gguf_tokenizer
-
-        return load_gguf_tokenizer(config.model)
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(config.model)
 
 
 class AsyncEngine:

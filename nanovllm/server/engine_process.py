@@ -10,7 +10,8 @@ The server process (async_engine.py) spawns ``engine_main`` and talks to it over
 A step's message carries only what changed, as plain tuples (see ``_pack``): new token ids,
 finish reasons, new logprobs, and text only for requests with stop strings (the engine must
 detokenize those to stop them); the server process detokenizes everything else, so that the
-Python work per token stays off this process, whose main thread is what keeps the GPU fed.
+Python work per token stays off this process, whose engine thread is what keeps the GPU fed.
+``step_start`` is ``time.monotonic()``, one clock for every process of the machine (Linux).
 
 The loop blocks on the command pipe while there is nothing to run (no busy wait) and drains it
 without blocking between steps. The server going away (killed, crashed) closes the pipe: the loop

@@ -8,9 +8,23 @@ the exception: the engine must read their text to stop them, so it sends that te
 
 from dataclasses import replace
 
+from nanovllm.config import Config
 from nanovllm.engine.detokenizer import IncrementalDetokenizer
 from nanovllm.engine.outputs import CompletionOutput, RequestOutput
 from nanovllm.sampling_params import SamplingParams
+
+
+def load_tokenizer(config: Config):
+    """The tokenizer the engine loads, for the HTTP side (chat template, /tokenize, text)."""
+    if config.skip_tokenizer_init:
+        return None
+    if config.is_gguf:
+        from nanovllm.utils.gguf import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(config.model)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.model)
 
 
 class _Completion:
