@@ -24,6 +24,7 @@ engine process dies, ``dead`` is set (/health turns 503) and every waiting handl
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import multiprocessing as mp
 import threading
@@ -88,6 +89,8 @@ class AsyncEngine:
         ctx = mp.get_context("spawn")
         commands, self._commands = ctx.Pipe(duplex=False)
         self._outputs, outputs = ctx.Pipe(duplex=False)
+        _widen(self._commands)
+        _widen(self._outputs)
         if in_thread:  # built here, stepped on the engine thread; the pipes stay in this process
             self._worker = start_engine(commands, outputs, model, engine_args, executor_factory)
         else:  # not a daemon: daemons may not start tensor-parallel workers
@@ -244,6 +247,13 @@ class AsyncEngine:
         if code is None:
             return "still running" if self._worker and self._worker.is_alive() else "exit status unknown"
         return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+
+
+def _widen(conn) -> None:
+    """A 1 MiB pipe (64 KiB by default on Linux): a step's message is ~9 KB at 256 streams, so the
+    engine does not block on a server process that falls a few steps behind."""
+    with contextlib.suppress(AttributeError, OSError):
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
 
 
 def _error(kind: str, message: str) -> Exception:

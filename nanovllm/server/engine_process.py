@@ -73,7 +73,7 @@ def start_engine(
         config = Config.from_kwargs(model, **engine_args)
         executor = None if executor_factory is None else executor_factory(config)
         engine = LLMEngine(config, executor=executor)
-    except BaseException as e:
+    except Exception as e:  # Ctrl-C (in a thread) and exits pass through
         passed_on = isinstance(e, _PASSED_ON)
         kind, message = (type(e).__name__, str(e)) if passed_on else ("RuntimeError", repr(e))
         with contextlib.suppress(OSError):
