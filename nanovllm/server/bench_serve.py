@@ -128,9 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
     p.add_argument("--note", default=None)
     p.add_argument(
-        "--engine-in-thread",
-        action="store_true",
-        help="serve with the engine in a thread of the server (the old design) instead of its own process",
+        "--engines",
+        default="process",
+        help="comma-separated server designs to run in turn: process (the engine in its own process, "
+        "the default) and/or thread (--engine-in-thread); each run gives one result line per design",
     )
     args = p.parse_args(argv)
     engine_args = json.loads(args.engine_args)
@@ -157,15 +158,17 @@ def main(argv: list[str] | None = None) -> int:
         "model": os.path.basename(model_path.rstrip("/")),
         "workload": workload,
         "engine_args": engine_args,
-        "engine": "thread" if args.engine_in_thread else "process",
     }
-    # offline, then (server, offline) per run: each server run sits between two offline runs, so that
-    # drift in the machine's speed shows, and the two never share the machine.
+    engines = args.engines.split(",")
+    if not set(engines) <= {"process", "thread"}:
+        p.error(f"--engines takes process and/or thread, got {args.engines!r}")
+    # offline, then (server, offline) per run and design: each server run sits between two offline
+    # runs, so that drift in the machine's speed shows, and the two never share the machine.
     offline = [offline_tok_s(args.model, engine_args, requests, args.temperature)] if baseline else []
     results = []
-    for run in range(args.runs):
-        loads = serve_load(args, engine_args, requests, rates)
-        result = {**head, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    for run, engine in ((r, e) for r in range(args.runs) for e in engines):
+        loads = serve_load(args, engine_args, requests, rates, engine == "thread")
+        result = {**head, "engine": engine, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         result.update(commit=git_commit(), server=loads, note=args.note, run=f"{run + 1}/{args.runs}")
         if baseline:
             offline.append(offline_tok_s(args.model, engine_args, requests, args.temperature))
@@ -182,16 +185,23 @@ def main(argv: list[str] | None = None) -> int:
             offline = r.get("baseline", {}).get("mean_output_tok_per_s")
             busy, engine = load.get("event_loop_busy"), load.get("engine_process_busy")
             print(
-                f"run {r['run']} rate {load['request_rate']}: server {load['output_tok_per_s']} tok/s, "
-                f"event loop busy {busy}, engine process busy {engine}, offline mean {offline} tok/s"
+                f"run {r['run']} engine in a {r['engine']}, rate {load['request_rate']}: server "
+                f"{load['output_tok_per_s']} tok/s, event loop busy {busy}, engine process busy {engine}, "
+                f"offline mean {offline} tok/s"
             )
-    ratios = [r["server_over_offline"] for r in results if "server_over_offline" in r]
-    if ratios:
-        print(f"server/offline output tok/s: {ratios}, median {round(statistics.median(ratios), 3)}")
+    for engine in engines:
+        ratios = [
+            r["server_over_offline"] for r in results if r["engine"] == engine and "server_over_offline" in r
+        ]
+        if ratios:
+            median = round(statistics.median(ratios), 3)
+            print(f"server/offline output tok/s, engine in a {engine}: {ratios}, median {median}")
     return 0
 
 
-def serve_load(args: argparse.Namespace, engine_args: dict, requests, rates: list[float]) -> list[dict]:
+def serve_load(
+    args: argparse.Namespace, engine_args: dict, requests, rates: list[float], in_thread: bool = False
+) -> list[dict]:
     """Start a server (or use ``--base-url``), warm it up, send the load once per rate, stop it."""
     proc = None
     if args.base_url:
@@ -199,7 +209,7 @@ def serve_load(args: argparse.Namespace, engine_args: dict, requests, rates: lis
         port = int(port)
     else:
         host, port = "127.0.0.1", _free_port()
-        flags = ("--engine-in-thread",) if args.engine_in_thread else ()
+        flags = ("--engine-in-thread",) if in_thread else ()
         proc = start_server(args.model, engine_args, port, flags)
     try:
         asyncio.run(run_load(host, port, requests[:2], float("inf"), args.temperature, args.seed))  # warm-up
