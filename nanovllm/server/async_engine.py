@@ -5,9 +5,14 @@ Why a process: the engine's step is overlapped (the CPU prepares step N+1 while 
 N), so every millisecond the event loop holds the GIL is a millisecond the GPU waits. With the
 engine in a thread of the server, an H100 served 256 concurrent streams at 0.47 of offline
 ``generate`` (the server process used 12.9 CPU-seconds in 13.2 s); in its own process the engine
-has a GIL to itself, as in vLLM v1. ``in_thread=True`` (``nanovllm serve --engine-in-thread``)
-runs the very same loop in a thread of the server instead: a few lines, kept for debugging (one
-process, one debugger) and to measure the difference (benchmarks/bench_serve.py).
+has a GIL to itself, as in vLLM v1, and sends token ids: a step's message costs it 0.8 us a token
+against the 11-13 us of detokenizing that moved to the server (benchmarks/bench_engine_outputs.py,
+256 streams). On the 2 shared cores of the CPU machine, where no core is spare for a second
+process, the two designs serve alike (server/offline medians, benchmarks/results.jsonl: SmolLM2
+1.13 in a process, 1.05 in a thread over 6 and 9 runs; a tiny model 0.38 and 0.40).
+``in_thread=True`` (``nanovllm serve --engine-in-thread``) runs the very same loop in a thread of
+the server instead: six lines, kept for debugging (one process) and as the A/B baseline
+(``bench_serve.py --engines process,thread``).
 
 Who does what::
 
@@ -24,7 +29,6 @@ engine process dies, ``dead`` is set (/health turns 503) and every waiting handl
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import multiprocessing as mp
 import threading
@@ -34,7 +38,7 @@ from typing import Any
 
 from nanovllm.config import Config
 from nanovllm.sampling_params import SamplingParams
-from nanovllm.server.engine_process import engine_main, start_engine
+from nanovllm.server.engine_process import engine_main, start_engine, start_error, widen_pipe
 from nanovllm.server.output_builder import OutputBuilder, load_tokenizer
 
 logger = logging.getLogger("nanovllm.server")
@@ -89,8 +93,8 @@ class AsyncEngine:
         ctx = mp.get_context("spawn")
         commands, self._commands = ctx.Pipe(duplex=False)
         self._outputs, outputs = ctx.Pipe(duplex=False)
-        _widen(self._commands)
-        _widen(self._outputs)
+        widen_pipe(self._commands)
+        widen_pipe(self._outputs)
         if in_thread:  # built here, stepped on the engine thread; the pipes stay in this process
             self._worker = start_engine(commands, outputs, model, engine_args, executor_factory)
         else:  # not a daemon: daemons may not start tensor-parallel workers
@@ -110,13 +114,8 @@ class AsyncEngine:
             self._stop_worker(0)
             raise
         if hello[0] == "error":
-            _, kind, message, tb = hello
             self._stop_worker(10)
-            if kind == "RuntimeError":
-                logger.error("the engine failed to start:\n%s", tb)
-                raise RuntimeError(f"the engine failed to start: {message}")
-            known = {"ValueError": ValueError, "TypeError": TypeError, "FileNotFoundError": FileNotFoundError}
-            raise known[kind](message)
+            raise start_error(*hello[1:])
         self.stats = hello[1]  # the engine's stats() after its latest step
 
     @property
@@ -247,13 +246,6 @@ class AsyncEngine:
         if code is None:
             return "still running" if self._worker and self._worker.is_alive() else "exit status unknown"
         return f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-
-
-def _widen(conn) -> None:
-    """A 1 MiB pipe (64 KiB by default on Linux): a step's message is ~9 KB at 256 streams, so the
-    engine does not block on a server process that falls a few steps behind."""
-    with contextlib.suppress(AttributeError, OSError):
-        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
 
 
 def _error(kind: str, message: str) -> Exception:

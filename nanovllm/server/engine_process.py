@@ -19,6 +19,7 @@ reads EOF, shuts the engine down (tensor-parallel workers included) and the proc
 """
 
 import contextlib
+import fcntl
 import logging
 import signal
 import threading
@@ -86,6 +87,23 @@ def start_engine(
     )
     thread.start()
     return thread
+
+
+def start_error(kind: str, message: str, tb: str) -> Exception:
+    """The server-side exception for an ("error", ...) answer: the same type and message for the
+    errors the CLI prints as they are, a RuntimeError (its traceback logged) for the rest."""
+    known = {e.__name__: e for e in _PASSED_ON}
+    if kind in known:
+        return known[kind](message)
+    logger.error("the engine failed to start:\n%s", tb)
+    return RuntimeError(f"the engine failed to start: {message}")
+
+
+def widen_pipe(conn) -> None:
+    """A 1 MiB pipe (64 KiB by default on Linux): a step's message is ~9 KB at 256 streams, so the
+    engine does not block on a server process that falls a few steps behind."""
+    with contextlib.suppress(AttributeError, OSError):
+        fcntl.fcntl(conn.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
 
 
 def _serve(engine, commands, outputs) -> None:
