@@ -4,7 +4,8 @@
 10% of clients drop the connection mid-stream; 5% send bad parameters (they must get a 400). The
 server runs with --max-waiting-requests, so some 503s are intended (the client then waits 1 s,
 as Retry-After says). Reported: every status by kind, unintended 5xx (must be 0), KV-cache usage
-once idle (must be 0: no leaked blocks), and the server's RSS over the run (must stay flat).
+once idle (must be 0: no leaked blocks), and the RSS of the server and its engine process over
+the run (must stay flat).
 One JSON line goes to --results.
 
 Usage (from the repository root): python benchmarks/soak_serve.py [--requests 1000]
@@ -63,8 +64,14 @@ async def one(port: int, body: dict | bytes, path: str, drop_after: int | None) 
 
 
 def rss_mib(pid: int) -> float:
+    """Resident memory of the server and its descendants (the engine process)."""
     with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+        own = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+    kids = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    return own + sum(rss_mib(k) for k in kids)
 
 
 def metrics(port: int) -> dict[str, float]:

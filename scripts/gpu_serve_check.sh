@@ -19,6 +19,9 @@
 #   RATES        inf (comma-separated requests/s)         TEMPERATURE 0.6
 #   ENGINE_ARGS  '{"max_model_len": 2048, "skip_tokenizer_init": true}' (the random checkpoint has no
 #                tokenizer; prompts are token ids)
+#   ENGINES      process (the engine in its own process, the server's default); "process,thread" also
+#                serves with --engine-in-thread (the old design) in each run: an A/B in one call, the
+#                two designs sharing the offline runs between them
 # On the CPU, end to end with a tiny checkpoint (what tests/server/test_gpu_serve_check.py does):
 #   MODEL=/tmp/tiny NUM_PROMPTS=8 INPUT_LEN="8 32" OUTPUT_LEN="8 16" RUNS=1 \
 #   ENGINE_ARGS='{"max_model_len": 256, "device": "cpu"}' OUT=/tmp/out scripts/gpu_serve_check.sh
@@ -35,6 +38,7 @@ RATES="${RATES:-inf}"
 TEMPERATURE="${TEMPERATURE:-0.6}"
 default_engine_args='{"max_model_len": 2048, "skip_tokenizer_init": true}'
 ENGINE_ARGS="${ENGINE_ARGS:-$default_engine_args}"
+ENGINES="${ENGINES:-process}"
 
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader > "$OUT/device.txt"
 
@@ -58,7 +62,7 @@ fi
 # shellcheck disable=SC2086  # INPUT_LEN / OUTPUT_LEN are two numbers each
 timeout "${BENCH_TIMEOUT:-560}" "$PY" -m nanovllm.server.bench_serve --model "$MODEL" \
   --num-prompts "$NUM_PROMPTS" --input-len $INPUT_LEN --output-len $OUTPUT_LEN --runs "$RUNS" \
-  --request-rates "$RATES" --temperature "$TEMPERATURE" --engine-args "$ENGINE_ARGS" \
+  --request-rates "$RATES" --temperature "$TEMPERATURE" --engine-args "$ENGINE_ARGS" --engines "$ENGINES" \
   --results "$OUT/results.jsonl" --note "scripts/gpu_serve_check.sh; baseline: offline generate of the same requests before and after each server run" \
   > "$OUT/bench_serve.log" 2>&1
 status=$?

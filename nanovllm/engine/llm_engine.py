@@ -46,6 +46,7 @@ class _Request:
     # Streamed requests: completion tokens already handed out, and text not yet handed out.
     num_streamed: list[int] = field(default_factory=list)
     text_deltas: list[str] = field(default_factory=list)
+    detokenize: bool = True  # False: texts stay empty unless stop strings need them
 
     @property
     def finished(self) -> bool:
@@ -147,11 +148,14 @@ class LLMEngine:
         prompt: str | list[int],
         params: SamplingParams,
         stream: bool = False,
+        detokenize: bool = True,
     ) -> str:
         """Queue a request after validating it whole; returns its id (given, or made up when None).
 
         ``stream=True`` produces an output at every step that gives the request tokens; otherwise
-        one output when it finishes."""
+        one output when it finishes. ``detokenize=False`` leaves texts empty (the caller decodes the
+        token ids, as the server does in its own process), except for a request with stop strings,
+        which the engine must read to stop."""
         if self._closed:
             raise RuntimeError("the engine has been shut down; create a new one")
         self.check_params(params)
@@ -167,7 +171,7 @@ class LLMEngine:
         for i in range(params.n):
             child = replace(params, n=1, seed=None if params.seed is None else params.seed + i)
             seqs.append(Sequence(token_ids, child, self.config.kvcache_block_size))
-        incremental = self.tokenizer is not None and (stream or bool(params.stop))
+        incremental = self.tokenizer is not None and ((stream and detokenize) or bool(params.stop))
         n = len(seqs)
         request = _Request(
             request_id=request_id,
@@ -183,6 +187,7 @@ class LLMEngine:
             logprobs=[[] for _ in seqs],
             num_streamed=[0] * n,
             text_deltas=[""] * n,
+            detokenize=detokenize,
         )
         self.requests[request_id] = request
         if params.has_penalties:
@@ -367,7 +372,7 @@ class LLMEngine:
     def _final_text(self, request: _Request, i: int) -> str:
         if request.detokenizers[i] is not None:
             return request.texts[i]
-        if self.tokenizer is None:
+        if self.tokenizer is None or not request.detokenize:
             return ""
         ids = request.seqs[i].completion_token_ids
         return self.tokenizer.decode(ids, skip_special_tokens=request.params.skip_special_tokens)

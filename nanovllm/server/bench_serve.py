@@ -87,7 +87,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str | None, engine_args: dict, port: int) -> subprocess.Popen:
+def start_server(
+    model: str | None, engine_args: dict, port: int, server_flags: tuple[str, ...] = ()
+) -> subprocess.Popen:
     flags = []
     for k, v in engine_args.items():
         flag = "--" + k.replace("_", "-")
@@ -96,7 +98,7 @@ def start_server(model: str | None, engine_args: dict, port: int) -> subprocess.
         else:
             flags += [flag, str(v)]
     cmd = [sys.executable, "-m", "nanovllm", "serve", *([model] if model else []), "--port", str(port)]
-    proc = subprocess.Popen(cmd + ["--log-level", "warning"] + flags)
+    proc = subprocess.Popen(cmd + ["--log-level", "warning", *server_flags] + flags)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -125,6 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1, help="server runs, each between two offline runs")
     p.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
     p.add_argument("--note", default=None)
+    p.add_argument(
+        "--engines",
+        default="process",
+        help="comma-separated server designs to run in turn: process (the engine in its own process, "
+        "the default) and/or thread (--engine-in-thread); each run gives one result line per design",
+    )
     args = p.parse_args(argv)
     engine_args = json.loads(args.engine_args)
 
@@ -151,13 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         "workload": workload,
         "engine_args": engine_args,
     }
-    # offline, then (server, offline) per run: each server run sits between two offline runs, so that
-    # drift in the machine's speed shows, and the two never share the machine.
+    engines = args.engines.split(",")
+    if not set(engines) <= {"process", "thread"}:
+        p.error(f"--engines takes process and/or thread, got {args.engines!r}")
+    # offline, then (server, offline) per run and design: each server run sits between two offline
+    # runs, so that drift in the machine's speed shows, and the two never share the machine.
     offline = [offline_tok_s(args.model, engine_args, requests, args.temperature)] if baseline else []
     results = []
-    for run in range(args.runs):
-        loads = serve_load(args, engine_args, requests, rates)
-        result = {**head, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    for run, engine in ((r, e) for r in range(args.runs) for e in engines):
+        loads = serve_load(args, engine_args, requests, rates, engine == "thread")
+        result = {**head, "engine": engine, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         result.update(commit=git_commit(), server=loads, note=args.note, run=f"{run + 1}/{args.runs}")
         if baseline:
             offline.append(offline_tok_s(args.model, engine_args, requests, args.temperature))
@@ -172,18 +183,25 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         for load in r["server"]:
             offline = r.get("baseline", {}).get("mean_output_tok_per_s")
-            busy = load.get("event_loop_busy")
+            busy, engine = load.get("event_loop_busy"), load.get("engine_process_busy")
             print(
-                f"run {r['run']} rate {load['request_rate']}: server {load['output_tok_per_s']} tok/s, "
-                f"event loop busy {busy}, offline mean {offline} tok/s"
+                f"run {r['run']} engine in a {r['engine']}, rate {load['request_rate']}: server "
+                f"{load['output_tok_per_s']} tok/s, event loop busy {busy}, engine process busy {engine}, "
+                f"offline mean {offline} tok/s"
             )
-    ratios = [r["server_over_offline"] for r in results if "server_over_offline" in r]
-    if ratios:
-        print(f"server/offline output tok/s: {ratios}, median {round(statistics.median(ratios), 3)}")
+    for engine in engines:
+        ratios = [
+            r["server_over_offline"] for r in results if r["engine"] == engine and "server_over_offline" in r
+        ]
+        if ratios:
+            median = round(statistics.median(ratios), 3)
+            print(f"server/offline output tok/s, engine in a {engine}: {ratios}, median {median}")
     return 0
 
 
-def serve_load(args: argparse.Namespace, engine_args: dict, requests, rates: list[float]) -> list[dict]:
+def serve_load(
+    args: argparse.Namespace, engine_args: dict, requests, rates: list[float], in_thread: bool = False
+) -> list[dict]:
     """Start a server (or use ``--base-url``), warm it up, send the load once per rate, stop it."""
     proc = None
     if args.base_url:
@@ -191,7 +209,8 @@ def serve_load(args: argparse.Namespace, engine_args: dict, requests, rates: lis
         port = int(port)
     else:
         host, port = "127.0.0.1", _free_port()
-        proc = start_server(args.model, engine_args, port)
+        flags = ("--engine-in-thread",) if in_thread else ()
+        proc = start_server(args.model, engine_args, port, flags)
     try:
         asyncio.run(run_load(host, port, requests[:2], float("inf"), args.temperature, args.seed))  # warm-up
         loads = []
@@ -200,13 +219,15 @@ def serve_load(args: argparse.Namespace, engine_args: dict, requests, rates: lis
             loads.append(asyncio.run(run_load(host, port, requests, rate, args.temperature, args.seed)))
             after = _cpu_seconds(proc)
             if before and after:  # what the load cost the server; the event loop is its main thread
-                loop_s, total_s = after[0] - before[0], after[1] - before[1]
-                tokens = max(1, loads[-1]["output_tokens"])
+                loop_s, total_s, engine_s = (a - b for a, b in zip(after, before, strict=True))
+                tokens, seconds = max(1, loads[-1]["output_tokens"]), loads[-1]["seconds"]
                 loads[-1].update(
                     server_cpu_s=round(total_s, 2),
                     event_loop_cpu_s=round(loop_s, 2),
-                    event_loop_busy=round(loop_s / loads[-1]["seconds"], 3),
+                    event_loop_busy=round(loop_s / seconds, 3),
                     event_loop_us_per_token=round(1e6 * loop_s / tokens, 1),
+                    engine_process_cpu_s=round(engine_s, 2),  # 0 with the engine in a thread
+                    engine_process_busy=round(engine_s / seconds, 3),
                 )
         return loads
     finally:
@@ -215,17 +236,28 @@ def serve_load(args: argparse.Namespace, engine_args: dict, requests, rates: lis
             proc.wait(120)
 
 
-def _cpu_seconds(proc: subprocess.Popen | None) -> tuple[float, float] | None:
-    """CPU seconds (user + system) of the server's main thread and of the whole process (Linux)."""
+def _cpu_seconds(proc: subprocess.Popen | None) -> tuple[float, float, float] | None:
+    """CPU seconds (user + system) of the server's main thread, of the whole server process, and of
+    its descendants (the engine process and its tensor-parallel workers), from /proc (Linux)."""
     if proc is None:
         return None
+
+    def cpu(stat: str) -> float:
+        with open(stat) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def descendants(pid: int) -> list[int]:
+        kids = []
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids += [int(k) for k in f.read().split()]
+        return kids + [d for k in kids for d in descendants(k)]
+
     try:
-        out = []
-        for stat in (f"/proc/{proc.pid}/task/{proc.pid}/stat", f"/proc/{proc.pid}/stat"):
-            with open(stat) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            out.append((int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"))
-        return out[0], out[1]
+        pid = proc.pid
+        engine = sum(cpu(f"/proc/{d}/stat") for d in descendants(pid))
+        return cpu(f"/proc/{pid}/task/{pid}/stat"), cpu(f"/proc/{pid}/stat"), engine
     except (OSError, ValueError):
         return None
 

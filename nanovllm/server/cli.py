@@ -77,6 +77,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     )
     p.add_argument("--log-prompts", action="store_true", help="put prompts in the per-request log lines")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--engine-in-thread",
+        action="store_true",
+        help="run the engine in a thread of the server instead of its own process (one process to "
+        "debug; slower under load: the event loop and the engine share one GIL)",
+    )
     add_engine_args(p)
     return p
 
@@ -90,7 +96,6 @@ def _served_name(model_arg: str | None, resolved: str) -> str:
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from nanovllm.engine.llm_engine import LLMEngine
     from nanovllm.server.api import ServerSettings, build_app
     from nanovllm.server.async_engine import AsyncEngine
 
@@ -98,8 +103,9 @@ def serve(args: argparse.Namespace) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     names = {f.name for f in fields(Config) if f.init and f.name != "model"}
-    config = Config.from_kwargs(args.model, **{k: v for k, v in vars(args).items() if k in names})
-    engine = AsyncEngine(LLMEngine(config))
+    engine_args = {k: v for k, v in vars(args).items() if k in names}
+    engine = AsyncEngine(args.model, engine_args, in_thread=args.engine_in_thread, log_level=args.log_level)
+    config = engine.config
     settings = ServerSettings(
         served_model_name=args.served_model_name or _served_name(args.model, config.model),
         api_key=args.api_key,
@@ -116,7 +122,10 @@ def serve(args: argparse.Namespace) -> int:
         access_log=False,  # one line per request comes from nanovllm.server instead
         timeout_graceful_shutdown=args.shutdown_timeout,
     )
-    _Server(uv_config).run()
+    try:
+        _Server(uv_config).run()
+    finally:
+        engine.shutdown()  # a no-op after the app's lifespan stopped it; not so if uvicorn never started
     return 0
 
 

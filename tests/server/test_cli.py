@@ -1,5 +1,7 @@
 """`nanovllm serve` flags come from Config's fields; the bundled model serves with no MODEL."""
 
+import subprocess
+import sys
 from dataclasses import fields
 
 import pytest
@@ -7,7 +9,7 @@ import pytest
 from nanovllm import SamplingParams
 from nanovllm.config import Config
 from nanovllm.server.cli import build_parser
-from tests.server.conftest import Server
+from tests.server.conftest import ROOT, Server, free_port
 
 
 def test_every_engine_argument_is_a_flag():
@@ -57,3 +59,23 @@ def test_bundled_model_chat_matches_llm_chat():
     llm.shutdown()
     assert got.choices[0].message.content == want["text"]
     assert "SmolLM2" in model
+
+
+@pytest.mark.parametrize(
+    "where, args, words",
+    [
+        ("server process", ["/nonexistent/model"], "is not a local path"),
+        ("engine process", ["--num-kvcache-blocks", "2"], "raise num_kvcache_blocks"),
+    ],
+)
+def test_start_up_errors_reach_the_user(chat_ckpt, where, args, words):
+    """A bad engine argument fails in the server process (Config) or in the engine process (the KV
+    cache): either way the user sees `nanovllm: error: ...` and a non-zero exit (the server would
+    hang at exit, joining it, if the engine process outlived the error)."""
+    model = (
+        [] if args[0].startswith("/") else [chat_ckpt, "--max-model-len", "256", "--kvcache-block-size", "16"]
+    )
+    cmd = [sys.executable, "-m", "nanovllm", "serve", *model, *args, "--port", str(free_port())]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "nanovllm: error:" in proc.stderr and words in proc.stderr, proc.stderr

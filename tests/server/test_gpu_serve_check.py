@@ -1,6 +1,6 @@
 """scripts/gpu_serve_check.sh end to end on the CPU, with a tiny checkpoint that has no tokenizer
-(as the GPU's random Qwen3 checkpoint has none): the device call that runs it must not be the first
-run of the script."""
+(as the GPU's random Qwen3 checkpoint has none), both server designs (engine in a process, and in a
+thread) as the device call runs them: that call must not be the first run of the script."""
 
 import json
 import os
@@ -31,6 +31,7 @@ def test_gpu_serve_check_script_runs_on_cpu(tmp_path):
         INPUT_LEN="8 24",
         OUTPUT_LEN="4 8",
         RUNS="1",
+        ENGINES="process,thread",
         ENGINE_ARGS=json.dumps({"max_model_len": 128, "device": "cpu", "skip_tokenizer_init": True}),
         OUT=str(out),
     )
@@ -39,13 +40,16 @@ def test_gpu_serve_check_script_runs_on_cpu(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "server/offline output tok/s" in proc.stdout
-    (line,) = (out / "results.jsonl").read_text().splitlines()
-    result = json.loads(line)
-    (load,) = result["server"]
-    assert load["completed"] == 4 and load["failed"] == 0
-    assert load["event_loop_us_per_token"] > 0  # the server's CPU, read from /proc
-    # ignore_eos: every request produced exactly its max_tokens, through the server and offline
-    offline = result["baseline"]["offline_generate_before_and_after"]
-    assert load["output_tokens"] == offline[0]["output_tokens"] == offline[1]["output_tokens"]
-    assert result["server_over_offline"] > 0
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [r["engine"] for r in results] == ["process", "thread"]
+    for result in results:
+        (load,) = result["server"]
+        assert load["completed"] == 4 and load["failed"] == 0
+        assert load["event_loop_us_per_token"] > 0  # the server's CPU, read from /proc
+        # the engine process's CPU is counted apart from the server's; in a thread it is the server's
+        assert (load["engine_process_cpu_s"] > 0) == (result["engine"] == "process")
+        # ignore_eos: every request produced exactly its max_tokens, through the server and offline
+        offline = result["baseline"]["offline_generate_before_and_after"]
+        assert load["output_tokens"] == offline[0]["output_tokens"] == offline[1]["output_tokens"]
+        assert result["server_over_offline"] > 0
     shutil.rmtree(model)

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tests.server.conftest import API_KEY, ENGINE_ARGS, Server, engine_flags
+from tests.server.conftest import API_KEY, ENGINE_ARGS, Server, curl, engine_flags
 
 LONG = {"prompt": "hello", "max_tokens": 240, "ignore_eos": True, "temperature": 0}
 
@@ -70,6 +70,23 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _descendants(pid: int) -> list[int]:
+    kids = _children(pid)
+    return kids + [d for k in kids for d in _descendants(k)]
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        return f.read().replace(b"\0", b" ").decode()
+
+
+def engine_pid(server: Server) -> int:
+    """The engine process: the server's spawned child (the other one is multiprocessing's resource
+    tracker)."""
+    (pid,) = [p for p in _children(server.proc.pid) if "spawn_main" in _cmdline(p)]
+    return pid
+
+
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -96,8 +113,8 @@ def test_signal_finishes_in_flight_and_exits_0(chat_ckpt, sig, tp):
     """At tensor_parallel_size 2 (CPU ranks over gloo) worker processes exist and must not outlive it."""
     server = Server(chat_ckpt, "--api-key", API_KEY, *engine_flags(**ENGINE_ARGS, tensor_parallel_size=tp))
     try:
-        children = _children(server.proc.pid)
-        assert children or tp == 1, "tensor parallelism should have started worker processes"
+        children = _descendants(server.proc.pid)
+        assert len(children) >= (3 if tp > 1 else 2), "the engine (and its workers) should be running"
         sock = open_request(server, {**LONG, "max_tokens": 40, "stream": True})
         assert b"data: " in read_until(sock, b"data: ")
         server.proc.send_signal(sig)
@@ -108,3 +125,41 @@ def test_signal_finishes_in_flight_and_exits_0(chat_ckpt, sig, tp):
         assert _gone(children), "child processes outlived the server"
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_killed_server_leaves_no_orphan(chat_ckpt):
+    """kill -9 the server while a request runs: the engine process reads EOF on its command pipe and
+    exits, and its tensor-parallel worker with it."""
+    server = Server(chat_ckpt, "--api-key", API_KEY, *engine_flags(**ENGINE_ARGS, tensor_parallel_size=2))
+    try:
+        family, engine = _descendants(server.proc.pid), engine_pid(server)
+        assert any("spawn_main" in _cmdline(p) for p in _children(engine)), "no tensor-parallel worker"
+        sock = open_request(server, {**LONG, "stream": True})
+        assert b"data: " in read_until(sock, b"data: ")
+        server.proc.kill()
+        sock.close()
+        assert _gone(family), "the engine or its workers outlived a killed server"
+    finally:
+        server.stop()
+
+
+def test_dead_engine_turns_health_503_and_fails_waiting_requests(chat_ckpt):
+    server = Server(chat_ckpt, "--api-key", API_KEY, *engine_flags(**ENGINE_ARGS))
+    try:
+        engine = engine_pid(server)
+        os.kill(engine, signal.SIGSTOP)  # the request below waits for the engine, which cannot answer
+        sock = open_request(server, {**LONG, "stream": True})
+        assert b" 200 OK" in read_until(sock, b"\r\n\r\n")  # the handler runs and waits
+        os.kill(engine, signal.SIGKILL)
+        rest = read_until(sock, b"data: [DONE]")
+        sock.close()
+        assert b"engine process died (killed by signal 9)" in rest, rest
+        status, body, _ = curl(server.url + "/health")
+        assert status == 503
+        status, body, _ = curl(
+            server.url + "/v1/completions", {"prompt": "hi"}, f"Authorization: Bearer {API_KEY}"
+        )
+        assert status == 503 and "restart the server" in body["error"]["message"], body
+    finally:
+        assert server.stop() == 0
