@@ -16,7 +16,13 @@ from nanovllm.engine.sequence import TokenCounts
 from nanovllm.engine.step import ModelRunnerOutput, NewSeq, SchedulerOutput
 from nanovllm.layers.attention import Attention, get_backend
 from nanovllm.layers.kv_quant import kv_cache_torch_dtype
-from nanovllm.layers.sampler import Sampler, SamplingMetadata, logprobs_to_lists
+from nanovllm.layers.sampler import (
+    FEW_ROWS,
+    Sampler,
+    SamplingMetadata,
+    logprobs_to_lists,
+    sample_with_temperature,
+)
 from nanovllm.models.llama import head_dim_of
 from nanovllm.models.registry import model_class
 from nanovllm.utils.context import Context, forward_context
@@ -227,7 +233,12 @@ class ModelRunner:
         )
         with forward_context(context):
             input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-            self.model.compute_logits(self.model(input_ids, positions))
+            logits = self.model.compute_logits(self.model(input_ids, positions))
+        if logits is not None and logits.is_cuda and logits.shape[0] >= FEW_ROWS:
+            # The sampler's compiled kernel is built now (torch.compile takes seconds), not while the
+            # first batch of 32+ sampled rows waits on it; and its memory counts in the profile.
+            temperatures = torch.ones(logits.shape[0], device=self.device)
+            sample_with_temperature(logits.float(), temperatures)
 
     # ---- one step ------------------------------------------------------------------------
 
