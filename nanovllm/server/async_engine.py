@@ -4,8 +4,9 @@ asyncio queue per request for the HTTP side.
 Why a process: the engine's step is overlapped (the CPU prepares step N+1 while the GPU runs step
 N), so every millisecond the event loop holds the GIL is a millisecond the GPU waits. With the
 engine in a thread of the server, an H100 served 256 concurrent streams at 0.47 of offline
-``generate`` (the server process used 12.9 CPU-seconds in 13.2 s); in its own process the engine
-has a GIL to itself, as in vLLM v1, and sends token ids: a step's message costs it 0.8 us a token
+``generate`` (the server process used 12.9 CPU-seconds in 13.2 s), and at 0.84 with the engine in
+its own process (one run, benchmarks/README.md). There the engine has a GIL to itself, as in vLLM
+v1, and sends token ids: a step's message costs it 0.8 us a token
 against the 11-13 us of detokenizing that moved to the server (benchmarks/bench_engine_outputs.py,
 256 streams). On the 2 shared cores of the CPU machine, where no core is spare for a second
 process, the two designs serve alike (server/offline medians, benchmarks/results.jsonl: SmolLM2
