@@ -31,8 +31,9 @@ def make(fmt: str, n: int, k: int):
         dtype = torch.float32 if fmt == "int4_f32" else torch.bfloat16
         sz = torch.randn(k // GROUP, n, 2, dtype=dtype)
         return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz)
-    if fmt == "int8":
-        w, s = torch.randint(-128, 127, (n, k), dtype=torch.int8), torch.rand(n)
+    if fmt.startswith("int8"):
+        w = torch.randint(-128, 127, (n, k), dtype=torch.int8)
+        s = torch.rand(n, dtype=torch.float32 if fmt == "int8" else torch.bfloat16)
         return lambda x: torch.ops.aten._weight_int8pack_mm(x, w, s)
     raise ValueError(fmt)
 
@@ -59,7 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--formats", default="f32,bf16,int4_bf16,int4_f32,int8")
+    ap.add_argument("--formats", default="f32,bf16,int4_bf16,int4_f32,int8,int8_bf16")
     args = ap.parse_args()
     out = {"bench": "cpu_matmul_formats", "threads": torch.get_num_threads(), "torch": torch.__version__}
     for m in (1, 32):

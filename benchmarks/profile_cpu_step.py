@@ -5,6 +5,7 @@ figures are the model's alone: no scheduler, no sampling. ``--batch`` sequences 
 cached tokens (random K/V; attention cost does not depend on the values).
 
 python benchmarks/profile_cpu_step.py [--batch 1 32] [--context 300] [--steps 20] [--top 25]
+                                     [--compare-lean]  (lean CPU forward vs the modules', alternating)
 """
 
 import argparse
@@ -79,6 +80,31 @@ def profile_step(llm: LLM, batch: int, context: int, steps: int, top: int, profi
     }
 
 
+def compare_lean(llm: LLM, batch: int, context: int, rounds: int = 6, steps: int = 5) -> dict:
+    """Median step (wall and CPU ms) of the lean CPU forward against the modules' forward of the same
+    packed model, alternating in this process (the module runs get the float32 embedding back)."""
+    runner = llm.engine.executor
+    model = runner.model.model
+    ids, pos, ctx = decode_inputs(runner, batch, context)
+    times: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    for _ in range(rounds):
+        for lean in (False, True):
+            model.lean_cpu = lean
+            if not lean:
+                model.embed_tokens.weight.data = model.embed_tokens.weight.data.float()
+            runner.run_model(ids, pos, ctx)
+            for _ in range(steps):
+                t0, c0 = time.perf_counter(), time.process_time()
+                runner.run_model(ids, pos, ctx)
+                times[lean].append(((time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3))
+    med = lambda v: round(sorted(v)[len(v) // 2], 2)  # noqa: E731
+    out = {"batch": batch, "context": context}
+    for lean, name in ((False, "modules"), (True, "lean")):
+        out[f"{name}_step_ms"] = med([w for w, _ in times[lean]])
+        out[f"{name}_step_cpu_ms"] = med([c for _, c in times[lean]])
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 32])
@@ -86,13 +112,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--no-profile", action="store_true", help="time the steps only")
+    ap.add_argument("--compare-lean", action="store_true", help="lean forward vs modules, alternating")
     ap.add_argument("--engine-args", default="{}", help="JSON, e.g. '{\"quantization\": null}'")
     args = ap.parse_args()
     llm = LLM(None, max_model_len=512, **json.loads(args.engine_args))
-    out = [
-        profile_step(llm, b, args.context, args.steps, args.top, 0 if args.no_profile else 5)
-        for b in args.batch
-    ]
+    if args.compare_lean:
+        out = [compare_lean(llm, b, args.context) for b in args.batch]
+    else:
+        out = [
+            profile_step(llm, b, args.context, args.steps, args.top, 0 if args.no_profile else 5)
+            for b in args.batch
+        ]
     llm.shutdown()
     print(json.dumps({"bench": "cpu_decode_step_profile", "threads": torch.get_num_threads(), "runs": out}))
 

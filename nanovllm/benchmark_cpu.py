@@ -6,7 +6,10 @@ each engine in its own process so that its peak resident memory is its own.
 
 Baselines on the same token ids: ``llama.cpp`` (llama-cpp-python, optional: the batch runs its prompts
 one at a time through the high-level API) and ``hf`` (transformers ``generate``, float32, the batch
-left-padded). Usage: ``python -m nanovllm.benchmark_cpu [--baseline llama.cpp|hf|none] [--results F]``.
+left-padded). ``--checkout DIR`` adds another source tree of nanovllm (e.g. an older commit's worktree),
+run by this file's worker with that tree first on the path and as its working directory, in the same
+alternating rounds. Usage:
+``python -m nanovllm.benchmark_cpu [--baseline llama.cpp|hf|none] [--checkout DIR] [--rounds N]``.
 """
 
 import argparse
@@ -20,16 +23,14 @@ import sys
 import tempfile
 import time
 
-from nanovllm.utils.chat_prompts import QUESTIONS
-
 SINGLE_PROMPT = "Explain how a hash table works and when to use one instead of a list."
 SINGLE_NEW, BATCH_NEW = 256, 128
 
 
-def git_commit() -> str:
+def git_commit(cwd: str | None = None) -> str:
     try:
         out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5, cwd=cwd
         )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -42,6 +43,7 @@ def peak_rss_mb() -> float:
 
 def prompt_ids(model_path: str) -> dict:
     """Token ids of both workloads, from the GGUF's own tokenizer and chat template."""
+    from nanovllm.utils.chat_prompts import QUESTIONS
     from nanovllm.utils.gguf import load_gguf_tokenizer
 
     tok = load_gguf_tokenizer(model_path)
@@ -74,7 +76,7 @@ def run_nanovllm(model_path: str, prompts: dict) -> dict:
         return len(batch) * new / (time.perf_counter() - start)
 
     single, batch = tok_s([prompts["single"]], SINGLE_NEW), tok_s(prompts["batch"], BATCH_NEW)
-    info = {"dtype": llm.config.dtype, "quantization": llm.config.quantization}
+    info = {"dtype": llm.config.dtype, "quantization": getattr(llm.config, "quantization", None)}
     llm.shutdown()
     return {"load_s": load_s, "single_tok_s": single, "batch_tok_s": batch, **info}
 
@@ -141,14 +143,21 @@ LABELS = {
 }
 
 
-def measure(engine: str, model_path: str, prompts: dict) -> dict:
-    """Run one engine's workloads in a fresh Python process; its figures plus its peak RSS."""
+_RUN_FILE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+
+
+def measure(engine: str, model_path: str, prompts: dict, checkout: str | None = None) -> dict:
+    """Run one engine's workloads in a fresh Python process; its figures plus its peak RSS.
+    With ``checkout``, nanovllm is imported from that source tree (run there, with it on the path)."""
+    run = ["-m", "nanovllm.benchmark_cpu"]
+    if checkout:  # this file's worker, with the checkout's nanovllm first on the path (cwd, for -c)
+        run = ["-c", _RUN_FILE, os.path.abspath(__file__)]
     with tempfile.TemporaryDirectory() as tmp:
         spec = os.path.join(tmp, "prompts.json")
         with open(spec, "w") as f:
             json.dump(prompts, f)
-        cmd = [sys.executable, "-m", "nanovllm.benchmark_cpu", "--worker", engine, "--model", model_path]
-        out = subprocess.run(cmd + ["--prompts", spec], capture_output=True, text=True, timeout=1800)
+        cmd = [sys.executable, *run, "--worker", engine, "--model", model_path, "--prompts", spec]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=checkout)
     if out.returncode:
         raise RuntimeError(f"{engine} benchmark process failed:\n{out.stderr[-3000:]}")
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -205,9 +214,12 @@ def cpu_chat_bench(args) -> dict:
 
     baseline = args.baseline if args.baseline in ENGINES and args.baseline != "nanovllm" else None
     load_before = os.getloadavg()[0]
-    ours_runs, base_runs = [], []
+    checkouts = getattr(args, "checkout", None) or []
+    ours_runs, base_runs, other_runs = [], [], {c: [] for c in checkouts}
     for _ in range(max(1, getattr(args, "rounds", 1))):
         ours_runs.append(measure("nanovllm", model_path, prompts))
+        for c in checkouts:
+            other_runs[c].append(measure("nanovllm", model_path, prompts, checkout=c))
         if baseline:
             base_runs.append(measure(baseline, model_path, prompts))
     ours = _median_runs(ours_runs)
@@ -226,6 +238,8 @@ def cpu_chat_bench(args) -> dict:
         **{f"engine_{k}": v for k, v in ours.items()},
         "engine_single_ms_per_token": round(1000 / ours["single_tok_s"], 2),
     }
+    for c, runs in other_runs.items():
+        result.setdefault("checkouts", []).append({"path": c, "commit": git_commit(c), **_median_runs(runs)})
     if baseline:
         base = _median_runs(base_runs)
         result["baseline"] = LABELS[args.baseline]
@@ -241,6 +255,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--model", default=None, help="a .gguf file (default: the bundled SmolLM2)")
     p.add_argument("--baseline", choices=["none", "llama.cpp", "hf"], default="none")
     p.add_argument("--single-only", action="store_true", help="skip the 32-prompt batch workload")
+    p.add_argument("--checkout", action="append", help="another nanovllm source tree to run alike")
     p.add_argument("--rounds", type=int, default=1, help="alternating runs of each engine; medians are kept")
     p.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
     p.add_argument("--worker", choices=sorted(ENGINES), help=argparse.SUPPRESS)

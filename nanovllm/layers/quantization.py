@@ -141,12 +141,15 @@ class PackedWeight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """[..., in_features] -> [..., out_features] in x's dtype."""
         shape, dtype = x.shape, x.dtype
-        x = x.reshape(-1, shape[-1]).to(_COMPUTE_DTYPE)
-        if self.dense is not None:
-            y = F.linear(x, self.dense)
-        else:
-            y = None
-            for packed, sz in self.parts:
-                part = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz)
-                y = part if y is None else y.add_(part)
+        y = self.mm(x.reshape(-1, shape[-1]).to(_COMPUTE_DTYPE))
         return y.to(dtype).reshape(*shape[:-1], self.shape[0])
+
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
+        """bfloat16 [m, in_features] -> bfloat16 [m, out_features], no casts (the lean CPU forward's call)."""
+        if self.dense is not None:
+            return F.linear(x, self.dense)
+        y = None
+        for packed, sz in self.parts:
+            part = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz)
+            y = part if y is None else y.add_(part)
+        return y

