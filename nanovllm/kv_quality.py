@@ -102,7 +102,6 @@ def text_log_likelihood(llm, token_ids: list[int], chunk: int = 128, start: int 
     num_blocks = math.ceil(n / bs)
     assert num_blocks <= runner.num_blocks, f"the text needs {num_blocks} KV blocks, the cache has fewer"
     block_table = torch.arange(num_blocks, dtype=torch.int32, device=device)[None]
-    weight = runner.model.lm_head.weight  # [vocab, hidden]
     total = 0.0
     for lo in range(start, n - 1, chunk):
         end = min(lo + chunk, n)
@@ -116,9 +115,9 @@ def text_log_likelihood(llm, token_ids: list[int], chunk: int = 128, start: int 
             block_tables=block_table,
             slot_mapping=positions.clone(),  # block i holds positions i*bs .. : slot == position
         )
-        with forward_context(ctx):
-            hidden = runner.model(ids, positions)  # [chunk, hidden]
-        logprobs = F.log_softmax(F.linear(hidden, weight).float(), dim=-1)
+        with forward_context(ctx):  # no logits_indices: logits at every position
+            logits = runner.model.compute_logits(runner.model(ids, positions))  # [chunk, vocab]
+        logprobs = F.log_softmax(logits.float(), dim=-1)
         targets = torch.tensor(token_ids[lo + 1 : end + 1], device=device)
         total += logprobs[: len(targets)].gather(1, targets[:, None]).sum().item()
     return total / (n - 1 - start)
