@@ -16,8 +16,10 @@ engine thread), and each ``RequestOutput`` is handed to whoever owns that reques
 """
 
 import atexit
+import json
 import logging
 import operator
+import os
 import time
 from dataclasses import dataclass, field, replace
 from itertools import count
@@ -89,6 +91,9 @@ class LLMEngine:
         self._ready: list[RequestOutput] = []
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.last_step: StepStats | None = None
+        # NANOVLLM_STEP_TRACE=DIR: one line per step() call, written to DIR at shutdown (diagnostics).
+        self._trace_dir = os.environ.get("NANOVLLM_STEP_TRACE") or None
+        self._trace: list[tuple] = []
         self._closed = False
         atexit.register(self.shutdown)
 
@@ -258,6 +263,19 @@ class LLMEngine:
         outputs = self._process()
         if done is not None or drained:
             self.last_step = replace(self.last_step, seconds=time.perf_counter() - start)
+        if self._trace_dir is not None:
+            s = self.last_step if done is not None or drained else None
+            self._trace.append(
+                (
+                    start,
+                    time.perf_counter() - start,
+                    s and s.num_prefill_tokens,
+                    s and s.num_decode_tokens,
+                    len(self.scheduler.running),
+                    len(self.scheduler.waiting),
+                    len(outputs),
+                )
+            )
         return outputs
 
     @staticmethod
@@ -386,6 +404,15 @@ class LLMEngine:
         for request_id in list(self.requests):
             self.abort_request(request_id)
         self.executor.shutdown()
+        if self._trace_dir is not None and self._trace:
+            os.makedirs(self._trace_dir, exist_ok=True)
+            path = os.path.join(self._trace_dir, f"steps.{os.getpid()}.{id(self)}.jsonl")
+            with open(path, "w") as f:
+                for row in self._trace:
+                    f.write(json.dumps(dict(zip(_TRACE_FIELDS, row, strict=True))) + "\n")
+
+
+_TRACE_FIELDS = ("start", "seconds", "prefill_tokens", "decode_tokens", "running", "waiting", "outputs")
 
 
 def _token_id(t) -> int:
