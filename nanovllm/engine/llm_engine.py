@@ -91,7 +91,9 @@ class LLMEngine:
         self._ready: list[RequestOutput] = []
         self.num_prompt_tokens = self.num_generation_tokens = 0
         self.last_step: StepStats | None = None
-        # NANOVLLM_STEP_TRACE=DIR: one line per step() call, written to DIR at shutdown (diagnostics).
+        # NANOVLLM_STEP_TRACE=DIR: one line per step() call, written to DIR at shutdown (diagnostics):
+        # its start and duration, split into scheduling + launch, waiting for the step before (collect),
+        # and the rest (output processing).
         self._trace_dir = os.environ.get("NANOVLLM_STEP_TRACE") or None
         self._trace: list[tuple] = []
         self._closed = False
@@ -254,8 +256,10 @@ class LLMEngine:
                     self._inflight = (sched, self.executor.execute_model_async(sched))
                 else:
                     done = (sched, self.executor.execute_model(sched))
+            launched = time.perf_counter()
             if done is not None:
                 self._apply(*self._collect(done))
+            collected = time.perf_counter()
         except BaseException:
             self._inflight = None
             self.scheduler.runners_lost_state()
@@ -269,6 +273,8 @@ class LLMEngine:
                 (
                     start,
                     time.perf_counter() - start,
+                    launched - start,
+                    collected - launched,
                     s and s.num_prefill_tokens,
                     s and s.num_decode_tokens,
                     len(self.scheduler.running),
@@ -299,6 +305,7 @@ class LLMEngine:
 
     def _record(self, sampled: list[tuple[Sequence, int]], logprobs) -> None:
         """Part of the step itself (plain bookkeeping): note which completions got a token."""
+        unprocessed = self._unprocessed
         for seq, row in sampled:
             owner = self._seq_owner.get(seq.seq_id)
             if owner is None:
@@ -309,14 +316,17 @@ class LLMEngine:
             # A request that is neither streamed nor detokenized as it goes has nothing to do
             # until a completion finishes.
             if request.stream or seq.is_finished or request.detokenizers[i] is not None:
-                self._unprocessed.setdefault(request.request_id, (request, set()))[1].add(i)
+                entry = unprocessed.get(request.request_id)
+                if entry is None:
+                    unprocessed[request.request_id] = (request, {i})
+                else:
+                    entry[1].add(i)
 
     def _process(self) -> list[RequestOutput]:
         """Detokenize and build the outputs of the requests that got tokens, one request at a time.
         If this raises, the requests not yet done stay in ``_unprocessed`` and the outputs already
         built in ``_ready``: the next step carries on from there."""
-        while self._unprocessed:
-            request_id, (request, touched) = next(iter(self._unprocessed.items()))
+        for request_id, (request, touched) in list(self._unprocessed.items()):
             for i in sorted(touched):
                 self._detokenize(request, i, request.seqs[i])
                 touched.discard(i)
@@ -332,28 +342,28 @@ class LLMEngine:
         return outputs
 
     def _output(self, request: _Request, finished: bool) -> RequestOutput:
+        """One snapshot of ``request``. Built field by field (no ``dataclasses.replace``): a streamed
+        request gets one every step, so at 256 streams this is most of the engine's per-step Python."""
         completions = []
         with_logprobs = request.params.logprobs is not None
         for i, seq in enumerate(request.seqs):
-            c = CompletionOutput(index=i, finish_reason=seq.finish_reason)
+            text, token_ids, logprobs = "", None, None
             if finished:
-                c = replace(
-                    c,
-                    text=self._final_text(request, i),
-                    token_ids=seq.completion_token_ids,
-                    logprobs=list(request.logprobs[i]) if with_logprobs else None,
-                )
+                text, token_ids = self._final_text(request, i), seq.completion_token_ids
+                logprobs = list(request.logprobs[i]) if with_logprobs else None
+            new, text_delta, new_logprobs = None, "", None
             if request.stream:
-                new = seq.completion_token_ids[request.num_streamed[i] :]
+                # Only the tokens since the last output are sliced: not the whole completion each step.
+                new = seq.token_ids[seq.num_prompt_tokens + request.num_streamed[i] :]
                 request.num_streamed[i] += len(new)
-                c = replace(
-                    c,
-                    new_token_ids=new,
-                    text_delta=request.text_deltas[i],
-                    new_logprobs=request.logprobs[i][-len(new) :] if with_logprobs and new else None,
+                text_delta, request.text_deltas[i] = request.text_deltas[i], ""
+                if with_logprobs and new:
+                    new_logprobs = request.logprobs[i][-len(new) :]
+            completions.append(
+                CompletionOutput(
+                    i, text, token_ids, seq.finish_reason, logprobs, new, text_delta, new_logprobs
                 )
-                request.text_deltas[i] = ""
-            completions.append(c)
+            )
         return RequestOutput(
             request_id=request.request_id,
             prompt_token_ids=request.prompt_token_ids,
@@ -412,7 +422,17 @@ class LLMEngine:
                     f.write(json.dumps(dict(zip(_TRACE_FIELDS, row, strict=True))) + "\n")
 
 
-_TRACE_FIELDS = ("start", "seconds", "prefill_tokens", "decode_tokens", "running", "waiting", "outputs")
+_TRACE_FIELDS = (
+    "start",
+    "seconds",
+    "launch_seconds",
+    "collect_seconds",
+    "prefill_tokens",
+    "decode_tokens",
+    "running",
+    "waiting",
+    "outputs",
+)
 
 
 def _token_id(t) -> int:
