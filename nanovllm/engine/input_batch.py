@@ -57,11 +57,14 @@ class InputBatch:
         fix_at: list[int] = []
         fix_from: list[int] = []
         cu, context_lens, logits_indices, sample_ids, tables = [0], [], [], [], []
+        num_decodes = 0  # the leading run of one-token sequences
         for seq_id, n in sched.num_scheduled_tokens.items():
             state = seqs[seq_id]
             start = state.num_computed_tokens
             end, table, tokens = start + n, state.block_table, state.token_ids
             if n == 1:
+                if num_decodes == len(tables):
+                    num_decodes += 1
                 if start < len(tokens):
                     ids.append(tokens[start])
                 else:  # sampled by the previous step, still on the device
@@ -108,6 +111,7 @@ class InputBatch:
             block_tables=d32[2 * b + 1 :].view(b, w),
             slot_mapping=d64[2 * t : 3 * t],
             logits_indices=None if s == t else d64[o : o + s],
+            num_decodes=0 if max_seqlen_q == 1 else num_decodes,
         )
         fix = (d64[o + s : o + s + f], d64[o + s + f :]) if f else None
         return d64[:t], d64[t : 2 * t], context, sample_ids, fix

@@ -192,6 +192,7 @@ def paged_decode_attention(
     k_scale: torch.Tensor | None = None,  # [1] float32, read for fp8 caches only
     v_scale: torch.Tensor | None = None,
     block_n: int | None = None,  # keys per tile: 64, or 128 for fp8 (the split heuristic assumes 64)
+    out: torch.Tensor | None = None,  # [batch, num_heads, head_dim] to write into (a view is fine)
 ) -> torch.Tensor:  # [batch, num_heads, head_dim]
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -208,7 +209,9 @@ def paged_decode_attention(
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, max_context_len, block_n)
 
-    out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.stride(2) == 1
     if num_splits == 1:
         partial, lse = out, out  # the split kernel writes the result directly
     else:

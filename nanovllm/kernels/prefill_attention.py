@@ -169,6 +169,7 @@ def paged_prefill_attention(
     max_seqlen_q: int | None = None,  # longest q_len; None reads it from cu_seqlens_q (a host sync)
     k_scale: torch.Tensor | None = None,  # [1] float32, read for fp8 caches only
     v_scale: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,  # [num_new_tokens, num_heads, head_dim] to write into
 ) -> torch.Tensor:  # [num_new_tokens, num_heads, head_dim]
     num_tokens, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -178,7 +179,9 @@ def paged_prefill_attention(
     assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     assert not fp8 or (k_scale is not None and v_scale is not None), "an fp8 KV cache needs its scales"
-    out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = torch.empty(num_tokens, num_heads, head_dim, dtype=q.dtype, device=q.device)
+    assert out.shape == q.shape and out.stride(2) == 1
     if num_tokens == 0 or batch == 0:
         return out
     if max_seqlen_q is None:

@@ -20,6 +20,9 @@ class Context:
     block_tables: torch.Tensor | None = None  # [num_seqs, max_blocks] int32
     slot_mapping: torch.Tensor | None = None  # [num_new_tokens] int64, each one's cache slot (-1: none)
     logits_indices: torch.Tensor | None = None  # [num_sampling_seqs] int64 hidden rows; None: all
+    # In a step that also prefills: how many sequences at the front of the batch have one new token
+    # (decodes). A backend may run them through its decode kernel and only the rest through prefill.
+    num_decodes: int = 0
 
     @property
     def is_decode_only(self) -> bool:

@@ -7,6 +7,8 @@ pytest.importorskip("triton")
 
 from nanovllm.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
 from nanovllm.kernels.reference import FP8_DTYPE, paged_prefill_attention_ref  # noqa: E402
+from nanovllm.layers.attention_triton import TritonBackend  # noqa: E402
+from nanovllm.utils.context import Context  # noqa: E402
 
 # As for decode: fp32 accumulation in both, softmax weights rounded to the input dtype before P @ V
 # in the kernel, output rounded to the input dtype in both.
@@ -30,6 +32,7 @@ def check(
     max_seqlen_q=None,
     cache_dtype=None,
     kv_scales=(1.0, 1.0),
+    num_decodes=None,  # run through the Triton backend, its first num_decodes sequences by decode
 ):
     k_cache, v_cache, block_tables, lens = make_paged_kv(
         context_lens, num_kv_heads, head_dim, block_size, cache_dtype or dtype, pad=pad, seed=sum(q_lens),
@@ -45,9 +48,17 @@ def check(
     q = qkv[:, :num_heads]
     cu = torch.tensor([0] + q_lens, dtype=torch.int32).cumsum(0).to(torch.int32).to(device())
     scale = head_dim**-0.5
-    out = paged_prefill_attention(
-        q, k_cache, v_cache, cu, lens, block_tables, scale, max_seqlen_q, k_scale, v_scale
-    )
+    if num_decodes is None:
+        out = paged_prefill_attention(
+            q, k_cache, v_cache, cu, lens, block_tables, scale, max_seqlen_q, k_scale, v_scale
+        )
+    else:
+        assert q_lens[:num_decodes] == [1] * num_decodes
+        ctx = Context(
+            cu_seqlens_q=cu, max_seqlen_q=max(q_lens), context_lens=lens, max_context_len=max(context_lens),
+            block_tables=block_tables, num_decodes=num_decodes,
+        )  # fmt: skip
+        out = TritonBackend.prefill(q, k_cache, v_cache, ctx, scale, k_scale, v_scale)
     ref = paged_prefill_attention_ref(q, k_cache, v_cache, cu, lens, block_tables, scale, k_scale, v_scale)
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
 
@@ -82,6 +93,19 @@ def test_prefill_fp8(block_size, dtype, group, kv_scales):
     )
 
 
+@pytest.mark.parametrize("block_size", [16, 256])
+@pytest.mark.parametrize(
+    "dtype,cache_dtype", [(torch.float32, None), (torch.float16, None), (torch.float16, FP8_DTYPE)]
+)
+def test_mixed_step_decodes_by_the_decode_kernel(block_size, dtype, cache_dtype):
+    # The backend's mixed step: three leading decodes through the decode kernel, the rest (a fresh
+    # prompt, a chunk behind a cached prefix, a one-token last chunk) through prefill, one output.
+    q_lens = [1, 1, 1, 17, 20, 1]
+    context_lens = [40, block_size + 17, 5, 17, block_size + 20, 3]
+    check(q_lens, context_lens, 4, 2, 32, block_size, dtype, cache_dtype=cache_dtype, kv_scales=(0.5, 0.25),
+          num_decodes=3)  # fmt: skip
+
+
 @pytest.mark.parametrize("pad", ["-1", "0"])
 def test_prefill_block_table_padding(pad):
     check([3, 16, 9], [19, 16, 40], 4, 4, 64, 16, torch.float16, pad=pad, max_seqlen_q=16)
@@ -109,6 +133,7 @@ def test_mixed_batch_gpu(block_size):
     q_lens = [1] * 60 + [512, 200, 1]
     context_lens = decode_ctx + [512 + 1024, 200, 17]
     check(q_lens, context_lens, 16, 8, 128, block_size, torch.bfloat16)
+    check(q_lens, context_lens, 16, 8, 128, block_size, torch.bfloat16, num_decodes=60)  # the backend's split
 
 
 @pytest.mark.gpu
