@@ -52,7 +52,10 @@ class _Request:
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        for s in self.seqs:  # (a loop, not all(...): this runs for every streamed request, every step)
+            if not s.is_finished:
+                return False
+        return True
 
 
 class LLMEngine:
@@ -327,9 +330,10 @@ class LLMEngine:
         If this raises, the requests not yet done stay in ``_unprocessed`` and the outputs already
         built in ``_ready``: the next step carries on from there."""
         for request_id, (request, touched) in list(self._unprocessed.items()):
-            for i in sorted(touched):
-                self._detokenize(request, i, request.seqs[i])
-                touched.discard(i)
+            if request.detokenizers[0] is not None:  # all or none of a request's completions have one
+                for i in sorted(touched):
+                    self._detokenize(request, i, request.seqs[i])
+                    touched.discard(i)
             finished = request.finished
             if request.stream or finished:
                 self._ready.append(self._output(request, finished))
