@@ -9,7 +9,7 @@ llama.cpp's block formats (32 weights a block, the scales stored as float16):
 In Q4_0/Q4_1, byte i of ``qs`` holds weight i in its low nibble and weight i + 16 in its high one.
 
 With the C kernels (kernels/cpu/, AVX2): the raw block bytes are kept as they are in the file, and a
-matmul quantises its float32 activations to 8 bits per block of 32 and sums integer products
+matmul quantises its float32 activations to 16 bits per block of 32 and sums integer products
 (``ACT_DTYPE`` float32, output float32).
 
 Without them (no compiler, another CPU): torch's ``_weight_int4pack_mm_for_cpu`` computes ``x @ W.T``
@@ -172,11 +172,11 @@ class PackedWeight:
         y = self.mm(x.reshape(-1, shape[-1]).to(act_dtype()))
         return y.to(dtype).reshape(*shape[:-1], self.shape[0])
 
-    def mm(self, x: torch.Tensor, precise: bool = False) -> torch.Tensor:
+    def mm(self, x: torch.Tensor) -> torch.Tensor:
         """``act_dtype()`` [m, in_features] -> the same dtype [m, out_features], no casts (the lean
-        CPU forward's call). ``precise``: see ``ops.qmatmul`` (C kernels only)."""
+        CPU forward's call)."""
         if self.raw is not None:
-            return ops.qmatmul(self.raw, self.qtype, x, precise=precise)
+            return ops.qmatmul(self.raw, self.qtype, x)
         if self.dense is not None:
             return F.linear(x, self.dense)
         y = None

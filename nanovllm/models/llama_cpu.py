@@ -90,9 +90,7 @@ def lean_logits(model, hidden: torch.Tensor) -> torch.Tensor:
     """float32 logits [m, vocab] of float32 ``hidden`` [m, d] against the tied embedding of ``model``
     (a LlamaModel) in whatever form ``lean_forward`` left it."""
     if getattr(model, "lean_embed", None) is not None:
-        # precise: the final hidden state has outliers (|x| ~40 where its rms is ~2), which 8-bit
-        # blocks would round to logit errors of ~0.04 (0.4 at worst), enough to flip near-ties
-        return model.lean_embed.mm(hidden.float(), precise=True)
+        return model.lean_embed.mm(hidden.float())
     weight = model.embed_tokens.weight
     if weight.dtype != torch.float16:
         return F.linear(hidden, weight)

@@ -34,7 +34,7 @@ FLAGS = ["-O3", "-march=native", "-std=c11", "-fopenmp", "-shared", "-fPIC"]
 NEEDED_FLAGS = {"avx2", "fma", "f16c"}
 _P, _I = ctypes.c_void_p, ctypes.c_int
 SIGNATURES = {  # C function -> (argument types, return type)
-    "qmatmul": ([_P, _I, _I, _I, _P, _I, _P, _I, _I], _I),
+    "qmatmul": ([_P, _I, _I, _I, _P, _I, _P, _I], _I),
     "dequant_rows": ([_P, _I, _I, _P, _I, _P], None),
     "quantize_q8_0": ([_P, _I, _I, _P, _I], None),
 }

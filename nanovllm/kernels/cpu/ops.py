@@ -25,14 +25,11 @@ def _check_raw(raw: torch.Tensor, qtype: str) -> int:
     return raw.shape[1] // BLOCK_BYTES[qtype] * 32
 
 
-def qmatmul(
-    raw: torch.Tensor, qtype: str, x: torch.Tensor, threads: int | None = None, precise: bool = False
-) -> torch.Tensor:
+def qmatmul(raw: torch.Tensor, qtype: str, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """float32 ``x`` [m, k] @ W.T -> float32 [m, n], W the blocks ``raw`` [n, row_bytes] of ``qtype``.
 
-    The activations are rounded to 8 bits per block of 32 (an error up to 2^-8 of a block's largest
-    value); with ``precise`` the rounding residual is multiplied too (error about 2^-16, twice the
-    work). The products are summed exactly in integers and scaled in float32."""
+    The activations are rounded to 16 bits per block of 32 (an error up to 2^-16 of a block's largest
+    value); the products are summed exactly in integers and scaled in float32."""
     k = _check_raw(raw, qtype)
     if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k:
         raise ValueError(f"expected float32 activations [m, {k}], got {x.dtype} {tuple(x.shape)}")
@@ -42,9 +39,7 @@ def qmatmul(
     if m == 0 or n == 0:
         return y
     threads = threads or torch.get_num_threads()
-    rc = build.load().qmatmul(
-        raw.data_ptr(), QTYPE_IDS[qtype], n, k, x.data_ptr(), m, y.data_ptr(), threads, precise
-    )
+    rc = build.load().qmatmul(raw.data_ptr(), QTYPE_IDS[qtype], n, k, x.data_ptr(), m, y.data_ptr(), threads)
     if rc != 0:
         raise MemoryError(f"qmatmul could not allocate {m} x {k} quantised activations")
     return y
