@@ -121,6 +121,8 @@ def lean_forward(model, input_ids: torch.Tensor, positions: torch.Tensor) -> tor
     ctx = get_context()
     k_cache = first.k_cache
     plan = torch_paged.step_plan(ctx, k_cache.shape[1], k_cache.shape[2])
+    if getattr(model, "lean_embed", None) is not None and k_cache.dtype == torch.float32:
+        return _forward_c(model, input_ids, positions, ctx, plan)
     n = input_ids.shape[0]
     cos, sin = _cos_sin(model.layers[0].self_attn.rotary_emb, positions)
     if getattr(model, "lean_embed", None) is not None:
@@ -151,3 +153,36 @@ def lean_forward(model, input_ids: torch.Tensor, positions: torch.Tensor) -> tor
         hidden = _linear(mlp.down_proj, F.silu(gate).mul_(up).to(act))
     residual = residual + hidden
     return F.rms_norm(residual, model.norm.weight.shape, model.norm.weight, model.norm.eps)
+
+
+def _forward_c(model, input_ids: torch.Tensor, positions: torch.Tensor, ctx, plan) -> torch.Tensor:
+    """``lean_forward`` on the C kernels (kernels/cpu/), float32 throughout: per layer two fused residual
+    add + RMSNorm calls, rotary in place on q and k inside the qkv output, decode attention straight
+    from the paged cache (prompt chunks: torch_paged), SiLU * up in one call."""
+    n = input_ids.shape[0]
+    decode = ctx.is_decode_only and ctx.block_tables is not None and ctx.block_tables.shape[0] == n
+    cos_sin = model.layers[0].self_attn.rotary_emb.cos_sin_cache
+    positions = positions.to(torch.int64).contiguous()
+    residual, hidden = model.lean_embed.rows(input_ids), None
+    for layer in model.layers:
+        attn, mlp, layer_attn = layer.self_attn, layer.mlp, layer.self_attn.attn
+        heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        norm = layer.input_layernorm
+        qkv = _linear(attn.qkv_proj, ops.add_rms_norm(residual, hidden, norm.weight, norm.eps))
+        ops.rope_(qkv, heads + kv_heads, head_dim, cos_sin, positions)
+        k_cache, v_cache = layer_attn.k_cache, layer_attn.v_cache
+        k = qkv[:, q_size : q_size + kv_size].view(n, kv_heads, head_dim)
+        v = qkv[:, q_size + kv_size :].view(n, kv_heads, head_dim)
+        torch_paged.store_kvcache(k, v, k_cache, v_cache, plan)
+        if decode:
+            tables, lens = ctx.block_tables, ctx.context_lens
+            o = ops.decode_attention(qkv, k_cache, v_cache, tables, lens, heads, layer_attn.scale)
+        else:
+            q = qkv[:, :q_size].view(n, heads, head_dim)
+            o = torch_paged.paged_attention(q, k_cache, v_cache, plan, layer_attn.scale).reshape(n, q_size)
+        hidden = _linear(attn.o_proj, o)
+        norm = layer.post_attention_layernorm
+        gate_up = _linear(mlp.gate_up_proj, ops.add_rms_norm(residual, hidden, norm.weight, norm.eps))
+        hidden = _linear(mlp.down_proj, ops.silu_mul(gate_up))
+    return ops.add_rms_norm(residual, hidden, model.norm.weight, model.norm.eps)

@@ -29,14 +29,18 @@ from nanovllm.utils.cpu import cpu_flags
 
 logger = logging.getLogger("nanovllm")
 
-SOURCES = [Path(__file__).with_name("quant_matmul.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.c", "layer_ops.c")]
 FLAGS = ["-O3", "-march=native", "-std=c11", "-fopenmp", "-shared", "-fPIC"]
 NEEDED_FLAGS = {"avx2", "fma", "f16c"}
-_P, _I = ctypes.c_void_p, ctypes.c_int
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {  # C function -> (argument types, return type)
     "qmatmul": ([_P, _I, _I, _I, _P, _I, _P, _I], _I),
     "dequant_rows": ([_P, _I, _I, _P, _I, _P], None),
     "quantize_q8_0": ([_P, _I, _I, _P, _I], None),
+    "add_rms_norm": ([_P, _P, _P, _F, _I, _I, _P], None),
+    "rope": ([_P, _I, _I, _I, _I, _P, _P], None),
+    "silu_mul": ([_P, _I, _I, _P], None),
+    "decode_attention": ([_P, _I, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _F, _P, _I], _I),
 }
 
 

@@ -70,3 +70,81 @@ def quantize_q8_0(w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         w.data_ptr(), w.shape[0], w.shape[1], out.data_ptr(), threads or torch.get_num_threads()
     )
     return out
+
+
+def _f32(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype != torch.float32 or not t.is_contiguous() or t.is_cuda:
+            raise ValueError(f"expected contiguous float32 CPU tensors, got {t.dtype} {tuple(t.shape)}")
+
+
+def add_rms_norm(
+    residual: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> torch.Tensor:
+    """``residual += add`` in place (``add`` may be None), then RMSNorm(residual) * weight, [n, d]."""
+    _f32(residual, weight, *([] if add is None else [add]))
+    if add is not None and add.shape != residual.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} and addend {tuple(add.shape)} differ")
+    n, d = residual.shape
+    out = torch.empty(n, d)
+    ptr = None if add is None else add.data_ptr()
+    build.load().add_rms_norm(residual.data_ptr(), ptr, weight.data_ptr(), eps, n, d, out.data_ptr())
+    return out
+
+
+def rope_(
+    qkv: torch.Tensor, heads: int, head_dim: int, cos_sin: torch.Tensor, positions: torch.Tensor
+) -> None:
+    """Rotate-half rotary embedding in place on the first ``heads`` heads of each row of ``qkv`` [n, *];
+    ``cos_sin`` [max_position, head_dim] holds ``[cos | sin]`` per position."""
+    _f32(qkv, cos_sin)
+    positions = positions.to(torch.int64).contiguous()
+    if qkv.shape[1] < heads * head_dim or cos_sin.shape[1] != head_dim or positions.numel() != qkv.shape[0]:
+        raise ValueError("rope_: qkv rows, heads * head_dim, cos_sin and positions do not fit together")
+    if positions.numel() and int(positions.max()) >= cos_sin.shape[0]:
+        raise IndexError(f"position {int(positions.max())} is past the rotary cache ({cos_sin.shape[0]})")
+    build.load().rope(
+        qkv.data_ptr(), qkv.shape[0], qkv.shape[1], heads, head_dim, cos_sin.data_ptr(), positions.data_ptr()
+    )
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[n, 2 * inter] -> [n, inter]: silu(gate) * up."""
+    _f32(gate_up)
+    n, inter = gate_up.shape[0], gate_up.shape[1] // 2
+    out = torch.empty(n, inter)
+    build.load().silu_mul(gate_up.data_ptr(), n, inter, out.data_ptr())
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,  # [n, >= heads * head_dim] float32: token s's query heads lead row s
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim] float32
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [n, max_blocks] int32
+    context_lens: torch.Tensor,  # [n] int32, each >= 1
+    heads: int,
+    scale: float,
+    threads: int | None = None,
+) -> torch.Tensor:  # [n, heads * head_dim]
+    """One new token per sequence attending to its cached keys (its own already stored)."""
+    if q.dtype != torch.float32 or q.dim() != 2 or q.stride(1) != 1:
+        raise ValueError("decode_attention: q must be float32 [n, *] with unit column stride")
+    _f32(k_cache, v_cache)
+    block_tables = block_tables.to(torch.int32).contiguous()
+    context_lens = context_lens.to(torch.int32).contiguous()
+    _, block_size, kv_heads, head_dim = k_cache.shape
+    n = q.shape[0]
+    if block_tables.shape[0] != n or context_lens.numel() != n or heads % kv_heads:
+        raise ValueError("decode_attention: q, block_tables, context_lens and the heads do not fit together")
+    if head_dim % 8 or head_dim > 512:
+        raise ValueError(f"decode_attention needs head_dim a multiple of 8 (<= 512), got {head_dim}")
+    out = torch.empty(n, heads * head_dim)
+    rc = build.load().decode_attention(
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+        block_tables.shape[1], context_lens.data_ptr(), n, heads, kv_heads, head_dim, block_size, scale,
+        out.data_ptr(), threads or torch.get_num_threads(),
+    )  # fmt: skip
+    if rc != 0:
+        raise MemoryError(f"decode_attention could not allocate scores for {int(context_lens.max())} keys")
+    return out

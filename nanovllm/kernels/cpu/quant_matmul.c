@@ -102,47 +102,58 @@ INLINE void unpack_block(int qtype, const uint8_t *blk, __m256i w[2]) {
     }
 }
 
-/* 8 float partial sums of the block's int16 products */
-INLINE __m256 dot_block(const __m256i w[2], const int16_t *q) {
-    const __m256i a = _mm256_madd_epi16(w[0], _mm256_loadu_si256((const __m256i *)q));
-    const __m256i b = _mm256_madd_epi16(w[1], _mm256_loadu_si256((const __m256i *)(q + 16)));
-    return _mm256_cvtepi32_ps(_mm256_add_epi32(a, b));
-}
-
-/* One weight row (nb blocks) against mt activation rows x[i * xs + b]; results to y[i * ys]. qtype and
- * mt are constants at every call site, so each combination compiles to its own unrolled loop. */
-INLINE void row_times_tile(int qtype, const uint8_t *w, int nb, const act_block *x, int xs, int mt, float *y,
-                           int ys) {
-    __m256 acc[TILE_M];
-    float corr[TILE_M];
-    for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps(), corr[i] = 0.0f;
+/* nr (1 or 2) weight rows, the second rs bytes after the first, against mt activation rows
+ * x[i * xs + b]; results to y[r + i * ys]. qtype, nr and mt are constants at every call site, so each
+ * combination compiles to its own unrolled loop; two rows give two independent accumulator chains and
+ * share each activation load. */
+INLINE void rows_times_tile(int qtype, const uint8_t *w, size_t rs, int nr, int nb, const act_block *x, int xs,
+                            int mt, float *y, int ys) {
+    __m256 acc[2][TILE_M];
+    float corr[2][TILE_M];
+    for (int r = 0; r < nr; r++)
+        for (int i = 0; i < mt; i++) acc[r][i] = _mm256_setzero_ps(), corr[r][i] = 0.0f;
     for (int b = 0; b < nb; b++) {
-        const uint8_t *blk = w + (size_t)b * BLOCK_BYTES[qtype];
-        const float dw = f16_at(blk);
-        const float mw = qtype == Q4_1 ? f16_at(blk + 2) : qtype == Q4_0 ? -8.0f * dw : 0.0f;
-        __m256i wq[2];
-        unpack_block(qtype, blk, wq);
+        float dw[2], mw[2];
+        __m256i wq[2][2];
+        for (int r = 0; r < nr; r++) {
+            const uint8_t *blk = w + r * rs + (size_t)b * BLOCK_BYTES[qtype];
+            dw[r] = f16_at(blk);
+            mw[r] = qtype == Q4_1 ? f16_at(blk + 2) : qtype == Q4_0 ? -8.0f * dw[r] : 0.0f;
+            unpack_block(qtype, blk, wq[r]);
+        }
         for (int i = 0; i < mt; i++) {
             const act_block *xb = x + (size_t)i * xs + b;
-            acc[i] = _mm256_fmadd_ps(_mm256_set1_ps(dw * xb->d), dot_block(wq, xb->q), acc[i]);
-            if (qtype != Q8_0) corr[i] += mw * xb->s;
+            const __m256i x0 = _mm256_loadu_si256((const __m256i *)xb->q);
+            const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xb->q + 16));
+            for (int r = 0; r < nr; r++) {
+                const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(wq[r][0], x0), _mm256_madd_epi16(wq[r][1], x1));
+                acc[r][i] = _mm256_fmadd_ps(_mm256_set1_ps(dw[r] * xb->d), _mm256_cvtepi32_ps(p), acc[r][i]);
+                if (qtype != Q8_0) corr[r][i] += mw[r] * xb->s;
+            }
         }
     }
-    for (int i = 0; i < mt; i++) y[(size_t)i * ys] = hsum(acc[i]) + corr[i];
+    for (int r = 0; r < nr; r++)
+        for (int i = 0; i < mt; i++) y[r + (size_t)i * ys] = hsum(acc[r][i]) + corr[r][i];
 }
+
+#define TILE(NR, MT) rows_times_tile(qtype, wr, row_bytes, NR, nb, x + (size_t)i * nb, nb, MT, y + (size_t)i * n + r, n)
 
 INLINE void rows_times_chunk(int qtype, const uint8_t *w, size_t row_bytes, int r0, int r1, int nb,
                              const act_block *x, int m, float *y, int n) {
-    for (int r = r0; r < r1; r++) {
+    int r = r0;
+    for (; r + 2 <= r1; r += 2) {
         const uint8_t *wr = w + (size_t)r * row_bytes;
         int i = 0;
-        for (; i + TILE_M <= m; i += TILE_M)
-            row_times_tile(qtype, wr, nb, x + (size_t)i * nb, nb, TILE_M, y + (size_t)i * n + r, n);
+        for (; i + TILE_M <= m; i += TILE_M) TILE(2, TILE_M);
         switch (m - i) {
-        case 3: row_times_tile(qtype, wr, nb, x + (size_t)i * nb, nb, 3, y + (size_t)i * n + r, n); break;
-        case 2: row_times_tile(qtype, wr, nb, x + (size_t)i * nb, nb, 2, y + (size_t)i * n + r, n); break;
-        case 1: row_times_tile(qtype, wr, nb, x + (size_t)i * nb, nb, 1, y + (size_t)i * n + r, n); break;
+        case 3: TILE(2, 3); break;
+        case 2: TILE(2, 2); break;
+        case 1: TILE(2, 1); break;
         }
+    }
+    if (r < r1) {
+        const uint8_t *wr = w + (size_t)r * row_bytes;
+        for (int i = 0; i < m; i++) TILE(1, 1);
     }
 }
 
