@@ -151,6 +151,7 @@ class PackedWeight:
         self.dense: torch.Tensor | None = None
         if ops.available():
             self.raw = raw.contiguous()
+            self.qmatmul = ops.QMatmul(self.raw, qtype)
             return
         try:
             for q, scale, zero in quants_scales_zeros(raw, qtype):
@@ -176,7 +177,7 @@ class PackedWeight:
         """``act_dtype()`` [m, in_features] -> the same dtype [m, out_features], no casts (the lean
         CPU forward's call)."""
         if self.raw is not None:
-            return ops.qmatmul(self.raw, self.qtype, x)
+            return self.qmatmul(x)
         if self.dense is not None:
             return F.linear(x, self.dense)
         y = None

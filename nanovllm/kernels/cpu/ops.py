@@ -25,24 +25,37 @@ def _check_raw(raw: torch.Tensor, qtype: str) -> int:
     return raw.shape[1] // BLOCK_BYTES[qtype] * 32
 
 
-def qmatmul(raw: torch.Tensor, qtype: str, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
-    """float32 ``x`` [m, k] @ W.T -> float32 [m, n], W the blocks ``raw`` [n, row_bytes] of ``qtype``.
+class QMatmul:
+    """``x @ W.T`` for one quantised matrix ``raw`` [n, row_bytes] of ``qtype``, checked once here so
+    that each call costs little more than the C call (a decode step makes ~120 of them).
 
-    The activations are rounded to 16 bits per block of 32 (an error up to 2^-16 of a block's largest
-    value); the products are summed exactly in integers and scaled in float32."""
-    k = _check_raw(raw, qtype)
-    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != k:
-        raise ValueError(f"expected float32 activations [m, {k}], got {x.dtype} {tuple(x.shape)}")
-    x = x.contiguous()
-    m, n = x.shape[0], raw.shape[0]
-    y = torch.empty(m, n)
-    if m == 0 or n == 0:
+    The activations (float32 [m, k]) are rounded to 16 bits per block of 32 (an error up to 2^-16 of a
+    block's largest value); the products are summed exactly in integers and scaled in float32."""
+
+    def __init__(self, raw: torch.Tensor, qtype: str):
+        self.k = _check_raw(raw, qtype)
+        self.raw, self.n = raw, raw.shape[0]  # keeps the bytes alive
+        self.args = (raw.data_ptr(), QTYPE_IDS[qtype], self.n, self.k)
+        self.fn = build.load().qmatmul
+
+    def __call__(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+        if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.k or x.is_cuda:
+            raise ValueError(f"expected float32 activations [m, {self.k}], got {x.dtype} {tuple(x.shape)}")
+        x = x.contiguous()
+        y = torch.empty(x.shape[0], self.n)
+        if x.shape[0] and self.n:
+            rc = self.fn(
+                *self.args, x.data_ptr(), x.shape[0], y.data_ptr(), threads or torch.get_num_threads()
+            )
+            if rc != 0:
+                raise MemoryError(f"qmatmul could not allocate {x.shape[0]} x {self.k} quantised activations")
         return y
-    threads = threads or torch.get_num_threads()
-    rc = build.load().qmatmul(raw.data_ptr(), QTYPE_IDS[qtype], n, k, x.data_ptr(), m, y.data_ptr(), threads)
-    if rc != 0:
-        raise MemoryError(f"qmatmul could not allocate {m} x {k} quantised activations")
-    return y
+
+
+def qmatmul(raw: torch.Tensor, qtype: str, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
+    """float32 ``x`` [m, k] @ W.T -> float32 [m, n], W the blocks ``raw`` [n, row_bytes] of ``qtype``
+    (see ``QMatmul``)."""
+    return QMatmul(raw, qtype)(x, threads)
 
 
 def dequant_rows(raw: torch.Tensor, qtype: str, ids: torch.Tensor) -> torch.Tensor:
