@@ -99,6 +99,8 @@ def add_rms_norm(
     if add is not None and add.shape != residual.shape:
         raise ValueError(f"residual {tuple(residual.shape)} and addend {tuple(add.shape)} differ")
     n, d = residual.shape
+    if weight.numel() != d:
+        raise ValueError(f"the norm weight has {weight.numel()} elements, the rows {d}")
     out = torch.empty(n, d)
     ptr = None if add is None else add.data_ptr()
     build.load().add_rms_norm(residual.data_ptr(), ptr, weight.data_ptr(), eps, n, d, out.data_ptr())
