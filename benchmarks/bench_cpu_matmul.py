@@ -1,5 +1,6 @@
 """Which CPU matmul is fastest for SmolLM2-135M's weights: dense float32 / bfloat16 against torch's
-packed int4 (group-wise scale and zero) and int8 (per-channel) kernels.
+packed int4 (group-wise scale and zero) and int8 (per-channel) kernels, and our C kernels on the raw
+GGUF blocks (kernels/cpu/: ``c_q4_1`` layers with a ``Q8_0`` lm_head, as in the bundled GGUF).
 
 Each format gets 30 copies of one decoder layer's four projections plus the 49k-row lm_head, so the
 weights stream from memory as they do in a real decode step (the L3 cache holds about one layer).
@@ -31,6 +32,14 @@ def make(fmt: str, n: int, k: int):
         dtype = torch.float32 if fmt == "int4_f32" else torch.bfloat16
         sz = torch.randn(k // GROUP, n, 2, dtype=dtype)
         return lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz)
+    if fmt.startswith("c_"):
+        from nanovllm.kernels.cpu import ops
+
+        qtype = "Q8_0" if n == LM_HEAD[0] else fmt[2:].upper()
+        nbytes = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}[qtype]
+        raw = torch.randint(0, 256, (n, k // 32, nbytes), dtype=torch.uint8)
+        raw[:, :, :2] = torch.tensor([0x00, 0x20], dtype=torch.uint8)  # float16 0.0078125 scales
+        return ops.QMatmul(raw.view(n, -1), qtype)
     if fmt.startswith("int8"):
         w = torch.randint(-128, 127, (n, k), dtype=torch.int8)
         s = torch.rand(n, dtype=torch.float32 if fmt == "int8" else torch.bfloat16)
@@ -39,7 +48,7 @@ def make(fmt: str, n: int, k: int):
 
 
 def pass_ms(fmt: str, m: int, layers: int, repeats: int) -> dict:
-    dtype = torch.float32 if fmt in ("f32", "int4_f32", "int8") else torch.bfloat16
+    dtype = torch.float32 if fmt in ("f32", "int4_f32", "int8") or fmt.startswith("c_") else torch.bfloat16
     fns = [(make(fmt, n, k), k) for _ in range(layers) for n, k in LAYER]
     head = make(fmt, *LM_HEAD)
     xs = {k: torch.randn(m, k, dtype=dtype) for k in (576, 1536)}
@@ -60,7 +69,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--formats", default="f32,bf16,int4_bf16,int4_f32,int8,int8_bf16")
+    ap.add_argument("--formats", default="int4_bf16,c_q4_1,c_q4_0,f32,bf16,int4_f32,int8,int8_bf16")
     args = ap.parse_args()
     out = {"bench": "cpu_matmul_formats", "threads": torch.get_num_threads(), "torch": torch.__version__}
     for m in (1, 32):

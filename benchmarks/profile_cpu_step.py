@@ -90,7 +90,11 @@ def compare_lean(llm: LLM, batch: int, context: int, rounds: int = 6, steps: int
     for _ in range(rounds):
         for lean in (False, True):
             model.lean_cpu = lean
-            if not lean:
+            if not lean and getattr(model, "lean_embed", None) is not None:  # the C kernels' Q8_0 copy
+                vocab = torch.arange(model.lean_embed.shape[0])
+                model.embed_tokens.weight.data = model.lean_embed.rows(vocab)
+                model.lean_embed = None
+            elif not lean:
                 model.embed_tokens.weight.data = model.embed_tokens.weight.data.float()
             runner.run_model(ids, pos, ctx)
             for _ in range(steps):

@@ -1,4 +1,4 @@
-"""GGUF block-quantised weights kept packed in memory and multiplied by torch's CPU int4 kernel.
+"""GGUF block-quantised weights kept packed in memory: our C kernels where they build, else torch's.
 
 llama.cpp's block formats (32 weights a block, the scales stored as float16):
 
@@ -8,16 +8,17 @@ llama.cpp's block formats (32 weights a block, the scales stored as float16):
 
 In Q4_0/Q4_1, byte i of ``qs`` holds weight i in its low nibble and weight i + 16 in its high one.
 
-torch's ``_weight_int4pack_mm_for_cpu`` computes ``x @ W.T`` with ``W[n, k] = (q[n, k] - 8) * scale[g, n]
-+ zero[g, n]`` for groups ``g = k // 32``, so both 4-bit formats map onto it exactly (Q4_0: scale d, zero 0;
-Q4_1: scale d, zero m + 8d). A Q8_0 matrix is split into two 4-bit halves of ``u = q + 128``: the high
-nibble with scale 16d and zero 0, the low nibble with scale d and zero 8d; their sum is ``d * q``.
+With the C kernels (kernels/cpu/, AVX2): the raw block bytes are kept as they are in the file, and a
+matmul quantises its float32 activations to 16 bits per block of 32 and sums integer products
+(``ACT_DTYPE`` float32, output float32).
 
-Measured on a 2-core AVX2 EPYC (benchmarks/bench_cpu_matmul.py): the int4 kernel is fast only with
-bfloat16 activations (float32 ones take a slow scalar path, as do ``_weight_int8pack_mm`` and
-``_dyn_quant_matmul_4bit``), so activations are cast to bfloat16 around it and the scales kept in bfloat16
-(their float16 values lose 3 mantissa bits: a relative error of at most 2^-9). The kernel's output is
-bfloat16 too, which is why the logits (lm_head) are not computed with it.
+Without them (no compiler, another CPU): torch's ``_weight_int4pack_mm_for_cpu`` computes ``x @ W.T``
+with ``W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]`` for groups ``g = k // 32``, so both 4-bit
+formats map onto it exactly (Q4_0: scale d, zero 0; Q4_1: scale d, zero m + 8d). A Q8_0 matrix is split
+into two 4-bit halves of ``u = q + 128``: the high nibble with scale 16d and zero 0, the low nibble with
+scale d and zero 8d; their sum is ``d * q``. That kernel is fast only with bfloat16 activations (float32
+ones take a slow scalar path), so ``ACT_DTYPE`` is then bfloat16 and the scales are kept in bfloat16
+(their float16 values lose 3 mantissa bits: a relative error of at most 2^-9).
 """
 
 from functools import lru_cache
@@ -26,10 +27,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nanovllm.kernels.cpu import ops
+
 # ggml type name -> (weights per block, bytes per block)
 PACKED_TYPES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34)}
 GROUP = 32
-_COMPUTE_DTYPE = torch.bfloat16
+_COMPUTE_DTYPE = torch.bfloat16  # the torch fallback's activations
 _BLOCK_DTYPES = {
     "Q4_0": np.dtype([("d", "<f2"), ("qs", "u1", (16,))]),
     "Q4_1": np.dtype([("d", "<f2"), ("m", "<f2"), ("qs", "u1", (16,))]),
@@ -84,6 +87,20 @@ def dequantize(raw: torch.Tensor, qtype: str) -> torch.Tensor:
     return torch.from_numpy(w.astype(np.float32).reshape(raw.shape[0], -1))
 
 
+def quantize_q8_0(w: torch.Tensor) -> torch.Tensor:
+    """float32 [n, k] -> uint8 Q8_0 blocks [n, k / 32 * 34] as llama.cpp quantises (d = max|w| / 127 in
+    float16, q = w / d rounded half away from zero); a matrix decoded from Q8_0 comes back bit for bit."""
+    if ops.available():
+        return ops.quantize_q8_0(w.float())
+    x = w.float().numpy().reshape(w.shape[0], -1, 32)
+    d = np.abs(x).max(-1, keepdims=True) / np.float32(127)
+    v = x * np.divide(np.float32(1), d, out=np.zeros_like(d), where=d > 0)
+    q = (np.sign(v) * np.floor(np.abs(v) + np.float32(0.5))).astype(np.int8)
+    out = np.empty((*x.shape[:2],), dtype=_BLOCK_DTYPES["Q8_0"])
+    out["d"], out["qs"] = d[..., 0].astype(np.float16), q
+    return torch.from_numpy(out.view(np.uint8).reshape(w.shape[0], -1))
+
+
 def _pack_int4(q: np.ndarray) -> np.ndarray:
     """[n, k] values 0..15 -> [n, k / 2] uint8 in the CPU kernel's layout: per block of 32 rows, a [k, 16]
     byte array whose byte (k, i) holds row i in its low nibble and row 16 + i in its high one."""
@@ -115,16 +132,27 @@ def _bfloat16(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(u.astype(np.uint16)).view(torch.bfloat16)
 
 
-class PackedWeight:
-    """One [out_features, in_features] matrix in torch's packed int4 layout; ``matmul(x)`` is ``x @ W.T``.
+def act_dtype() -> torch.dtype:
+    """The activations' dtype ``PackedWeight.mm`` takes and returns: float32 with the C kernels."""
+    return torch.float32 if ops.available() else _COMPUTE_DTYPE
 
-    Built from GGUF block bytes; shapes the kernel rejects fall back to a dense bfloat16 matrix.
+
+class PackedWeight:
+    """One [out_features, in_features] matrix kept quantised; ``matmul(x)`` is ``x @ W.T``.
+
+    Built from GGUF block bytes: kept raw for the C kernels, else repacked for torch's int4 kernel
+    (shapes that one rejects fall back to a dense bfloat16 matrix).
     """
 
     def __init__(self, raw: torch.Tensor, qtype: str):
         self.qtype, self.shape = qtype, (raw.shape[0], raw.shape[1] // PACKED_TYPES[qtype][1] * GROUP)
+        self.raw: torch.Tensor | None = None
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.dense: torch.Tensor | None = None
+        if ops.available():
+            self.raw = raw.contiguous()
+            self.qmatmul = ops.QMatmul(self.raw, qtype)
+            return
         try:
             for q, scale, zero in quants_scales_zeros(raw, qtype):
                 # [in / 32, out, 2]: the kernel's scale-and-zero layout
@@ -135,17 +163,21 @@ class PackedWeight:
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for part in self.parts for t in part] + ([self.dense] if self.dense is not None else [])
+        tensors = [t for part in self.parts for t in part]
+        tensors += [t for t in (self.dense, self.raw) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """[..., in_features] -> [..., out_features] in x's dtype."""
         shape, dtype = x.shape, x.dtype
-        y = self.mm(x.reshape(-1, shape[-1]).to(_COMPUTE_DTYPE))
+        y = self.mm(x.reshape(-1, shape[-1]).to(act_dtype()))
         return y.to(dtype).reshape(*shape[:-1], self.shape[0])
 
     def mm(self, x: torch.Tensor) -> torch.Tensor:
-        """bfloat16 [m, in_features] -> bfloat16 [m, out_features], no casts (the lean CPU forward's call)."""
+        """``act_dtype()`` [m, in_features] -> the same dtype [m, out_features], no casts (the lean
+        CPU forward's call)."""
+        if self.raw is not None:
+            return self.qmatmul(x)
         if self.dense is not None:
             return F.linear(x, self.dense)
         y = None
@@ -153,3 +185,9 @@ class PackedWeight:
             part = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, GROUP, sz)
             y = part if y is None else y.add_(part)
         return y
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 [len(ids), in_features]: rows ``ids`` of the matrix (an embedding lookup)."""
+        if self.raw is not None:
+            return ops.dequant_rows(self.raw, self.qtype, ids)
+        raise NotImplementedError("row lookups need the C kernels")

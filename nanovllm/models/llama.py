@@ -174,7 +174,7 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor | None:
         weight = self.lm_head.weight
-        if weight.dtype == torch.float16 and not weight.is_cuda:  # tied and halved by lean_forward
+        if self.model.lean_cpu and weight is self.model.embed_tokens.weight:  # tied, packed by lean_forward
             indices = get_context().logits_indices
-            return lean_logits(weight, hidden_states if indices is None else hidden_states[indices])
+            return lean_logits(self.model, hidden_states if indices is None else hidden_states[indices])
         return self.lm_head(hidden_states)

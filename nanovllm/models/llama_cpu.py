@@ -1,11 +1,14 @@
 """The lean CPU forward of a Llama-family model whose linear weights stay packed (GGUF, the CPU default).
 
 The same layers and weights as ``LlamaModel.forward``, called without the modules' ``forward`` methods
-and with fewer dtype round trips (about 160 aten calls a decoder layer, nested ones counted, instead of
-200): on a CPU each op costs microseconds of dispatch. Measured at batch 1 on a 2-core EPYC, forward and
-logits (benchmarks/profile_cpu_step.py --compare-lean): 42 -> 29 ms a step, with the float16 lm_head below.
+and with few dtype round trips: on a CPU each op costs microseconds of dispatch.
 
-Dtypes (the packed int4 kernel takes and returns bfloat16)::
+With the C kernels (kernels/cpu/, the default on AVX2 CPUs) everything is float32 between the quantised
+matmuls, and the tied embedding / lm_head matrix (49152 x 576 for SmolLM2, GGUF Q8_0, dequantised to
+float32 by the loader) is quantised back to Q8_0 at the first lean step -- bit for bit the file's blocks,
+29 MB instead of 113 -- and serves both the embedding lookup and the logits.
+
+Without them (torch's int4 kernel, which takes and returns bfloat16)::
 
     residual stream  float32   embedding -> (+ attention out) -> (+ MLP out) -> final norm, float32
     norm outputs     bfloat16  rms_norm computed in float32, rounded once: the matmul's input
@@ -13,10 +16,10 @@ Dtypes (the packed int4 kernel takes and returns bfloat16)::
     attention        float32   kernels/torch_paged.py, cache in its own dtype
     MLP activation   bfloat16  silu(gate) * up on the kernel's bfloat16 output
 
-The tied embedding / lm_head matrix (49152 x 576 for SmolLM2, GGUF Q8_0) is held in float16 once this
-path first runs: half the bytes of float32, and a float16 matmul reads it twice as fast at one or two
-logit rows; at more rows, where CPUs lack a fast float16 matmul, slices of it are widened to float32
-just before their matmul. Rounding Q8_0's ``d * q`` to float16 changes a weight by at most 2^-12 of it.
+and the tied matrix is held in float16: half the bytes of float32, read twice as fast by a float16
+matmul at one or two logit rows; at more rows, where CPUs lack a fast float16 matmul, slices of it are
+widened to float32 just before their matmul. Rounding Q8_0's ``d * q`` to float16 changes a weight by
+at most 2^-12 of it.
 
 Not used (the modules' own forward runs instead) before the KV cache exists, for fp8 caches, for
 models with per-head q/k norms (Qwen3), or when any projection is a plain float weight.
@@ -26,7 +29,9 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.kernels import torch_paged
+from nanovllm.kernels.cpu import ops
 from nanovllm.layers.linear import LinearBase
+from nanovllm.layers.quantization import PackedWeight, act_dtype, quantize_q8_0
 from nanovllm.utils.context import get_context
 
 BF16 = torch.bfloat16
@@ -43,15 +48,15 @@ def lean_cpu_eligible(model) -> bool:
 
 
 def _linear(lin: LinearBase, x: torch.Tensor) -> torch.Tensor:
-    """bfloat16 [n, in] -> [n, out] (bfloat16; float32 where a bias is added)."""
+    """``act_dtype()`` [n, in] -> [n, out] (the same dtype; float32 where a bias is added)."""
     y = lin.packed.mm(x)
     return y if lin.bias is None else y + lin.bias
 
 
-def _rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """float32 [n, d] -> bfloat16 ``x * rsqrt(mean(x^2) + eps) * weight``, computed in float32."""
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype: torch.dtype) -> torch.Tensor:
+    """float32 [n, d] -> ``x * rsqrt(mean(x^2) + eps) * weight`` in ``dtype``, computed in float32."""
     r = x.square().mean(-1, keepdim=True).add_(eps).rsqrt_()
-    return torch.mul(x, r).mul_(weight).to(BF16)
+    return torch.mul(x, r).mul_(weight).to(dtype)
 
 
 def _cos_sin(rotary, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +74,30 @@ def _to_half(param: torch.nn.Parameter) -> None:
         param.data = param.data.half()
 
 
-def lean_logits(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+def _pack_embedding(model) -> None:
+    """Once: the embedding as Q8_0 blocks in ``model.lean_embed`` (C kernels) or in float16 (else)."""
+    weight = model.embed_tokens.weight
+    if getattr(model, "lean_embed", None) is not None or weight.dtype == torch.float16:
+        return
+    if ops.available() and weight.shape[1] % 32 == 0:
+        model.lean_embed = PackedWeight(quantize_q8_0(weight.data), "Q8_0")
+        weight.data = torch.empty(0)  # the tied lm_head reads lean_embed too (lean_logits)
+    else:
+        _to_half(weight)
+
+
+def lean_logits(model, hidden: torch.Tensor) -> torch.Tensor:
+    """float32 logits [m, vocab] of float32 ``hidden`` [m, d] against the tied embedding of ``model``
+    (a LlamaModel) in whatever form ``lean_forward`` left it."""
+    if getattr(model, "lean_embed", None) is not None:
+        return model.lean_embed.mm(hidden.float())
+    weight = model.embed_tokens.weight
+    if weight.dtype != torch.float16:
+        return F.linear(hidden, weight)
+    return half_logits(weight, hidden)
+
+
+def half_logits(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
     """float32 logits [m, vocab] of float32 ``hidden`` [m, d] against the float16 ``weight`` [vocab, d]."""
     if hidden.shape[0] <= HALF_LOGITS_MAX_ROWS:
         return F.linear(hidden.half(), weight).float()
@@ -88,22 +116,28 @@ def lean_forward(model, input_ids: torch.Tensor, positions: torch.Tensor) -> tor
         return None
     if first.calibrate_kv_scales:
         return None
-    _to_half(model.embed_tokens.weight)
+    _pack_embedding(model)
+    act = act_dtype()
     ctx = get_context()
     k_cache = first.k_cache
     plan = torch_paged.step_plan(ctx, k_cache.shape[1], k_cache.shape[2])
+    if getattr(model, "lean_embed", None) is not None and k_cache.dtype == torch.float32:
+        return _forward_c(model, input_ids, positions, ctx, plan)
     n = input_ids.shape[0]
     cos, sin = _cos_sin(model.layers[0].self_attn.rotary_emb, positions)
-    hidden = F.embedding(input_ids, model.embed_tokens.weight).float()
+    if getattr(model, "lean_embed", None) is not None:
+        hidden = model.lean_embed.rows(input_ids)
+    else:
+        hidden = F.embedding(input_ids, model.embed_tokens.weight).float()
     residual = None
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
         residual = hidden if residual is None else residual + hidden
         norm = layer.input_layernorm
-        qkv = _linear(attn.qkv_proj, _rms_norm_bf16(residual, norm.weight, norm.eps))
+        qkv = _linear(attn.qkv_proj, _rms_norm(residual, norm.weight, norm.eps, act))
         qk_size = (heads + kv_heads) * head_dim
-        qk = qkv[:, :qk_size].view(n, heads + kv_heads, head_dim).float()  # a fresh float32 copy
+        qk = qkv[:, :qk_size].view(n, heads + kv_heads, head_dim).float()  # rotated in place
         swapped = qk.unflatten(-1, (2, -1)).flip(-2).flatten(-2)  # [x2, x1]
         qk.mul_(cos).add_(swapped.mul_(sin))  # x * [cos, cos] + [x2, x1] * [-sin, sin]
         v = qkv[:, qk_size:].view(n, kv_heads, head_dim)
@@ -111,11 +145,44 @@ def lean_forward(model, input_ids: torch.Tensor, positions: torch.Tensor) -> tor
         k_cache, v_cache = layer_attn.k_cache, layer_attn.v_cache
         torch_paged.store_kvcache(qk[:, heads:], v, k_cache, v_cache, plan)
         o = torch_paged.paged_attention(qk[:, :heads], k_cache, v_cache, plan, layer_attn.scale)
-        hidden = _linear(attn.o_proj, o.view(n, heads * head_dim).to(BF16))
+        hidden = _linear(attn.o_proj, o.view(n, heads * head_dim).to(act))
         residual = residual + hidden
         norm = layer.post_attention_layernorm
-        gate_up = _linear(mlp.gate_up_proj, _rms_norm_bf16(residual, norm.weight, norm.eps))
+        gate_up = _linear(mlp.gate_up_proj, _rms_norm(residual, norm.weight, norm.eps, act))
         gate, up = gate_up.chunk(2, dim=-1)
-        hidden = _linear(mlp.down_proj, F.silu(gate).mul_(up).to(BF16))
+        hidden = _linear(mlp.down_proj, F.silu(gate).mul_(up).to(act))
     residual = residual + hidden
     return F.rms_norm(residual, model.norm.weight.shape, model.norm.weight, model.norm.eps)
+
+
+def _forward_c(model, input_ids: torch.Tensor, positions: torch.Tensor, ctx, plan) -> torch.Tensor:
+    """``lean_forward`` on the C kernels (kernels/cpu/), float32 throughout: per layer two fused residual
+    add + RMSNorm calls, rotary in place on q and k inside the qkv output, decode attention straight
+    from the paged cache (prompt chunks: torch_paged), SiLU * up in one call."""
+    n = input_ids.shape[0]
+    decode = ctx.is_decode_only and ctx.block_tables is not None and ctx.block_tables.shape[0] == n
+    cos_sin = model.layers[0].self_attn.rotary_emb.cos_sin_cache
+    positions = positions.to(torch.int64).contiguous()
+    residual, hidden = model.lean_embed.rows(input_ids), None
+    for layer in model.layers:
+        attn, mlp, layer_attn = layer.self_attn, layer.mlp, layer.self_attn.attn
+        heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        q_size, kv_size = heads * head_dim, kv_heads * head_dim
+        norm = layer.input_layernorm
+        qkv = _linear(attn.qkv_proj, ops.add_rms_norm(residual, hidden, norm.weight, norm.eps))
+        ops.rope_(qkv, heads + kv_heads, head_dim, cos_sin, positions)
+        k_cache, v_cache = layer_attn.k_cache, layer_attn.v_cache
+        k = qkv[:, q_size : q_size + kv_size].view(n, kv_heads, head_dim)
+        v = qkv[:, q_size + kv_size :].view(n, kv_heads, head_dim)
+        torch_paged.store_kvcache(k, v, k_cache, v_cache, plan)
+        if decode:
+            tables, lens = ctx.block_tables, ctx.context_lens
+            o = ops.decode_attention(qkv, k_cache, v_cache, tables, lens, heads, layer_attn.scale)
+        else:
+            q = qkv[:, :q_size].view(n, heads, head_dim)
+            o = torch_paged.paged_attention(q, k_cache, v_cache, plan, layer_attn.scale).reshape(n, q_size)
+        hidden = _linear(attn.o_proj, o)
+        norm = layer.post_attention_layernorm
+        gate_up = _linear(mlp.gate_up_proj, ops.add_rms_norm(residual, hidden, norm.weight, norm.eps))
+        hidden = _linear(mlp.down_proj, ops.silu_mul(gate_up))
+    return ops.add_rms_norm(residual, hidden, model.norm.weight, model.norm.eps)

@@ -5,16 +5,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanovllm.models.llama_cpu import HALF_LOGITS_MAX_ROWS, lean_logits
+from nanovllm.kernels.cpu import ops
+from nanovllm.models.llama_cpu import HALF_LOGITS_MAX_ROWS, half_logits
 
 
 @pytest.mark.parametrize("rows", [1, HALF_LOGITS_MAX_ROWS, HALF_LOGITS_MAX_ROWS + 1, 33])
-def test_lean_logits_match_a_float32_matmul(rows):
+def test_half_logits_match_a_float32_matmul(rows):
     g = torch.Generator().manual_seed(rows)
     weight = (torch.randn(10_000, 64, generator=g) * 0.1).half()  # 10,000 rows: a partial last slice
     hidden = torch.randn(rows, 64, generator=g)
     expected = F.linear(hidden, weight.float())
-    got = lean_logits(weight, hidden)
+    got = half_logits(weight, hidden)
     assert got.dtype == torch.float32 and got.shape == expected.shape
     # float16 inputs and output at <= 4 rows: |logit| < ~4 here, so 2^-11 relative is < 2e-3 per term;
     # float32 slices above that agree to float32 rounding. A misplaced slice is off by O(1).
@@ -48,11 +49,15 @@ def test_lean_forward_replies_equal_the_modules_forward():
                 model.model.lean_cpu = False
             replies[lean] = [o["token_ids"] for o in llm.chat(convs, params, use_tqdm=False)]
             assert model.model.lean_cpu is lean
-            # the lean path holds the tied embedding / lm_head in float16
-            assert (model.lm_head.weight.dtype == torch.float16) is lean
-    # Both paths multiply the same packed int4 weights with bfloat16 inputs; the lean one also rounds the
-    # MLP activation and the residual's addends to bfloat16 and uses a float16 lm_head, which may flip a
-    # near-tie. Measured 2026-11-28: 8/8 identical 32-token replies. A swapped rotary half, a wrong cache
+            # the lean path holds the tied embedding / lm_head in Q8_0 (C kernels) or float16
+            if lean and ops.available():
+                assert model.model.lean_embed.qtype == "Q8_0" and model.lm_head.weight.numel() == 0
+            else:
+                assert (model.lm_head.weight.dtype == torch.float16) is lean
+    # Both paths multiply the same packed weights; the lean one computes the logits from the Q8_0 (or
+    # float16) tied matrix with 8-bit (or float16) activations, and without the C kernels rounds more to
+    # bfloat16, which may flip a near-tie. Measured 2026-11-28: 8/8 identical 32-token replies (torch
+    # kernel); with the C kernels see the print. A swapped rotary half, a wrong cache
     # row or a misread weight agrees on almost nothing.
     same = sum(a == b for a, b in zip(replies[False], replies[True], strict=True))
     print(f"identical 32-token replies: {same}/8")
