@@ -273,3 +273,24 @@ def test_package_and_cli_import_stays_light():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+@needs_smollm2
+@pytest.mark.slow
+def test_generate_command_imports_no_transformers():
+    """The whole `nanovllm generate` path on the bundled model: its reply, and no transformers or
+    server packages among its imports (`-X importtime` lists every module imported)."""
+    r = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "nanovllm", "generate", "What is the capital of France?"]
+        + ["--max-tokens", "8", "--temperature", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "Paris" in r.stdout
+    imported = {
+        line.split("|")[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time:")
+    }
+    assert "torch" in imported and "tokenizers" in imported  # the listing is complete
+    assert not {m.split(".")[0] for m in imported} & {"transformers", "fastapi", "uvicorn"}
