@@ -64,12 +64,22 @@ class ByteLevelBPETokenizer:
     """encode / decode / convert_ids_to_tokens / apply_chat_template with transformers' signatures and
     results; the special tokens as ``bos_token`` ... and ``bos_token_id`` ...; ``chat_template``."""
 
+    @staticmethod
+    def supports(metadata: dict[str, Any]) -> bool:
+        """A GPT-2-style vocabulary whose split rule (``tokenizer.ggml.pre``, GPT-2's when absent) we know."""
+        pre = metadata.get("tokenizer.ggml.pre", "gpt2")
+        return metadata.get("tokenizer.ggml.model") == "gpt2" and pre in PRE_TOKENIZERS
+
     def __init__(self, metadata: dict[str, Any]):
         from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
+        if not self.supports(metadata):
+            raise ValueError(
+                f"GGUF tokenizer model={metadata.get('tokenizer.ggml.model')!r} "
+                f"pre={metadata.get('tokenizer.ggml.pre')!r} is not a byte-level BPE this class builds; "
+                "load it with nanovllm.utils.gguf_tokenizer.load_gguf_tokenizer (transformers converts it)"
+            )
         pre = metadata.get("tokenizer.ggml.pre", "gpt2")
-        if metadata.get("tokenizer.ggml.model") != "gpt2" or pre not in PRE_TOKENIZERS:
-            raise ValueError(f"not a byte-level BPE vocabulary this tokenizer knows (pre={pre!r})")
         raw = metadata["tokenizer.ggml.tokens"]
         tokens = _respell(raw)
         types = metadata.get("tokenizer.ggml.token_type") or [1] * len(raw)
@@ -110,15 +120,14 @@ class ByteLevelBPETokenizer:
         self.bos_token, self.eos_token = name("bos_token_id"), name("eos_token_id")
         self.unk_token, self.pad_token = name("unknown_token_id"), name("padding_token_id")
         self.chat_template: str | None = metadata.get("tokenizer.chat_template")
-        template = "$A:0"
+        single, ends = ["$A:0"], {}  # what encode(add_special_tokens=True) wraps a text in
         if metadata.get("tokenizer.ggml.add_bos_token") and self.bos_token is not None:
-            template = f"{self.bos_token}:0 {template}"
+            single.insert(0, f"{self.bos_token}:0")
+            ends[self.bos_token] = self.bos_token_id
         if metadata.get("tokenizer.ggml.add_eos_token") and self.eos_token is not None:
-            template = f"{template} {self.eos_token}:0"
-        ends = [t for t in (self.bos_token, self.eos_token) if t in template]
-        tok.post_processor = processors.TemplateProcessing(
-            single=template, special_tokens=[(t, tok.token_to_id(t)) for t in ends]
-        )
+            single.append(f"{self.eos_token}:0")
+            ends[self.eos_token] = self.eos_token_id
+        tok.post_processor = processors.TemplateProcessing(single=single, special_tokens=list(ends.items()))
 
     # ---- the special tokens -------------------------------------------------------------------
 

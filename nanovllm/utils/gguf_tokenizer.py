@@ -16,14 +16,11 @@ def tokenizer_cache_dir() -> str:
 def load_gguf_tokenizer(path: str):
     """The tokenizer ``tokenizer.ggml.*`` describes, with the file's chat template: a
     ``ByteLevelBPETokenizer`` where it supports the vocabulary, else transformers' conversion."""
-    from nanovllm.utils.bpe_tokenizer import PRE_TOKENIZERS, ByteLevelBPETokenizer
+    from nanovllm.utils.bpe_tokenizer import ByteLevelBPETokenizer
     from nanovllm.utils.gguf import GGUFFile
 
     meta = GGUFFile(path).metadata
-    if (
-        meta.get("tokenizer.ggml.model") == "gpt2"
-        and meta.get("tokenizer.ggml.pre", "gpt2") in PRE_TOKENIZERS
-    ):
+    if ByteLevelBPETokenizer.supports(meta):
         return ByteLevelBPETokenizer(meta)
     return convert_gguf_tokenizer(path)
 
