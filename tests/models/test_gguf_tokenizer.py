@@ -48,7 +48,9 @@ TEMPLATE = (  # what transformers' template environment offers: namespace, loop 
 )
 
 
-def write_tiny_gguf(path: str, pre: str, add_bos: bool, template: str = TEMPLATE) -> str:
+def write_tiny_gguf(
+    path: str, pre: str, add_bos: bool, template: str = TEMPLATE, add_eos: bool = False
+) -> str:
     """A GGUF holding only tests/tiny.py's trained byte-level BPE tokenizer (360 tokens)."""
     hf_dir = os.path.join(os.path.dirname(path), "hf")
     build_tokenizer(hf_dir)
@@ -66,6 +68,7 @@ def write_tiny_gguf(path: str, pre: str, add_bos: bool, template: str = TEMPLATE
     writer.add_pad_token_id(0)
     writer.add_unk_token_id(0)  # without one, transformers adds its default "<|endoftext|>" as token 360
     writer.add_add_bos_token(add_bos)
+    writer.add_add_eos_token(add_eos)
     writer.add_chat_template(template)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -80,10 +83,12 @@ def transformers_gguf(path: str):
     return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
 
 
-@pytest.fixture(scope="module", params=[("gpt2", False), ("llama-bpe", True), ("qwen2", False)])
+@pytest.fixture(
+    scope="module", params=[("gpt2", False, False), ("llama-bpe", True, False), ("qwen2", False, True)]
+)
 def tiny_pair(request, tmp_path_factory):
-    pre, add_bos = request.param
-    path = write_tiny_gguf(str(tmp_path_factory.mktemp(pre) / "tok.gguf"), pre, add_bos)
+    pre, add_bos, add_eos = request.param
+    path = write_tiny_gguf(str(tmp_path_factory.mktemp(pre) / "tok.gguf"), pre, add_bos, add_eos=add_eos)
     ours = load_gguf_tokenizer(path)
     assert isinstance(ours, ByteLevelBPETokenizer)
     return ours, transformers_gguf(path)
@@ -115,7 +120,7 @@ def digit_split_matters(text: str) -> bool:
     return bool(re.search(r"\s\s[0-9]", text))
 
 
-# ---- tiny vocabularies: every split rule transformers knows -------------------------------------------
+# ---- tiny vocabularies: split rules that transformers' conversion applies too -----------------------
 
 
 # transformers' conversion of a vocabulary without "<|endoftext|>" adds it as token 360, past the model's
