@@ -15,6 +15,16 @@ from functools import lru_cache
 from typing import Any
 
 
+class _Dict:
+    """``dict(...)`` and ``dict.fromkeys(...)`` for templates, without handing them the type itself."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> dict:
+        return dict(*args, **kwargs)
+
+    def fromkeys(self, *args: Any) -> dict:
+        return dict.fromkeys(*args)
+
+
 @lru_cache(maxsize=8)
 def compile_chat_template(source: str):
     """The compiled jinja2 template for ``source`` (cached: one model has one or two templates)."""
@@ -62,7 +72,7 @@ def compile_chat_template(source: str):
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    env.globals["dict"] = lambda *args, **kwargs: dict(*args, **kwargs)
+    env.globals["dict"] = _Dict()
     env.globals["namespace"] = Namespace
     return env.from_string(source)
 

@@ -43,7 +43,7 @@ TEMPLATE = (  # what transformers' template environment offers: namespace, loop 
     "{% set ns = namespace(n=0) %}{{ bos_token }}{% for m in messages %}{% if m['role'] == 'skip' %}"
     "{% continue %}{% endif %}{% set ns.n = ns.n + 1 %}<s>{{ m['role'] }}:\n  {{ m['content'] | trim }}"
     "{% if m.get('meta') %} {{ m['meta'] | tojson }}{% endif %}</s>\n{% endfor %}"
-    "{% generation %}{{ dict(a=ns.n) | tojson }}{% endgeneration %}"
+    "{% generation %}{{ dict(a=ns.n) | tojson }}{{ dict.fromkeys(['k'], 0) }}{% endgeneration %}"
     "{% if add_generation_prompt %}<s>assistant:{% endif %}{% if custom %}[{{ custom }}]{% endif %}"
 )
 
