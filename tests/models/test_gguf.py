@@ -179,6 +179,8 @@ def test_header_parser_agrees_with_gguf_reader(tmp_path):
     writer.add_string("tokenizer.chat_template", "{{ messages[0]['content'] }} — ok")
     writer.add_array("tokenizer.ggml.tokens", ["<s>", "a", "é", ""])
     writer.add_array("tokenizer.ggml.token_type", [3, 1, 1, 1])
+    # ~2.8 MB of strings: the parser reads string arrays 1 MiB at a time, so some straddle a boundary
+    writer.add_array("nanovllm.test.long_strings", ["ü" * (i % 701) for i in range(4000)])
     writer.add_bool("tokenizer.ggml.add_bos_token", True)
     writer.add_uint64("nanovllm.test.u64", 2**40 + 3)
     writer.add_float64("nanovllm.test.f64", 0.1)
