@@ -5,7 +5,8 @@ first streamed byte on stdout and until it exits; this checkout and a baseline c
 
 Each run is a new process with the checkout on PYTHONPATH (its ``nanovllm`` package wins over the
 installed one) and the same interpreter. The 1-minute load average is read before every run, since
-on a shared machine it moves the figures more than anything measured here. Appends one
+on a shared machine it moves the figures more than anything measured here, and so are each process's
+CPU seconds, which it moves less (``OMP_NUM_THREADS=1`` takes OpenMP's spinning out of them). Appends one
 ``cpu_command_to_first_token`` line to benchmarks/results.jsonl (``--no-record``: print it only).
 """
 
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -24,9 +26,11 @@ PROMPT = "What is the capital of France?"
 COMMAND = [sys.executable, "-m", "nanovllm", "generate", PROMPT, "--max-tokens", "16", "--temperature", "0"]
 
 
-def one_run(checkout: str) -> tuple[float, float, str]:
-    """(seconds to the first stdout byte, seconds to exit, the output) of one fresh process."""
+def one_run(checkout: str) -> tuple[float, float, float, str]:
+    """(seconds to the first stdout byte, seconds to exit, CPU seconds, the output) of one fresh process.
+    CPU seconds (user + system, all its threads) move less with the machine's load than wall time."""
     env = dict(os.environ, PYTHONPATH=checkout)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     proc = subprocess.Popen(
         COMMAND, cwd=checkout, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0
@@ -35,9 +39,11 @@ def one_run(checkout: str) -> tuple[float, float, str]:
     first_s = time.perf_counter() - start
     rest, err = proc.communicate()
     exit_s = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu_s = after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime
     if proc.returncode != 0 or not first:
         raise RuntimeError(f"{checkout}: exit {proc.returncode}\n{err.decode()[-2000:]}")
-    return first_s, exit_s, (first + rest).decode()
+    return first_s, exit_s, cpu_s, (first + rest).decode()
 
 
 def commit_of(checkout: str) -> str:
@@ -77,16 +83,21 @@ def main(argv: list[str] | None = None) -> dict:
         {"baseline": os.path.abspath(args.baseline_dir)} if args.baseline_dir else {}
     )
     one_run(ROOT)  # untimed: brings the model file and the interpreter's modules into the page cache
-    times: dict[str, dict[str, list]] = {k: {"first": [], "exit": [], "load": []} for k in checkouts}
+    times: dict[str, dict[str, list]] = {
+        k: {"first": [], "exit": [], "cpu": [], "load": []} for k in checkouts
+    }
     outputs = {}
     for i in range(args.runs):
         order = list(checkouts) if i % 2 == 0 else list(reversed(checkouts))
         for name in order:
             load = os.getloadavg()[0]
-            first, exit_s, outputs[name] = one_run(checkouts[name])
-            for key, value in (("first", first), ("exit", exit_s), ("load", load)):
+            first, exit_s, cpu_s, outputs[name] = one_run(checkouts[name])
+            for key, value in (("first", first), ("exit", exit_s), ("cpu", cpu_s), ("load", load)):
                 times[name][key].append(round(value, 2))
-            print(f"{name}: first byte {first:.2f} s, exit {exit_s:.2f} s (load {load:.2f})", file=sys.stderr)
+            print(
+                f"{name}: first byte {first:.2f} s, exit {exit_s:.2f} s, {cpu_s:.2f} CPU s (load {load:.2f})",
+                file=sys.stderr,
+            )
     record = {
         "bench": "cpu_command_to_first_token",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -99,6 +110,8 @@ def main(argv: list[str] | None = None) -> dict:
         "first_token_s": times["ours"]["first"],
         "median_first_token_s": statistics.median(times["ours"]["first"]),
         "exit_s": times["ours"]["exit"],
+        "cpu_s": times["ours"]["cpu"],
+        "threads_env": os.environ.get("OMP_NUM_THREADS"),
         "output": outputs["ours"].strip(),
     }
     if "baseline" in checkouts:
@@ -109,6 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
             "baseline_first_token_s": b["first"],
             "baseline_median_first_token_s": statistics.median(b["first"]),
             "baseline_exit_s": b["exit"],
+            "baseline_cpu_s": b["cpu"],
             "baseline_output": outputs["baseline"].strip(),
         }
     line = json.dumps(record)
