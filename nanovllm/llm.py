@@ -13,8 +13,6 @@ from contextlib import contextmanager, suppress
 from itertools import count
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from nanovllm.config import Config
 from nanovllm.engine.llm_engine import LLMEngine
 from nanovllm.engine.outputs import RequestOutput
@@ -128,6 +126,8 @@ class LLM:
             )
         request_ids = self._submit(prompts, list(sampling_params), stream=False)
         results: dict[str, dict] = {}
+        from tqdm.auto import tqdm  # here, not at the top: its import (asyncio) costs every start-up
+
         bar = tqdm(total=len(prompts), desc="Generating", dynamic_ncols=True, disable=not use_tqdm)
         try:
             while len(results) < len(request_ids):

@@ -54,3 +54,29 @@ def test_kv_cache_for_the_default_chat_model_stays_small():
     block_bytes = 30 * 2 * 3 * 64 * 4 * 256
     blocks = cpu_kv_cache_blocks(block_bytes, 256, 512, 4096, available=16 << 30)
     assert blocks * block_bytes <= CPU_KV_CACHE_CAP_BYTES and blocks * 256 >= 8192
+
+
+def _resident_bytes() -> int:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float8_e4m3fn"])
+def test_the_cpu_kv_cache_is_zero_without_being_written(dtype_name):
+    """The CPU KV cache reads as zeros (the torch backend multiplies unwritten slots by zero weights),
+    and its pages become resident only when touched: nothing writes 384 MiB at start-up."""
+    import torch
+
+    from nanovllm.utils.memory import lazily_zeroed_cpu_tensor
+
+    dtype = getattr(torch, dtype_name)
+    shape = (2, 4, 64, 256, 2, 64)  # 256 MiB at 4 bytes an element
+    before = _resident_bytes()
+    kv = lazily_zeroed_cpu_tensor(shape, dtype)
+    assert kv.shape == shape and kv.dtype == dtype and kv.is_contiguous()
+    assert _resident_bytes() - before < (kv.numel() * dtype.itemsize) // 8
+    kv[1, 3, 63].fill_(1.0)
+    assert kv[1, 3, 63].float().sum().item() == 256 * 2 * 64
+    assert kv[0, :, :4].float().abs().sum().item() == 0 and kv[1, 2].float().abs().sum().item() == 0

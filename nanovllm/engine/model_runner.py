@@ -27,7 +27,7 @@ from nanovllm.models.llama import head_dim_of
 from nanovllm.models.registry import model_class
 from nanovllm.utils.context import Context, forward_context
 from nanovllm.utils.loader import iter_safetensors, load_weights
-from nanovllm.utils.memory import cpu_kv_cache_blocks
+from nanovllm.utils.memory import cpu_kv_cache_blocks, lazily_zeroed_cpu_tensor
 
 logger = logging.getLogger("nanovllm")
 
@@ -176,7 +176,10 @@ class ModelRunner:
         shape = (2, len(self.attention_layers), num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
         # Zeros, not empty: the torch backend's masked attention multiplies unwritten slots by
         # zero weights, and garbage there can be NaN (measured: TP preemption on CPU read NaN).
-        self.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+        if self.device.type == "cpu":  # the OS zeroes pages as they are first touched: no start-up memset
+            self.kv_cache = lazily_zeroed_cpu_tensor(shape, self.kv_cache_dtype)
+        else:
+            self.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
         for i, layer in enumerate(self.attention_layers):
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
         gib = num_blocks * self.block_bytes / (1 << 30)

@@ -190,17 +190,26 @@ class GGUFFile:
         return bytes(self._buf[self._pos - n : self._pos]).decode("utf-8", errors="replace")
 
     def _read_strings(self, count: int) -> list[str]:
-        """``count`` strings in one tight loop: a vocabulary holds ~50k of them (tokens, merges)."""
-        buf, pos, end, out = self._buf, self._pos, len(self._buf), []
-        length = struct.Struct("<Q").unpack_from
+        """``count`` strings in one tight loop: a vocabulary holds ~50k of them (tokens, merges). It slices
+        a bytes copy of the file, 1 MiB at a time: twice as fast as slicing the memory map itself."""
+        length, out = struct.Struct("<Q").unpack_from, []
+        base, data, pos = self._pos, b"", 0  # data: the file's bytes from offset base
         for _ in range(count):
-            (n,) = length(buf, pos)
+            if len(data) - pos < 8:
+                base, data, pos = self._window(base + pos, 8)
+            (n,) = length(data, pos)
+            if len(data) - pos < 8 + n:
+                base, data, pos = self._window(base + pos, 8 + n)
             pos += 8 + n
-            if pos > end:
-                raise ValueError(f"{self.path!r} is truncated: its header ends early")
-            out.append(str(buf[pos - n : pos], "utf-8", "replace"))
-        self._pos = pos
+            out.append(data[pos - n : pos].decode("utf-8", "replace"))
+        self._pos = base + pos
         return out
+
+    def _window(self, start: int, need: int) -> tuple[int, bytes, int]:
+        data = bytes(self._buf[start : start + max(need, 1 << 20)])
+        if len(data) < need:
+            raise ValueError(f"{self.path!r} is truncated: its header ends early")
+        return start, data, 0
 
     def _read_value(self, kind: int):
         if kind == self._STRING:

@@ -1,4 +1,6 @@
-"""The tokenizer of a GGUF file, converted by transformers once and then read from a cache."""
+"""The tokenizer of a GGUF file: byte-level BPE vocabularies built directly (bpe_tokenizer.py, ~0.1 s);
+any other (sentencepiece, unigram, an unknown split rule) converted by transformers once and then read
+from a cache."""
 
 import os
 
@@ -12,6 +14,18 @@ def tokenizer_cache_dir() -> str:
 
 
 def load_gguf_tokenizer(path: str):
+    """The tokenizer ``tokenizer.ggml.*`` describes, with the file's chat template: a
+    ``ByteLevelBPETokenizer`` where it supports the vocabulary, else transformers' conversion."""
+    from nanovllm.utils.bpe_tokenizer import ByteLevelBPETokenizer
+    from nanovllm.utils.gguf import GGUFFile
+
+    meta = GGUFFile(path).metadata
+    if ByteLevelBPETokenizer.supports(meta):
+        return ByteLevelBPETokenizer(meta)
+    return convert_gguf_tokenizer(path)
+
+
+def convert_gguf_tokenizer(path: str):
     """A transformers (fast) tokenizer rebuilt from ``tokenizer.ggml.*``, with the file's chat template.
 
     transformers' GGUF conversion takes seconds (it parses the whole header in Python), so the result is

@@ -17,7 +17,6 @@ from nanovllm.utils.gguf import (  # noqa: E402
     is_gguf,
     iter_gguf_weights,
     load_gguf_config,
-    load_gguf_tokenizer,
 )
 
 Q = gguf.GGMLQuantizationType
@@ -180,6 +179,8 @@ def test_header_parser_agrees_with_gguf_reader(tmp_path):
     writer.add_string("tokenizer.chat_template", "{{ messages[0]['content'] }} — ok")
     writer.add_array("tokenizer.ggml.tokens", ["<s>", "a", "é", ""])
     writer.add_array("tokenizer.ggml.token_type", [3, 1, 1, 1])
+    # ~2.8 MB of strings: the parser reads string arrays 1 MiB at a time, so some straddle a boundary
+    writer.add_array("nanovllm.test.long_strings", ["ü" * (i % 701) for i in range(4000)])
     writer.add_bool("tokenizer.ggml.add_bos_token", True)
     writer.add_uint64("nanovllm.test.u64", 2**40 + 3)
     writer.add_float64("nanovllm.test.f64", 0.1)
@@ -288,14 +289,17 @@ def tokenizer_cache(tmp_path_factory):
 
 
 @pytest.mark.parametrize("source", ["converted", "cached"])  # in this order: the first run fills the cache
-def test_tokenizer_agrees_with_transformers(smollm2, tokenizer_cache, source):
+def test_converted_tokenizer_agrees_with_transformers(smollm2, tokenizer_cache, source):
+    """transformers' conversion, kept (and cached) for the GGUF vocabularies bpe_tokenizer.py does not
+    build itself; tests/models/test_gguf_tokenizer.py tests the one that it builds."""
     from transformers import AutoTokenizer
 
     from nanovllm.utils.gguf import tokenizer_cache_dir
+    from nanovllm.utils.gguf_tokenizer import convert_gguf_tokenizer
 
     entries = os.listdir(tokenizer_cache_dir()) if os.path.isdir(tokenizer_cache_dir()) else []
     assert len(entries) == (0 if source == "converted" else 1)
-    ours = load_gguf_tokenizer(smollm2)
+    ours = convert_gguf_tokenizer(smollm2)
     assert len(os.listdir(tokenizer_cache_dir())) == 1  # saved once, under one key, no temporary left
     theirs = AutoTokenizer.from_pretrained(os.path.dirname(smollm2), gguf_file=os.path.basename(smollm2))
     assert (ours.bos_token, ours.eos_token, ours.pad_token) == (
