@@ -29,9 +29,9 @@ import torch.nn.functional as F
 
 from nanovllm.kernels.cpu import ops
 
-# ggml type name -> (weights per block, bytes per block)
-PACKED_TYPES = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q8_0": (32, 34)}
 GROUP = 32
+# ggml type name -> (weights per block, bytes per block); the byte counts are the C kernels' table
+PACKED_TYPES = {qtype: (GROUP, nbytes) for qtype, nbytes in ops.BLOCK_BYTES.items()}
 _COMPUTE_DTYPE = torch.bfloat16  # the torch fallback's activations
 _BLOCK_DTYPES = {
     "Q4_0": np.dtype([("d", "<f2"), ("qs", "u1", (16,))]),
