@@ -16,13 +16,7 @@ from nanovllm.engine.sequence import TokenCounts
 from nanovllm.engine.step import ModelRunnerOutput, NewSeq, SchedulerOutput
 from nanovllm.layers.attention import Attention, get_backend
 from nanovllm.layers.kv_quant import kv_cache_torch_dtype
-from nanovllm.layers.sampler import (
-    FEW_ROWS,
-    Sampler,
-    SamplingMetadata,
-    logprobs_to_lists,
-    sample_with_temperature,
-)
+from nanovllm.layers.sampler import Sampler, SamplingMetadata, logprobs_to_lists
 from nanovllm.models.llama import head_dim_of
 from nanovllm.models.registry import model_class
 from nanovllm.utils.context import Context, forward_context
@@ -237,11 +231,14 @@ class ModelRunner:
         with forward_context(context):
             input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
             logits = self.model.compute_logits(self.model(input_ids, positions))
-        if logits is not None and logits.is_cuda and logits.shape[0] >= FEW_ROWS:
-            # The sampler's compiled kernel is built now (torch.compile takes seconds), not while the
-            # first batch of 32+ sampled rows waits on it; and its memory counts in the profile.
+        if logits is not None and logits.is_cuda:
+            # The sampling kernel's variants are built now, not while the first sampled batch waits.
+            from nanovllm.kernels.sample_race import race_sample
+
             temperatures = torch.ones(logits.shape[0], device=self.device)
-            sample_with_temperature(logits.float(), temperatures)
+            for rows in {1, logits.shape[0]}:
+                for greedy in (None, temperatures[:rows] == 0):
+                    race_sample(logits[:rows], temperatures[:rows], greedy)
 
     # ---- one step ------------------------------------------------------------------------
 

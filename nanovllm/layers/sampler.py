@@ -7,8 +7,9 @@ One call turns a batch of logits (one row per running sequence) into one token i
       -> other rows: temperature -> top-k -> top-p -> min-p -> exponential race
 
 Every step is batched over rows. Host-side flags in ``SamplingMetadata`` skip whole steps that
-no row in the batch uses, so a batch of plain temperature requests pays for one softmax and one
-exponential race, and a greedy batch for one argmax.
+no row in the batch uses. On CUDA a batch of plain temperature / greedy requests (``md.plain``)
+goes straight to one pass over the model-dtype logits (kernels/sample_race.py), and a greedy batch
+to one argmax.
 
 Sampling uses the exponential race: with ``E_i ~ Exp(1)`` independent, ``argmax_i p_i / E_i`` is
 distributed as ``p``. Unseeded rows draw ``E`` from torch's generator; seeded rows derive it from a
@@ -86,6 +87,10 @@ class SamplerOutput:
 class Sampler(nn.Module):
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         md = metadata
+        if logits.is_cuda and md.plain:  # the common case: no widening to float32, one pass
+            if md.all_greedy:
+                return SamplerOutput(logits.argmax(dim=-1))
+            return SamplerOutput(_race_sample(logits, md))
         # [batch, vocab]. float32 logits are modified in place (vLLM does the same).
         logits = logits.to(torch.float32)
         raw_logprobs = None if md.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)
@@ -103,7 +108,9 @@ class Sampler(nn.Module):
     @staticmethod
     def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         greedy = logits.argmax(dim=-1) if md.any_greedy else None
-        if md.no_top_k and md.no_top_p and md.no_min_p and md.seeded_rows is None:  # the common case
+        if md.no_top_k and md.no_top_p and md.no_min_p and md.seeded_rows is None:  # temperature only
+            if logits.is_cuda:
+                return _race_sample(logits, md)
             if logits.shape[0] < FEW_ROWS:
                 sampled = sample_few_rows(logits, md.temperatures)
             else:
@@ -125,8 +132,14 @@ class Sampler(nn.Module):
         return sampled
 
 
-# Below this many rows the fused kernel (one program per row) leaves most of a GPU idle: measured on
-# an H100, 93 µs for one row of 151,936 logits, more than a whole decode step's norms.
+def _race_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    """CUDA: temperature sampling (greedy rows: argmax) in one pass over the logits."""
+    from nanovllm.kernels.sample_race import race_sample  # Triton: imported on CUDA only
+
+    return race_sample(logits, md.temperatures, md.greedy_mask)
+
+
+# CPU: below this many rows the exponential race runs without a softmax.
 FEW_ROWS = 32
 
 
