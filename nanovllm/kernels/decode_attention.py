@@ -8,7 +8,8 @@ the kernel is bound by memory bandwidth and the design follows from keeping ever
     sequence b, kv head h:   keys 0 ............................................. context_len
                              |-- split 0 --|-- split 1 --|-- split 2 --|-- split 3 --|
                              each split walks its keys in tiles of BLOCK_N, looking up
-                             every key's block in the block table (a tile may span blocks)
+                             every key's block in the block table (a tile may span blocks,
+                             unless BLOCK_N divides the block size: then one lookup a tile)
 
 * One program serves all the query heads of one KV head (the GQA group), so each K/V tile is read
   from memory once. The group is padded to 16 rows so ``tl.dot`` can use the tensor cores.
@@ -101,8 +102,12 @@ def _decode_split_kernel(
         pos = tile_start + tl.arange(0, BLOCK_N)
         key_mask = pos < end
         # Only entries of blocks that hold keys are read: padding in the table is never touched.
-        block_ids = tl.load(table + pos // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
-        kv_off = block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
+        if BLOCK_SIZE % BLOCK_N == 0:  # tiles start at multiples of BLOCK_N: one block per tile
+            block_id = tl.load(table + tile_start // BLOCK_SIZE).to(tl.int64)
+            kv_off = block_id * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
+        else:
+            block_ids = tl.load(table + pos // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+            kv_off = block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
         k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
         if FP8:
