@@ -30,7 +30,7 @@ def _race_chunk_kernel(
     temperatures_ptr,  # [rows] float32
     greedy_ptr,  # [rows] bool (HAS_GREEDY only)
     best_score_ptr,  # [rows, num_chunks] float32
-    best_id_ptr,  # [rows, num_chunks] int32
+    best_id_ptr,  # [rows, num_chunks] int64
     key,  # int32 >= 0, mixed from the call's seed
     vocab,
     stride_row,
@@ -100,7 +100,7 @@ def race_sample(
     block = chunk_size(rows)
     num_chunks = triton.cdiv(vocab, block)
     best_score = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
-    best_id = torch.empty(rows, num_chunks, dtype=torch.int32, device=logits.device)
+    best_id = torch.empty(rows, num_chunks, dtype=torch.int64, device=logits.device)
     has_greedy = greedy_mask is not None
     _race_chunk_kernel[(rows, num_chunks)](
         logits,
@@ -117,7 +117,7 @@ def race_sample(
         num_warps=8 if block >= 4096 else 4,
     )
     chunk = best_score.argmax(dim=1, keepdim=True)
-    return best_id.gather(1, chunk).squeeze(1).long()
+    return best_id.gather(1, chunk).squeeze(1)
 
 
 def race_sample_ref(

@@ -85,12 +85,16 @@ class SamplerOutput:
 
 
 class Sampler(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self._race_seed: int | None = None  # drawn once from torch's generator, then counted up
+
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         md = metadata
         if logits.is_cuda and md.plain:  # the common case: no widening to float32, one pass
             if md.all_greedy:
                 return SamplerOutput(logits.argmax(dim=-1))
-            return SamplerOutput(_race_sample(logits, md))
+            return SamplerOutput(self._race_sample(logits, md))
         # [batch, vocab]. float32 logits are modified in place (vLLM does the same).
         logits = logits.to(torch.float32)
         raw_logprobs = None if md.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)
@@ -105,12 +109,11 @@ class Sampler(nn.Module):
         packed = None if raw_logprobs is None else gather_logprobs(raw_logprobs, token_ids, md)
         return SamplerOutput(token_ids, packed, md.num_logprobs)
 
-    @staticmethod
-    def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         greedy = logits.argmax(dim=-1) if md.any_greedy else None
         if md.no_top_k and md.no_top_p and md.no_min_p and md.seeded_rows is None:  # temperature only
             if logits.is_cuda:
-                return _race_sample(logits, md)
+                return self._race_sample(logits, md)
             if logits.shape[0] < FEW_ROWS:
                 sampled = sample_few_rows(logits, md.temperatures)
             else:
@@ -131,12 +134,15 @@ class Sampler(nn.Module):
             sampled = torch.where(md.greedy_mask, greedy, sampled)
         return sampled
 
+    def _race_sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """CUDA: temperature sampling (greedy rows: argmax) in one pass over the logits. Each call
+        gets the next seed (the first from torch's generator: ``torch.manual_seed`` repeats runs)."""
+        from nanovllm.kernels.sample_race import race_sample  # Triton: imported on CUDA only
 
-def _race_sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
-    """CUDA: temperature sampling (greedy rows: argmax) in one pass over the logits."""
-    from nanovllm.kernels.sample_race import race_sample  # Triton: imported on CUDA only
-
-    return race_sample(logits, md.temperatures, md.greedy_mask)
+        if self._race_seed is None:
+            self._race_seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        self._race_seed = (self._race_seed + 1) & 0x7FFFFFFF
+        return race_sample(logits, md.temperatures, md.greedy_mask, self._race_seed)
 
 
 # CPU: below this many rows the exponential race runs without a softmax.
