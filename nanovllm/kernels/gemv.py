@@ -62,16 +62,18 @@ class GemvConfig(NamedTuple):
 
 
 # (N, K) -> config, or None to leave that shape to cuBLAS. (N, K, M) entries, where present, win
-# for that M. N and K are the local (tensor-parallel shard) sizes. Edit from bench_gemv.py's output.
+# for that M. N and K are the local (tensor-parallel shard) sizes. Edit from bench_gemv.py's output;
+# the entries below are untimed first guesses (one tile per program along K, as default_config).
 GEMV_CONFIGS: dict[tuple[int, ...], GemvConfig | None] = {
-    (4096, 1024): GemvConfig(16, 512, 1, 4),  # Qwen3-0.6B qkv_proj
-    (1024, 2048): GemvConfig(4, 1024, 1, 4),  # o_proj
-    (6144, 1024): GemvConfig(16, 512, 1, 4),  # gate_up_proj
-    (1024, 3072): GemvConfig(4, 1024, 1, 4),  # down_proj
-    (151936, 1024): GemvConfig(64, 128, 1, 4),  # lm_head
+    (4096, 1024): GemvConfig(8, 1024),  # Qwen3-0.6B qkv_proj: 512 programs
+    (1024, 2048): GemvConfig(4, 2048),  # o_proj: 256 programs
+    (6144, 1024): GemvConfig(8, 1024),  # gate_up_proj: 768 programs
+    (1024, 3072): GemvConfig(2, 1024),  # down_proj: 512 programs, 3 tiles each
+    (151936, 1024): GemvConfig(8, 1024),  # lm_head: 18,992 programs
 }
 
 TARGET_PROGRAMS = 256  # about two per SM on an H100/H200 (132 SMs)
+TILE = 8192  # weight elements per loaded tile: 64 per thread at 4 warps, eight 16-byte loads
 
 
 def _pow2_floor(n: int) -> int:
@@ -79,15 +81,17 @@ def _pow2_floor(n: int) -> int:
 
 
 def default_config(n: int, k: int) -> GemvConfig:
-    """A shape outside the table: enough row blocks for ~TARGET_PROGRAMS programs, tiles of about
-    8K elements, and BLOCK_K a divisor of K where one is large enough (no masked tail)."""
-    block_n = min(64, max(1, _pow2_floor(n // TARGET_PROGRAMS)))
-    cap = max(64, 8192 // block_n)
-    block_k = min(cap, triton.next_power_of_2(k))
+    """A shape outside the table. The loads of the K loop are not software-pipelined (there is no
+    tl.dot), so each tile costs a DRAM round trip: BLOCK_K as large as K allows (up to 2048, a
+    divisor of K where one >= 64 exists, so no masked tail), then BLOCK_N for tiles of ~TILE
+    elements, smaller where that leaves fewer than ~TARGET_PROGRAMS programs."""
+    block_k = min(2048, triton.next_power_of_2(k))
     divisor = block_k
     while divisor >= 64 and k % divisor:
         divisor //= 2
-    return GemvConfig(block_n, divisor if divisor >= 64 else block_k)
+    block_k = divisor if divisor >= 64 else block_k
+    block_n = max(1, min(TILE // block_k, _pow2_floor(n // TARGET_PROGRAMS)))
+    return GemvConfig(block_n, block_k)
 
 
 def config_for(m: int, n: int, k: int) -> GemvConfig | None:
@@ -113,8 +117,32 @@ def gemv_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 @triton.jit
+def _row_dot(x_row_ptr, w, ks, k_mask, K, ok, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
+    """One row's contribution [BLOCK_N] of the tile ``w`` [BLOCK_N, BLOCK_K] (zeros if not ``ok``)."""
+    mask = ok if EVEN_K else k_mask & ok  # a scalar mask keeps the loads vectorised
+    if SILU_MUL:
+        gate = tl.load(x_row_ptr + ks, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_row_ptr + K + ks, mask=mask, other=0.0).to(tl.float32)
+        act = gate / (1.0 + tl.exp(-gate)) * up
+        xs = act.to(x_row_ptr.dtype.element_ty).to(tl.float32)  # rounded once, as silu_and_mul
+    else:
+        xs = tl.load(x_row_ptr + ks, mask=mask, other=0.0).to(tl.float32)
+    return tl.sum(w * xs[None, :], axis=1)
+
+
+@triton.jit
+def _store_row(out_ptr, acc, bias, cols, col_ok, ok, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if SPLIT:
+        tl.store(out_ptr + cols, acc, mask=col_ok & ok)
+    else:
+        if HAS_BIAS:
+            acc += bias
+        tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok & ok)
+
+
+@triton.jit
 def _gemv_kernel(
-    x_ptr,  # [M, K] (or [M, 2K] = [gate | up] with SILU_MUL)
+    x_ptr,  # [M, K] (or [M, 2K] = [gate | up] with SILU_MUL); M <= 4
     w_ptr,  # [N, K]
     bias_ptr,  # [N] (HAS_BIAS only)
     out_ptr,  # [M, N] in x's dtype, or [SPLIT_K, M, N] float32 partial sums when SPLIT
@@ -126,7 +154,7 @@ def _gemv_kernel(
     stride_wn,
     stride_om,
     stride_os,
-    BLOCK_M: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # 1, 2 or 4: the rows kept, each in an accumulator of its own
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # every K slice is whole tiles: no mask along K
@@ -134,43 +162,44 @@ def _gemv_kernel(
     SILU_MUL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
 ):
+    # Everything stays 2-D ([BLOCK_N, BLOCK_K] tiles, [BLOCK_N] sums): a 3-D [M, N, K] broadcast
+    # would make the compiler move the weight tile between layouts through shared memory.
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    rows = tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    row_ok = rows < M
     col_ok = cols < N
     w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
-    x_rows = x_ptr + rows[:, None] * stride_xm  # [BLOCK_M, 1]
     k_start = pid_k * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
+        k_mask = ks < k_end
         if EVEN_K:
-            w_mask = col_ok[:, None]
-            x_mask = row_ok[:, None]
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
         else:
-            w_mask = col_ok[:, None] & (ks < k_end)[None, :]
-            x_mask = row_ok[:, None] & (ks < k_end)[None, :]
-        w = tl.load(w_rows + ks[None, :], mask=w_mask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_K]
-        if SILU_MUL:
-            gate = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            up = tl.load(x_rows + K + ks[None, :], mask=x_mask, other=0.0).to(tl.float32)
-            act = gate / (1.0 + tl.exp(-gate)) * up
-            xs = act.to(x_ptr.dtype.element_ty).to(tl.float32)  # rounded once, as silu_and_mul
-        else:
-            xs = tl.load(x_rows + ks[None, :], mask=x_mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
-        acc += tl.sum(xs[:, None, :] * w[None, :, :], axis=2)
-    mask = row_ok[:, None] & col_ok[None, :]
-    if SPLIT:
-        tl.store(out_ptr + pid_k * stride_os + rows[:, None] * stride_om + cols[None, :], acc, mask=mask)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + rows[:, None] * stride_om + cols[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_mask[None, :], other=0.0)
+        w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
+        acc0 += _row_dot(x_ptr, w, ks, k_mask, K, M > 0, EVEN_K, SILU_MUL)
+        if BLOCK_M > 1:
+            acc1 += _row_dot(x_ptr + stride_xm, w, ks, k_mask, K, M > 1, EVEN_K, SILU_MUL)
+        if BLOCK_M > 2:
+            acc2 += _row_dot(x_ptr + 2 * stride_xm, w, ks, k_mask, K, M > 2, EVEN_K, SILU_MUL)
+            acc3 += _row_dot(x_ptr + 3 * stride_xm, w, ks, k_mask, K, M > 3, EVEN_K, SILU_MUL)
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS and not SPLIT:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    out_ptr += pid_k * stride_os
+    _store_row(out_ptr, acc0, bias, cols, col_ok, M > 0, SPLIT, HAS_BIAS)
+    if BLOCK_M > 1:
+        _store_row(out_ptr + stride_om, acc1, bias, cols, col_ok, M > 1, SPLIT, HAS_BIAS)
+    if BLOCK_M > 2:
+        _store_row(out_ptr + 2 * stride_om, acc2, bias, cols, col_ok, M > 2, SPLIT, HAS_BIAS)
+        _store_row(out_ptr + 3 * stride_om, acc3, bias, cols, col_ok, M > 3, SPLIT, HAS_BIAS)
 
 
 @triton.jit
@@ -231,16 +260,18 @@ def gemv(
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split_k = triton.cdiv(k, k_per_split)
     even_k = k % k_per_split == 0  # every slice whole (k_per_split is whole tiles)
-    block_m = triton.next_power_of_2(m)
     grid = (triton.cdiv(n, cfg.block_n), split_k)
     has_bias = bias is not None
     partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
-    _gemv_kernel[grid](
-        x, weight, bias if has_bias else x, partial, m, n, k, k_per_split,
-        x.stride(0), weight.stride(0), partial.stride(-2), partial.stride(0) if split_k > 1 else 0,
-        BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k, SPLIT=split_k > 1,
-        SILU_MUL=act == "silu_mul", HAS_BIAS=has_bias and split_k == 1, num_warps=cfg.num_warps,
-    )  # fmt: skip
+    for row in range(0, m, 4):  # the kernel keeps at most 4 rows; more re-read the weight
+        rows = min(4, m - row)
+        _gemv_kernel[grid](
+            x[row:], weight, bias if has_bias else x, partial[..., row:, :], rows, n, k, k_per_split,
+            x.stride(0), weight.stride(0), partial.stride(-2), partial.stride(0) if split_k > 1 else 0,
+            BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
+            SPLIT=split_k > 1, SILU_MUL=act == "silu_mul", HAS_BIAS=has_bias and split_k == 1,
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
     if split_k > 1:
         block = min(1024, triton.next_power_of_2(n))
         _split_k_reduce_kernel[(triton.cdiv(n, block), m)](
