@@ -17,9 +17,12 @@ How it splits the work::
     └──────────────┴──────────────┘  so each weight byte is read once whatever M is.
 
 No ``tl.dot``: with M <= 4 the tensor cores would idle, and the interpreter has no bf16 dot.
-To fill the GPU the grid needs some hundreds of programs: a small N (1024) gets a small BLOCK_N,
-and a config may also split K (SPLIT_K > 1); then each slice writes float32 partial sums and a
-second kernel adds them in a fixed order (deterministic, unlike atomics) and rounds once.
+One launch keeps up to 4 rows, each in a [BLOCK_N] accumulator of its own (more rows: more
+launches). To fill the GPU the grid needs some hundreds of programs. The default answer for a
+small N with a large K (down_proj 3072->1024) is a small BLOCK_N (2-4 rows of the weight per
+program, 256-512 programs) and no second kernel; a config may instead split K (SPLIT_K > 1): each
+slice writes float32 partial sums and a second kernel adds them in a fixed order (deterministic,
+unlike atomics) and rounds once. The benchmark times both.
 
 Block sizes come from ``GEMV_CONFIGS`` (one dict, tuned with ``benchmarks/bench_gemv.py``), else
 from ``default_config``; never autotuned, since the first call may run inside a graph capture.

@@ -165,3 +165,25 @@ def test_linear_layers_take_the_gemv(monkeypatch):
     assert calls, "4 rows on CUDA should take the GEMV"
     layer(torch.randn(gemv_mod.GEMV_MAX_ROWS + 1, 1024, device="cuda", dtype=torch.bfloat16))
     assert len(calls) == 1, "more rows than GEMV_MAX_ROWS go to cuBLAS"
+
+
+@pytest.mark.parametrize("m", [1, 5])  # 5 rows: more than GEMV_MAX_ROWS, the unfused path
+def test_mlp_routes_silu_mul_into_the_down_projection(monkeypatch, m):
+    """The model's MLP on the GEMV path (forced here on the CPU) against its plain torch path."""
+    from types import SimpleNamespace
+
+    from nanovllm.layers.linear import LinearBase
+    from nanovllm.models.llama import LlamaMLP
+
+    mlp = LlamaMLP(SimpleNamespace(hidden_size=32, intermediate_size=48)).to(device())
+    for p in mlp.parameters():
+        p.data.normal_(std=0.2)
+    x = torch.randn(m, 32, device=device())
+    gate, up = F.linear(x, mlp.gate_up_proj.weight).chunk(2, dim=-1)  # [gate | up]
+    want = F.linear(F.silu(gate) * up, mlp.down_proj.weight)
+    acts = []
+    real = gemv_mod.gemv
+    monkeypatch.setattr(gemv_mod, "gemv", lambda *a, **kw: acts.append(kw.get("act")) or real(*a, **kw))
+    monkeypatch.setattr(LinearBase, "takes_gemv", lambda self, x: x.shape[0] <= 4)
+    torch.testing.assert_close(mlp(x), want, atol=1e-5, rtol=1e-5)
+    assert acts == ([None, "silu_mul"] if m <= 4 else [])
