@@ -46,7 +46,7 @@ def candidates(n: int, k: int, quick: bool) -> list[GemvConfig]:
     # Loads in the K loop are not software-pipelined (no tl.dot), so a program waits a full DRAM
     # round trip per tile: few large tiles per program (large BLOCK_K, K split) may win.
     for block_n in (2, 4, 8, 16, 32, 64):
-        for block_k in (256, 512, 1024, 2048):
+        for block_k in (256, 512, 1024, 2048, 4096):  # 4096 for K=3072: one masked tile
             if not 1024 <= block_n * block_k <= 16384 or block_k > triton.next_power_of_2(k):
                 continue
             programs = triton.cdiv(n, block_n)

@@ -66,12 +66,13 @@ class GemvConfig(NamedTuple):
 
 # (N, K) -> config, or None to leave that shape to cuBLAS. (N, K, M) entries, where present, win
 # for that M. N and K are the local (tensor-parallel shard) sizes. Edit from bench_gemv.py's output;
-# the entries below are untimed first guesses (one tile per program along K, as default_config).
+# the entries below are untimed first guesses: one tile per program along K, so that each program
+# issues all its loads at once (down_proj's 3072 columns in one 4096-wide tile, the tail masked).
 GEMV_CONFIGS: dict[tuple[int, ...], GemvConfig | None] = {
     (4096, 1024): GemvConfig(8, 1024),  # Qwen3-0.6B qkv_proj: 512 programs
     (1024, 2048): GemvConfig(4, 2048),  # o_proj: 256 programs
     (6144, 1024): GemvConfig(8, 1024),  # gate_up_proj: 768 programs
-    (1024, 3072): GemvConfig(2, 1024),  # down_proj: 512 programs, 3 tiles each
+    (1024, 3072): GemvConfig(2, 4096),  # down_proj: 512 programs
     (151936, 1024): GemvConfig(8, 1024),  # lm_head: 18,992 programs
 }
 

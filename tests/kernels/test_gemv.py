@@ -45,11 +45,12 @@ def check(got, want, dtype):
 
 
 # (N, K, config): masks on N and K (20 rows in blocks of 8, K=100 in tiles of 32), whole tiles,
-# and split K with a short last slice (100 = 48 + 48 + 4).
+# split K with a short last slice (100 = 48 + 48 + 4), and one tile wider than K.
 CASES = [
     (20, 100, GemvConfig(8, 32)),
     (64, 128, GemvConfig(16, 64)),
     (20, 100, GemvConfig(4, 16, split_k=3)),
+    (20, 100, GemvConfig(2, 128)),  # one tile wider than K (as down_proj's 4096 for 3072)
 ]
 
 
