@@ -65,15 +65,25 @@ class GemvConfig(NamedTuple):
 
 
 # (N, K) -> config, or None to leave that shape to cuBLAS. (N, K, M) entries, where present, win
-# for that M. N and K are the local (tensor-parallel shard) sizes. Edit from bench_gemv.py's output;
-# the entries below are untimed first guesses: one tile per program along K, so that each program
-# issues all its loads at once (down_proj's 3072 columns in one 4096-wide tile, the tail masked).
+# for that M. N and K are the local (tensor-parallel shard) sizes. Tuned with bench_gemv.py --quick
+# on an H200 (2026-11-28; us at M = 1, ours vs cuBLAS): qkv 4.05 vs 5.43, o 3.43 vs 12.96, gate_up
+# 5.51 vs 6.56, down 4.00 vs 7.61, lm_head 75.9 vs 83.5. At M = 4 cuBLAS wins for qkv, gate_up and
+# lm_head, and at M = 2 for gate_up: those are None.
 GEMV_CONFIGS: dict[tuple[int, ...], GemvConfig | None] = {
-    (4096, 1024): GemvConfig(8, 1024),  # Qwen3-0.6B qkv_proj: 512 programs
-    (1024, 2048): GemvConfig(4, 2048),  # o_proj: 256 programs
-    (6144, 1024): GemvConfig(8, 1024),  # gate_up_proj: 768 programs
-    (1024, 3072): GemvConfig(2, 4096),  # down_proj: 512 programs
-    (151936, 1024): GemvConfig(8, 1024),  # lm_head: 18,992 programs
+    (4096, 1024): GemvConfig(2, 1024),  # Qwen3-0.6B qkv_proj
+    (4096, 1024, 2): GemvConfig(4, 1024),
+    (4096, 1024, 4): None,
+    (1024, 2048): GemvConfig(2, 2048),  # o_proj
+    (1024, 2048, 2): GemvConfig(4, 2048),
+    (1024, 2048, 4): GemvConfig(4, 2048),
+    (6144, 1024): GemvConfig(2, 1024),  # gate_up_proj
+    (6144, 1024, 2): None,
+    (6144, 1024, 4): None,
+    (1024, 3072): GemvConfig(2, 4096),  # down_proj (one masked 4096-wide tile)
+    (1024, 3072, 4): GemvConfig(4, 4096),
+    (151936, 1024): GemvConfig(2, 1024),  # lm_head
+    (151936, 1024, 2): GemvConfig(16, 256),
+    (151936, 1024, 4): None,
 }
 
 TARGET_PROGRAMS = 256  # about two per SM on an H100/H200 (132 SMs)
