@@ -232,9 +232,16 @@ class ModelRunner:
             input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
             logits = self.model.compute_logits(self.model(input_ids, positions))
         if logits is not None and logits.is_cuda:
-            # The sampling kernel's variants are built now, not while the first sampled batch waits.
+            # Kernels that small steps compile on first use are built now, not inside the first
+            # requests (measured on an H200: ~1 s of the reference workload went to compiling):
+            # the LM head's GEMV variants (1-4 rows) and the sampling kernel's.
             from nanovllm.kernels.sample_race import race_sample
 
+            hidden_size = self.model.lm_head.weight.shape[1]
+            hidden = torch.zeros(4, hidden_size, dtype=logits.dtype, device=self.device)
+            with forward_context(Context()):
+                for rows in range(1, 5):
+                    self.model.compute_logits(hidden[:rows])
             temperatures = torch.ones(logits.shape[0], device=self.device)
             for rows in {1, logits.shape[0]}:
                 for greedy in (None, temperatures[:rows] == 0):
