@@ -213,24 +213,12 @@ class ModelRunner:
     @torch.inference_mode()
     def warmup_forward(self) -> None:
         """A forward without KV cache as large as a step can be: ``max_num_batched_tokens`` new
-        tokens in prompts of at most ``max_model_len``, logits for up to ``max_num_seqs`` rows."""
-        cfg = self.config
-        num_tokens = cfg.max_num_batched_tokens
-        lens = [cfg.max_model_len] * (num_tokens // cfg.max_model_len)
-        if num_tokens % cfg.max_model_len:
-            lens.append(num_tokens % cfg.max_model_len)
-        cu = [0]
-        for n in lens:
-            cu.append(cu[-1] + n)
-        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
-        context = Context(
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=self.device),
-            max_seqlen_q=max(lens),
-            logits_indices=torch.arange(min(cfg.max_num_seqs, num_tokens), device=self.device),
-        )
-        with forward_context(context):
-            input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-            logits = self.model.compute_logits(self.model(input_ids, positions))
+        tokens in prompts of at most ``max_model_len``, logits for up to ``max_num_seqs`` rows.
+        On CUDA a one-token forward first: torch.compile's dynamic shapes still specialise a size
+        of 1, and a lone token in an eager step recompiled the norms (~1 s) mid-run on an H200."""
+        if self.device.type == "cuda":
+            self._forward_no_cache(1)
+        logits = self._forward_no_cache(self.config.max_num_batched_tokens)
         if logits is not None and logits.is_cuda:
             # Kernels that small steps compile on first use are built now, not inside the first
             # requests (measured on an H200: ~1 s of the reference workload went to compiling):
@@ -246,6 +234,26 @@ class ModelRunner:
             for rows in {1, logits.shape[0]}:
                 for greedy in (None, temperatures[:rows] == 0):
                     race_sample(logits[:rows], temperatures[:rows], greedy)
+
+    def _forward_no_cache(self, num_tokens: int) -> torch.Tensor | None:
+        """``num_tokens`` new tokens in prompts of at most ``max_model_len``; their logits (up to
+        ``max_num_seqs`` rows)."""
+        cfg = self.config
+        lens = [cfg.max_model_len] * (num_tokens // cfg.max_model_len)
+        if num_tokens % cfg.max_model_len:
+            lens.append(num_tokens % cfg.max_model_len)
+        cu = [0]
+        for n in lens:
+            cu.append(cu[-1] + n)
+        positions = torch.cat([torch.arange(n) for n in lens]).to(self.device)
+        context = Context(
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=self.device),
+            max_seqlen_q=max(lens),
+            logits_indices=torch.arange(min(cfg.max_num_seqs, num_tokens), device=self.device),
+        )
+        with forward_context(context):
+            input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
+            return self.model.compute_logits(self.model(input_ids, positions))
 
     # ---- one step ------------------------------------------------------------------------
 
