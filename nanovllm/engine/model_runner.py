@@ -214,10 +214,9 @@ class ModelRunner:
     def warmup_forward(self) -> None:
         """A forward without KV cache as large as a step can be: ``max_num_batched_tokens`` new
         tokens in prompts of at most ``max_model_len``, logits for up to ``max_num_seqs`` rows.
-        On CUDA a one-token forward first: torch.compile's dynamic shapes still specialise a size
+        A one-token forward first: torch.compile's dynamic shapes (CUDA) still specialise a size
         of 1, and a lone token in an eager step recompiled the norms (~1 s) mid-run on an H200."""
-        if self.device.type == "cuda":
-            self._forward_no_cache(1)
+        self._forward_no_cache(1)
         logits = self._forward_no_cache(self.config.max_num_batched_tokens)
         if logits is not None and logits.is_cuda:
             # Kernels that small steps compile on first use are built now, not inside the first
