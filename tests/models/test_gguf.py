@@ -402,7 +402,8 @@ def test_embedding_kept_in_blocks_only_where_the_lean_path_can_read_them(smollm2
 
 def test_modules_forward_of_a_packed_model_reads_the_restored_embedding(smollm2):
     """The modules' forward (lean path off) on the blocks-only embedding: the same greedy tokens as the
-    lean path for a short reply (both multiply the same packed weights)."""
+    lean path for a short reply (both multiply the same packed weights); with an fp8 cache, a sensible
+    reply (without the restored matrix the embedding lookup fails)."""
     from nanovllm import LLM, SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -414,3 +415,8 @@ def test_modules_forward_of_a_packed_model_reads_the_restored_embedding(smollm2)
                 llm.engine.executor.model.model.lean_cpu = False
             replies.append(llm.chat([prompt], params, use_tqdm=False)[0]["text"])
     assert replies[0] == replies[1] and "Paris" in replies[0]
+    # an fp8 KV cache: the modules' forward for the layers, the blocks for the tied logits
+    with LLM(smollm2, max_model_len=256, kv_cache_dtype="fp8") as llm:
+        assert "Paris" in llm.chat([prompt], params, use_tqdm=False)[0]["text"]
+        model = llm.engine.executor.model.model
+        assert model.lean_cpu and model.embed_tokens.weight.shape == (49152, 576)
