@@ -1,4 +1,13 @@
+import os
+
 import pytest
+import torch
+
+# Without a GPU, Triton kernels run under Triton's CPU interpreter. Triton reads TRITON_INTERPRET when
+# a kernel is first decorated, so it is set here, before any test module (a GPU test importing a
+# kernel module included) is collected.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,16 +1,9 @@
-"""Kernel tests run on the GPU when there is one, else under Triton's CPU interpreter.
-
-The interpreter is chosen here, at import time, because Triton reads TRITON_INTERPRET when a kernel
-is first decorated: it must be set before any kernel module is imported.
-"""
+"""Kernel tests run on the GPU when there is one, else under Triton's CPU interpreter (chosen in
+tests/conftest.py, before any kernel module is imported)."""
 
 import os
 
 import pytest
-import torch
-
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def pytest_collection_modifyitems(config, items):
