@@ -21,37 +21,18 @@
  * rows does not multiply the weight traffic. Activation rows are taken CHUNK_M at a time so that their
  * quantised blocks stay in L2 for a long prompt.
  */
-#include <immintrin.h>
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#if !defined(__AVX2__) || !defined(__FMA__) || !defined(__F16C__)
-#error "these kernels need AVX2, FMA and F16C (-march=native on such a CPU)"
-#endif
+#include "cpu_kernels.h"
 
-enum { QK = 32, TILE_M = 4, CHUNK_M = 64 };
-enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
+enum { TILE_M = 4, CHUNK_M = 64 };
 static const int BLOCK_BYTES[3] = {18, 20, 34};
-
-typedef struct {
-    float d, s; /* x ~= d * q; s = d * sum(q) */
-    int16_t q[QK];
-} act_block;
-
-#define INLINE static inline __attribute__((always_inline))
 
 INLINE float f16_at(const uint8_t *p) {
     uint16_t h;
     memcpy(&h, p, 2);
     return _cvtsh_ss(h);
-}
-
-INLINE float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
 }
 
 INLINE int hsum_i32(__m256i v) {
@@ -62,7 +43,7 @@ INLINE int hsum_i32(__m256i v) {
 }
 
 /* 32 floats -> one block, rounded to nearest (even) */
-static void quantize_block(const float *x, act_block *out) {
+void quantize_block(const float *x, act_block *out) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
     __m256 v[4], amax = _mm256_setzero_ps();
     for (int i = 0; i < 4; i++) {
@@ -167,6 +148,13 @@ static void rows_dispatch(int qtype, const uint8_t *w, int r0, int r1, int nb, c
     }
 }
 
+void matmul_rows(int qtype, const uint8_t *w, int r0, int r1, int nb, const act_block *x, int m, float *y, int ys) {
+    for (int c = 0; c < m; c += CHUNK_M) {
+        const int mc = m - c < CHUNK_M ? m - c : CHUNK_M;
+        rows_dispatch(qtype, w, r0, r1, nb, x + (size_t)c * nb, mc, y + (size_t)c * ys, ys);
+    }
+}
+
 /* a per-thread scratch buffer for the quantised activations, grown as needed */
 static act_block *scratch(size_t blocks) {
     static __thread act_block *buf = NULL;
@@ -189,13 +177,10 @@ int qmatmul(const uint8_t *w, int qtype, int n, int k, const float *x, int m, fl
     {
 #pragma omp for schedule(static)
         for (int i = 0; i < m; i++) quantize_row(x + (size_t)i * k, k, xq + (size_t)i * nb);
-        for (int c = 0; c < m; c += CHUNK_M) {
-            const int mc = m - c < CHUNK_M ? m - c : CHUNK_M;
 #pragma omp for schedule(static) nowait
-            for (int t = 0; t < nthreads; t++) {
-                const int r0 = (int)((long)n * t / nthreads), r1 = (int)((long)n * (t + 1) / nthreads);
-                rows_dispatch(qtype, w, r0, r1, nb, xq + (size_t)c * nb, mc, y + (size_t)c * n, n);
-            }
+        for (int t = 0; t < nthreads; t++) {
+            const int r0 = (int)((long)n * t / nthreads), r1 = (int)((long)n * (t + 1) / nthreads);
+            matmul_rows(qtype, w, r0, r1, nb, xq, m, y, n);
         }
     }
     return 0;
