@@ -218,14 +218,14 @@ def _build_decode_step(model) -> decode_step.DecodeStep | None:
         eps |= {layer.input_layernorm.eps, layer.post_attention_layernorm.eps}
         if (a.num_heads, a.num_kv_heads, a.head_dim) != dims or len(eps) > 1:
             return None
-        if any(lin.bias is not None or lin.packed.raw is None for lin in _projections(layer)):
+        if any(lin.bias is not None or lin.packed.qmatmul is None for lin in _projections(layer)):
             return None
     inter = model.layers[0].mlp.down_proj.packed.shape[1]
     if not decode_step.supported(model.norm.weight.numel(), *dims, inter):
         return None
     layers = []
     for layer in model.layers:
-        packed = [(lin.packed.raw, lin.packed.qtype) for lin in _projections(layer)]
+        packed = [lin.packed.qmatmul for lin in _projections(layer)]
         norms = (layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data)
         kv = (layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache)
         layers.append(decode_step.LayerTensors(*packed, *norms, *kv))

@@ -27,15 +27,17 @@ def make_layers(qtypes, seed):
         "gate_up": (2 * INTER, HIDDEN),
         "down": (HIDDEN, INTER),
     }
-    layers = []
+    layers, dense = [], []
     for i, qtype in enumerate(qtypes):
-        mats = {name: (random_blocks(qtype, n, k, seed=seed + 7 * i + j), qtype) for j, (name, (n, k)) in
+        raws = {name: random_blocks(qtype, n, k, seed=seed + 7 * i + j) for j, (name, (n, k)) in
                 enumerate(shapes.items())}  # fmt: skip
+        mats = {name: ops.QMatmul(raw, qtype) for name, raw in raws.items()}
         norms = [torch.rand(HIDDEN, generator=g) + 0.5 for _ in range(2)]
         caches = [torch.randn(NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, generator=g) for _ in range(2)]
+        dense.append({name: dequantize(raw, qtype) for name, raw in raws.items()})
         layers.append(LayerTensors(**mats, in_norm=norms[0], post_norm=norms[1], k_cache=caches[0],
                                    v_cache=caches[1]))  # fmt: skip
-    return layers
+    return layers, dense
 
 
 def rotate(t, heads, cos, sin):
@@ -43,12 +45,11 @@ def rotate(t, heads, cos, sin):
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
-def reference(layers, x, cos_sin, positions, slots, tables, lens, final_norm, scale):
+def reference(layers, dense, x, cos_sin, positions, slots, tables, lens, final_norm, scale):
     """float32 torch: dequantised weights, caches copied and written by index."""
     m = x.shape[0]
     residual, caches = x.clone(), []
-    for lt in layers:
-        w = {name: dequantize(*getattr(lt, name)) for name in ("qkv", "o", "gate_up", "down")}
+    for lt, w in zip(layers, dense, strict=True):
         k_cache, v_cache = lt.k_cache.clone(), lt.v_cache.clone()
         qkv = F.rms_norm(residual, (HIDDEN,), lt.in_norm, EPS) @ w["qkv"].T
         q, k, v = qkv.split([HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM], -1)
@@ -69,7 +70,7 @@ def reference(layers, x, cos_sin, positions, slots, tables, lens, final_norm, sc
 def test_decode_step_against_a_float32_torch_forward(m, threads):
     from nanovllm.kernels.cpu.decode_step import DecodeStep
 
-    layers = make_layers(["Q4_1", "Q8_0", "Q4_0"], seed=m)
+    layers, dense = make_layers(["Q4_1", "Q8_0", "Q4_0"], seed=m)
     g = torch.Generator().manual_seed(100 + m)
     half = HEAD_DIM // 2
     freqs = torch.outer(torch.arange(64).float(), 1.0 / 10000 ** (torch.arange(half).float() / half))
@@ -81,7 +82,7 @@ def test_decode_step_against_a_float32_torch_forward(m, threads):
     x = torch.randn(m, HIDDEN, generator=g)
     final_norm = torch.rand(HIDDEN, generator=g) + 0.5
     scale = HEAD_DIM**-0.5
-    expected, caches = reference(layers, x, cos_sin, positions, slots, tables, lens, final_norm, scale)
+    expected, caches = reference(layers, dense, x, cos_sin, positions, slots, tables, lens, final_norm, scale)
     step = DecodeStep(layers, HEADS, KV_HEADS, HEAD_DIM, EPS, scale)
     residual = x.clone()
     got = step(residual, cos_sin, positions, slots, tables, lens, final_norm, threads=threads)
@@ -102,6 +103,6 @@ def test_decode_step_against_a_float32_torch_forward(m, threads):
 def test_decode_step_rejects_shapes_it_cannot_take():
     from nanovllm.kernels.cpu.decode_step import DecodeStep
 
-    layers = make_layers(["Q4_1"], seed=0)
+    layers, _ = make_layers(["Q4_1"], seed=0)
     with pytest.raises(ValueError, match="does not take"):
         DecodeStep(layers, HEADS * 2, KV_HEADS, HEAD_DIM // 2, EPS, 1.0)  # head_dim 16: not whole blocks

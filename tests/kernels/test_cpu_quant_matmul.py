@@ -98,9 +98,9 @@ def test_dequant_rows_equal_gguf_py(qtype):
     raw = random_blocks(qtype, 50, 96, seed=7)
     full = torch.from_numpy(gguf_dequantize(raw.numpy(), gguf.GGMLQuantizationType[qtype]).reshape(50, 96))
     ids = torch.tensor([3, 0, 49, 3])
-    assert torch.equal(ops.dequant_rows(raw, qtype, ids), full[ids].float())
+    assert torch.equal(ops.QMatmul(raw, qtype).rows(ids), full[ids].float())
     with pytest.raises(IndexError, match="row ids must lie in"):
-        ops.dequant_rows(raw, qtype, torch.tensor([50]))
+        ops.QMatmul(raw, qtype).rows(torch.tensor([50]))
 
 
 def test_quantize_q8_0_recovers_gguf_py_blocks_bit_for_bit():

@@ -37,6 +37,8 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {  # C function -> (argument types, return type)
     "qmatmul": ([_P, _I, _I, _I, _P, _I, _P, _I], _I),
     "dequant_rows": ([_P, _I, _I, _P, _I, _P], None),
+    "repack_rows": ([_P, _I, _I, _I, _P], None),
+    "packed_row_bytes": ([_I, _I], ctypes.c_size_t),
     "quantize_q8_0": ([_P, _I, _I, _P, _I], None),
     "add_rms_norm": ([_P, _P, _P, _F, _I, _I, _P], None),
     "rope": ([_P, _I, _I, _I, _I, _P, _P], None),

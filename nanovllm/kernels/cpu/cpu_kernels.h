@@ -14,10 +14,14 @@
 enum { QK = 32 };
 enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 
+/* m activation rows quantised in blocks of 32 int16 (quant_matmul.c): block b of row i is
+ * x ~= d[i * nbp + b] * q[(i * nb + b) * 32 ..], s = d * sum(q); nbp = nb rounded up to 8, the pads of
+ * d and s zero */
 typedef struct {
-    float d, s; /* x ~= d * q; s = d * sum(q) */
-    int16_t q[QK];
-} act_block;
+    float *d, *s;
+    int16_t *q;
+    int nb, nbp;
+} acts;
 
 #define INLINE static inline __attribute__((always_inline))
 
@@ -52,11 +56,15 @@ INLINE __m256 silu_mul8(__m256 g, __m256 u) {
     return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
 }
 
+INLINE int16_t *act_quants(const acts *a, int i, int b) { return a->q + ((size_t)i * a->nb + b) * QK; }
+
 /* quant_matmul.c */
-void quantize_block(const float *x, act_block *out); /* 32 floats -> one block */
-/* y[i * ys + r] = activation row i (x + i * nb, m rows) . weight row r for r in [r0, r1), W in qtype
- * blocks (nb a row); one thread's share of a matmul. */
-void matmul_rows(int qtype, const uint8_t *w, int r0, int r1, int nb, const act_block *x, int m, float *y, int ys);
+size_t acts_bytes(int m, int nb);           /* a buffer for m rows of nb blocks ... */
+acts acts_in(void *buf, int m, int nb);     /* ... laid out in it (pads not zeroed) */
+void quantize_block(const float *x, const acts *a, int i, int b); /* 32 floats -> block b of row i */
+/* y[i * ys + r] = activation row i (of m) . weight row r for r in [r0, r1), W repacked (repack_rows)
+ * from qtype blocks; one thread's share of a matmul. */
+void matmul_rows(int qtype, const uint8_t *w, int r0, int r1, const acts *x, int m, float *y, int ys);
 
 /* layer_ops.c: the `group` query heads qs [group, head_dim] of KV head h of one sequence against its
  * len cached keys/values (block `table`); out [group, head_dim]; scores: room for group * len floats */

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm.kernels.cpu import build
-from nanovllm.kernels.cpu.ops import QTYPE_IDS, _check_raw, _f32
+from nanovllm.kernels.cpu.ops import QTYPE_IDS, QMatmul, _f32
 
 
 class _StepDims(ctypes.Structure):
@@ -34,13 +34,13 @@ class _LayerPtrs(ctypes.Structure):
 
 @dataclass
 class LayerTensors:
-    """One decoder layer: (raw blocks uint8 [out, row_bytes], qtype) per projection, the two norm
-    weights float32 [hidden], and its KV cache float32 [num_blocks, block_size, kv_heads, head_dim]."""
+    """One decoder layer: its four quantised projections, the two norm weights float32 [hidden], and
+    its KV cache float32 [num_blocks, block_size, kv_heads, head_dim]."""
 
-    qkv: tuple[torch.Tensor, str]  # [(heads + 2 * kv_heads) * head_dim, hidden]
-    o: tuple[torch.Tensor, str]  # [hidden, heads * head_dim]
-    gate_up: tuple[torch.Tensor, str]  # [2 * inter, hidden]: gate rows, then up rows
-    down: tuple[torch.Tensor, str]  # [hidden, inter]
+    qkv: QMatmul  # [(heads + 2 * kv_heads) * head_dim, hidden]
+    o: QMatmul  # [hidden, heads * head_dim]
+    gate_up: QMatmul  # [2 * inter, hidden]: gate rows, then up rows
+    down: QMatmul  # [hidden, inter]
     in_norm: torch.Tensor
     post_norm: torch.Tensor
     k_cache: torch.Tensor
@@ -58,7 +58,7 @@ class DecodeStep:
         self, layers: list[LayerTensors], heads: int, kv_heads: int, head_dim: int, eps: float, scale: float
     ):
         first = layers[0]
-        hidden, inter = first.in_norm.numel(), _check_raw(*first.down)
+        hidden, inter = first.in_norm.numel(), first.down.k
         if not supported(hidden, heads, kv_heads, head_dim, inter):
             raise ValueError(f"decode_step does not take hidden {hidden}, inter {inter}, head_dim {head_dim}")
         qkv_n = (heads + 2 * kv_heads) * head_dim
@@ -67,11 +67,11 @@ class DecodeStep:
         self.keep, ptrs = layers, (_LayerPtrs * len(layers))()
         for lt, p in zip(layers, ptrs, strict=True):
             for name, (n, k) in expected.items():
-                raw, qtype = getattr(lt, name)
-                if raw.shape[0] != n or _check_raw(raw, qtype) != k:
-                    raise ValueError(f"{name}: expected [{n}, {k}] weights, got {raw.shape[0]} {qtype} rows")
-                setattr(p, name, raw.data_ptr())
-                setattr(p, f"qtype_{name}", QTYPE_IDS[qtype])
+                mm = getattr(lt, name)
+                if (mm.n, mm.k) != (n, k):
+                    raise ValueError(f"{name}: expected [{n}, {k}] weights, got [{mm.n}, {mm.k}]")
+                setattr(p, name, mm.blocks.data_ptr())
+                setattr(p, f"qtype_{name}", QTYPE_IDS[mm.qtype])
             for name in ("in_norm", "post_norm", "k_cache", "v_cache"):
                 _f32(getattr(lt, name))
                 setattr(p, name, getattr(lt, name).data_ptr())
