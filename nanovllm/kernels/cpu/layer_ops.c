@@ -48,14 +48,18 @@ void attend_kv_head(const float *qs, const float *k_cache, const float *v_cache,
                     int kv_heads, int h, int group, int head_dim, int block_size, float scale, float *scores,
                     float *out) {
     const int hv = head_dim / 8;
-    for (int p = 0; p < len; p++) {
-        const size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
-        const float *k = k_cache + (slot * kv_heads + h) * head_dim;
-        for (int g = 0; g < group; g++) {
-            __m256 acc = _mm256_setzero_ps();
-            for (int j = 0; j < hv; j++)
-                acc = _mm256_fmadd_ps(_mm256_loadu_ps(qs + g * head_dim + 8 * j), _mm256_loadu_ps(k + 8 * j), acc);
-            scores[(size_t)g * len + p] = hsum(acc) * scale;
+    const size_t row = (size_t)kv_heads * head_dim; /* floats from one cache slot to the next */
+    for (int p0 = 0; p0 < len; p0 += block_size) { /* a cache block at a time: one table lookup each */
+        const float *kb = k_cache + (size_t)table[p0 / block_size] * block_size * row + (size_t)h * head_dim;
+        const int pn = len - p0 < block_size ? len - p0 : block_size;
+        for (int p = 0; p < pn; p++) {
+            const float *k = kb + p * row;
+            for (int g = 0; g < group; g++) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int j = 0; j < hv; j++)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qs + g * head_dim + 8 * j), _mm256_loadu_ps(k + 8 * j), acc);
+                scores[(size_t)g * len + p0 + p] = hsum(acc) * scale;
+            }
         }
     }
     for (int g = 0; g < group; g++) {
@@ -73,11 +77,13 @@ void attend_kv_head(const float *qs, const float *k_cache, const float *v_cache,
         const float inv = 1.0f / sum;
         __m256 acc[64];
         for (int j = 0; j < hv; j++) acc[j] = _mm256_setzero_ps();
-        for (p = 0; p < len; p++) {
-            const size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
-            const float *v = v_cache + (slot * kv_heads + h) * head_dim;
-            const __m256 w = _mm256_set1_ps(sc[p]);
-            for (int j = 0; j < hv; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
+        for (int p0 = 0; p0 < len; p0 += block_size) {
+            const float *vb = v_cache + (size_t)table[p0 / block_size] * block_size * row + (size_t)h * head_dim;
+            const int pn = len - p0 < block_size ? len - p0 : block_size;
+            for (p = 0; p < pn; p++) {
+                const __m256 w = _mm256_set1_ps(sc[p0 + p]);
+                for (int j = 0; j < hv; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vb + p * row + 8 * j), acc[j]);
+            }
         }
         float *o = out + (size_t)g * head_dim;
         for (int j = 0; j < hv; j++) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
