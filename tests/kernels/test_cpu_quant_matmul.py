@@ -69,8 +69,12 @@ def test_qmatmul_output_does_not_depend_on_the_thread_count(qtype):
 def test_qmatmul_any_shape(qtype, n, blocks, m, seed):
     raw = random_blocks(qtype, n, 32 * blocks, seed)
     x = torch.randn(m, 32 * blocks, generator=torch.Generator().manual_seed(seed))
-    ref = x @ dequantize(raw, qtype).T
-    assert rel_err(ops.qmatmul(raw, qtype, x), ref) < 1e-4
+    w = dequantize(raw, qtype)
+    err = (ops.qmatmul(raw, qtype, x) - x @ w.T).norm()
+    # Relative to the terms' size, not the output's: a single output can cancel to ~1% of its terms
+    # (seed 210: -0.127 from terms summing to 11.6 in magnitude), where the 16-bit activations' error is
+    # 3e-4 of it. A misread block errs by a good fraction of the terms.
+    assert err < 1e-4 * (x.abs() @ w.abs().T).norm()
 
 
 @pytest.mark.parametrize("qtype", QTYPES)
