@@ -16,13 +16,7 @@ from nanovllm.engine.sequence import TokenCounts
 from nanovllm.engine.step import ModelRunnerOutput, NewSeq, SchedulerOutput
 from nanovllm.layers.attention import Attention, get_backend
 from nanovllm.layers.kv_quant import kv_cache_torch_dtype
-from nanovllm.layers.sampler import (
-    FEW_ROWS,
-    Sampler,
-    SamplingMetadata,
-    logprobs_to_lists,
-    sample_with_temperature,
-)
+from nanovllm.layers.sampler import Sampler, SamplingMetadata, logprobs_to_lists
 from nanovllm.models.llama import head_dim_of
 from nanovllm.models.registry import model_class
 from nanovllm.utils.context import Context, forward_context
@@ -219,9 +213,31 @@ class ModelRunner:
     @torch.inference_mode()
     def warmup_forward(self) -> None:
         """A forward without KV cache as large as a step can be: ``max_num_batched_tokens`` new
-        tokens in prompts of at most ``max_model_len``, logits for up to ``max_num_seqs`` rows."""
+        tokens in prompts of at most ``max_model_len``, logits for up to ``max_num_seqs`` rows.
+        A one-token forward first: torch.compile's dynamic shapes (CUDA) still specialise a size
+        of 1, and a lone token in an eager step recompiled the norms (~1 s) mid-run on an H200."""
+        self._forward_no_cache(1)
+        logits = self._forward_no_cache(self.config.max_num_batched_tokens)
+        if logits is not None and logits.is_cuda:
+            # Kernels that small steps compile on first use are built now, not inside the first
+            # requests (measured on an H200: ~1 s of the reference workload went to compiling):
+            # the LM head's GEMV variants (1-4 rows) and the sampling kernel's.
+            from nanovllm.kernels.sample_race import race_sample
+
+            hidden_size = self.model.lm_head.weight.shape[1]
+            hidden = torch.zeros(4, hidden_size, dtype=logits.dtype, device=self.device)
+            with forward_context(Context()):
+                for rows in range(1, 5):
+                    self.model.compute_logits(hidden[:rows])
+            temperatures = torch.ones(logits.shape[0], device=self.device)
+            for rows in {1, logits.shape[0]}:
+                for greedy in (None, temperatures[:rows] == 0):
+                    race_sample(logits[:rows], temperatures[:rows], greedy)
+
+    def _forward_no_cache(self, num_tokens: int) -> torch.Tensor | None:
+        """``num_tokens`` new tokens in prompts of at most ``max_model_len``; their logits (up to
+        ``max_num_seqs`` rows)."""
         cfg = self.config
-        num_tokens = cfg.max_num_batched_tokens
         lens = [cfg.max_model_len] * (num_tokens // cfg.max_model_len)
         if num_tokens % cfg.max_model_len:
             lens.append(num_tokens % cfg.max_model_len)
@@ -236,12 +252,7 @@ class ModelRunner:
         )
         with forward_context(context):
             input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-            logits = self.model.compute_logits(self.model(input_ids, positions))
-        if logits is not None and logits.is_cuda and logits.shape[0] >= FEW_ROWS:
-            # The sampler's compiled kernel is built now (torch.compile takes seconds), not while the
-            # first batch of 32+ sampled rows waits on it; and its memory counts in the profile.
-            temperatures = torch.ones(logits.shape[0], device=self.device)
-            sample_with_temperature(logits.float(), temperatures)
+            return self.model.compute_logits(self.model(input_ids, positions))
 
     # ---- one step ------------------------------------------------------------------------
 

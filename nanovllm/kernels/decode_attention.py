@@ -8,7 +8,8 @@ the kernel is bound by memory bandwidth and the design follows from keeping ever
     sequence b, kv head h:   keys 0 ............................................. context_len
                              |-- split 0 --|-- split 1 --|-- split 2 --|-- split 3 --|
                              each split walks its keys in tiles of BLOCK_N, looking up
-                             every key's block in the block table (a tile may span blocks)
+                             every key's block in the block table (a tile may span blocks,
+                             unless BLOCK_N divides the block size: then one lookup a tile)
 
 * One program serves all the query heads of one KV head (the GQA group), so each K/V tile is read
   from memory once. The group is padded to 16 rows so ``tl.dot`` can use the tensor cores.
@@ -37,17 +38,20 @@ import triton
 import triton.language as tl
 
 NUM_SMS = 132  # H100 SXM; a little more or less only shifts the split heuristic.
+MAX_SPLITS = 64
 
 
-@triton.jit
+# The split count is a runtime value (one compiled kernel whatever it is; mixed steps pick it from
+# each step's batch), except whether there is more than one: ONE_SPLIT writes the output directly.
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr,  # [batch, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,
     block_tables_ptr,  # [batch, max_blocks]
     context_lens_ptr,  # [batch]
-    out_ptr,  # one split: [batch, num_heads, head_dim]; else [batch, num_heads, NUM_SPLITS, head_dim] fp32
-    lse_ptr,  # [batch, num_heads, NUM_SPLITS] fp32 (unused when NUM_SPLITS == 1)
+    out_ptr,  # one split: [batch, num_heads, head_dim]; else [batch, num_heads, num_splits, head_dim] fp32
+    lse_ptr,  # [batch, num_heads, num_splits] fp32 (unused with ONE_SPLIT)
     k_scale_ptr,  # [1] fp32 (fp8 caches only)
     v_scale_ptr,
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
@@ -61,12 +65,13 @@ def _decode_split_kernel(
     stride_oh,
     stride_os,
     num_heads,
+    num_splits,
     GROUP: tl.constexpr,  # query heads per KV head
     GROUP_PAD: tl.constexpr,  # >= 16, power of two
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
     BLOCK_N: tl.constexpr,  # keys per tile
-    NUM_SPLITS: tl.constexpr,
+    ONE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FP8: tl.constexpr,  # the cache is float8_e4m3fn, dequantised with k_scale / v_scale
     FP16_DOT: tl.constexpr,  # fp8 cache, bf16 queries: both go to fp16, not bf16 (see above)
@@ -76,7 +81,7 @@ def _decode_split_kernel(
     split = tl.program_id(2)
 
     context_len = tl.load(context_lens_ptr + seq)
-    keys_per_split = tl.cdiv(tl.cdiv(context_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    keys_per_split = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, context_len)
 
@@ -101,8 +106,12 @@ def _decode_split_kernel(
         pos = tile_start + tl.arange(0, BLOCK_N)
         key_mask = pos < end
         # Only entries of blocks that hold keys are read: padding in the table is never touched.
-        block_ids = tl.load(table + pos // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
-        kv_off = block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
+        if BLOCK_SIZE % BLOCK_N == 0:  # tiles start at multiples of BLOCK_N: one block per tile
+            block_id = tl.load(table + tile_start // BLOCK_SIZE).to(tl.int64)
+            kv_off = block_id * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
+        else:
+            block_ids = tl.load(table + pos // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+            kv_off = block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
         k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
         if FP8:
@@ -126,38 +135,38 @@ def _decode_split_kernel(
     if FP8:
         out = out * tl.load(v_scale_ptr)
     out_offs = seq * stride_ob + heads[:, None] * stride_oh + dims[None, :]
-    if NUM_SPLITS == 1:
+    if ONE_SPLIT:
         tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
     else:
         tl.store(out_ptr + out_offs + split * stride_os, out, mask=row_mask[:, None])
         lse = m_i + tl.log2(l_i)  # base 2
-        tl.store(lse_ptr + (seq * num_heads + heads) * NUM_SPLITS + split, lse, mask=row_mask)
+        tl.store(lse_ptr + (seq * num_heads + heads) * num_splits + split, lse, mask=row_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _merge_splits_kernel(
-    partial_ptr,  # [batch, num_heads, NUM_SPLITS, head_dim] fp32
-    lse_ptr,  # [batch, num_heads, NUM_SPLITS] fp32, base 2
+    partial_ptr,  # [batch, num_heads, num_splits, head_dim] fp32
+    lse_ptr,  # [batch, num_heads, num_splits] fp32, base 2
     out_ptr,  # [batch, num_heads, head_dim]
     stride_ob,
     stride_oh,
     num_heads,
+    num_splits,
     HEAD_DIM: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,  # MAX_SPLITS: one compiled kernel for every split count
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq * num_heads + head
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM)
-    split_mask = splits < NUM_SPLITS
+    split_mask = splits < num_splits
 
-    lse = tl.load(lse_ptr + row * NUM_SPLITS + splits, mask=split_mask, other=float("-inf"))
+    lse = tl.load(lse_ptr + row * num_splits + splits, mask=split_mask, other=float("-inf"))
     weight = tl.exp2(lse - tl.max(lse, axis=0))  # empty splits weigh 0
     weight = weight / tl.sum(weight, axis=0)
     partial = tl.load(
-        partial_ptr + (row * NUM_SPLITS + splits[:, None]) * HEAD_DIM + dims[None, :],
+        partial_ptr + (row * num_splits + splits[:, None]) * HEAD_DIM + dims[None, :],
         mask=split_mask[:, None],
         other=0.0,
     )
@@ -177,7 +186,7 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, block
         return 1
     want = math.ceil(target_programs / programs)
     most = max(1, max_context_len // (2 * block_n))
-    return max(1, min(want, most, 64))
+    return max(1, min(want, most, MAX_SPLITS))
 
 
 def paged_decode_attention(
@@ -208,6 +217,7 @@ def paged_decode_attention(
         block_n = 128 if fp8 else 64
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, max_context_len, block_n)
+    assert 1 <= num_splits <= MAX_SPLITS, f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}"
 
     if out is None:
         out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
@@ -226,12 +236,13 @@ def paged_decode_attention(
         block_tables.stride(0),
         partial.stride(0), partial.stride(1), partial.stride(2) if num_splits > 1 else 0,
         num_heads,
+        num_splits,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
         BLOCK_N=block_n,
-        NUM_SPLITS=num_splits,
+        ONE_SPLIT=num_splits == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8=fp8,
         FP16_DOT=fp8 and q.dtype == torch.bfloat16,
@@ -245,8 +256,8 @@ def paged_decode_attention(
             partial, lse, out,
             out.stride(0), out.stride(1),
             num_heads,
+            num_splits,
             HEAD_DIM=head_dim,
-            NUM_SPLITS=num_splits,
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            SPLITS_PAD=MAX_SPLITS,
         )  # fmt: skip
     return out

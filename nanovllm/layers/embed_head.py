@@ -49,6 +49,14 @@ class ParallelLMHead(VocabParallelEmbedding):
         context = get_context()
         if context.logits_indices is not None:
             hidden_states = hidden_states[context.logits_indices]
-        logits = F.linear(hidden_states, self.weight)  # [num_seqs, shard_size]
+        logits = self._linear(hidden_states)  # [num_seqs, shard_size]
         logits = gather_to_rank0(logits)
         return logits[:, : self.vocab_size] if logits is not None else None
+
+    def _linear(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from nanovllm.kernels import gemv
+
+            if gemv.gemv_eligible(x, self.weight):  # a decode step of a few rows (kernels/gemv.py)
+                return gemv.gemv(x, self.weight)
+        return F.linear(x, self.weight)

@@ -65,7 +65,22 @@ class LinearBase(nn.Module):
             self.packed = PackedWeight(self.weight.data, self.quant_type)
             self.weight.data = torch.empty(0, dtype=torch.uint8)
 
-    def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def takes_gemv(self, x: torch.Tensor) -> bool:
+        """Whether ``linear`` runs the Triton GEMV on ``x`` (kernels/gemv.py: a CUDA step of a few
+        rows with a float weight); only then does it accept ``act``."""
+        if self.packed is not None or not x.is_cuda:
+            return False
+        from nanovllm.kernels import gemv
+
+        return gemv.gemv_eligible(x, self.weight)
+
+    def linear(self, x: torch.Tensor, bias: torch.Tensor | None, act: str | None = None) -> torch.Tensor:
+        if self.takes_gemv(x):
+            from nanovllm.kernels import gemv
+
+            return gemv.gemv(x, self.weight, act=act, bias=bias)
+        if act is not None:
+            raise ValueError(f"act={act!r} is fused only on the GEMV path; check takes_gemv(x) first")
         if self.packed is None:
             return F.linear(x, self.weight, bias)
         y = self.packed.matmul(x)
@@ -150,7 +165,7 @@ class RowParallelLinear(LinearBase):
             raise ValueError(f"input size {input_size} is not divisible by tensor_parallel_size={tp}")
         super().__init__(input_size // tp, output_size, bias, tp_dim=1, quant_type=quant_type)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, act: str | None = None) -> torch.Tensor:
         # The bias is added once, on rank 0, so the all-reduce sums it exactly once.
-        y = self.linear(x, self.bias if self.tp_rank == 0 else None)
+        y = self.linear(x, self.bias if self.tp_rank == 0 else None, act)
         return all_reduce(y)

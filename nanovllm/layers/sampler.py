@@ -7,8 +7,9 @@ One call turns a batch of logits (one row per running sequence) into one token i
       -> other rows: temperature -> top-k -> top-p -> min-p -> exponential race
 
 Every step is batched over rows. Host-side flags in ``SamplingMetadata`` skip whole steps that
-no row in the batch uses, so a batch of plain temperature requests pays for one softmax and one
-exponential race, and a greedy batch for one argmax.
+no row in the batch uses. On CUDA a batch of plain temperature / greedy requests (``md.plain``)
+goes straight to one pass over the model-dtype logits (kernels/sample_race.py), and a greedy batch
+to one argmax.
 
 Sampling uses the exponential race: with ``E_i ~ Exp(1)`` independent, ``argmax_i p_i / E_i`` is
 distributed as ``p``. Unseeded rows draw ``E`` from torch's generator; seeded rows derive it from a
@@ -84,8 +85,16 @@ class SamplerOutput:
 
 
 class Sampler(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self._race_seed: int | None = None  # drawn once from torch's generator, then counted up
+
     def forward(self, logits: torch.Tensor, metadata: SamplingMetadata) -> SamplerOutput:
         md = metadata
+        if logits.is_cuda and md.plain:  # the common case: no widening to float32, one pass
+            if md.all_greedy:
+                return SamplerOutput(logits.argmax(dim=-1))
+            return SamplerOutput(self._race_sample(logits, md))
         # [batch, vocab]. float32 logits are modified in place (vLLM does the same).
         logits = logits.to(torch.float32)
         raw_logprobs = None if md.max_num_logprobs is None else torch.log_softmax(logits, dim=-1)
@@ -100,10 +109,11 @@ class Sampler(nn.Module):
         packed = None if raw_logprobs is None else gather_logprobs(raw_logprobs, token_ids, md)
         return SamplerOutput(token_ids, packed, md.num_logprobs)
 
-    @staticmethod
-    def sample(logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+    def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
         greedy = logits.argmax(dim=-1) if md.any_greedy else None
-        if md.no_top_k and md.no_top_p and md.no_min_p and md.seeded_rows is None:  # the common case
+        if md.no_top_k and md.no_top_p and md.no_min_p and md.seeded_rows is None:  # temperature only
+            if logits.is_cuda:
+                return self._race_sample(logits, md)
             if logits.shape[0] < FEW_ROWS:
                 sampled = sample_few_rows(logits, md.temperatures)
             else:
@@ -124,9 +134,18 @@ class Sampler(nn.Module):
             sampled = torch.where(md.greedy_mask, greedy, sampled)
         return sampled
 
+    def _race_sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        """CUDA: temperature sampling (greedy rows: argmax) in one pass over the logits. Each call
+        gets the next seed (the first from torch's generator: ``torch.manual_seed`` repeats runs)."""
+        from nanovllm.kernels.sample_race import race_sample  # Triton: imported on CUDA only
 
-# Below this many rows the fused kernel (one program per row) leaves most of a GPU idle: measured on
-# an H100, 93 µs for one row of 151,936 logits, more than a whole decode step's norms.
+        if self._race_seed is None:
+            self._race_seed = int(torch.randint(0, 2**31 - 1, (1,)))
+        self._race_seed = (self._race_seed + 1) & 0x7FFFFFFF
+        return race_sample(logits, md.temperatures, md.greedy_mask, self._race_seed)
+
+
+# CPU: below this many rows the exponential race runs without a softmax.
 FEW_ROWS = 32
 
 

@@ -53,6 +53,19 @@ class SamplingMetadata:
     no_top_p: bool
     no_min_p: bool
 
+    @property
+    def plain(self) -> bool:
+        """Only temperature (or greedy) sampling: no logprobs, min_tokens, penalties, filters or seeds."""
+        return (
+            self.max_num_logprobs is None
+            and self.min_tokens_rows is None
+            and self.seeded_rows is None
+            and self.no_penalties
+            and self.no_top_k
+            and self.no_top_p
+            and self.no_min_p
+        )
+
     @classmethod
     def build(
         cls,

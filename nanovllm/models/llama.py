@@ -13,7 +13,7 @@ from nanovllm.layers.embed_head import ParallelLMHead, VocabParallelEmbedding
 from nanovllm.layers.layernorm import RMSNorm
 from nanovllm.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from nanovllm.layers.rotary_embedding import get_rope
-from nanovllm.models.llama_cpu import lean_cpu_eligible, lean_forward, lean_logits
+from nanovllm.models.llama_cpu import dense_embedding, lean_cpu_eligible, lean_forward, lean_logits
 from nanovllm.utils.context import get_context
 
 
@@ -102,7 +102,10 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_up_proj(x)))
+        gate_up = self.gate_up_proj(x)
+        if self.down_proj.takes_gemv(gate_up):  # a few rows on CUDA: silu * up inside the GEMV
+            return self.down_proj(gate_up, act="silu_mul")
+        return self.down_proj(self.act_fn(gate_up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -144,6 +147,7 @@ class LlamaModel(nn.Module):
                 self.lean_cpu = lean_cpu_eligible(self)
             if self.lean_cpu and (hidden_states := lean_forward(self, input_ids, positions)) is not None:
                 return hidden_states
+            dense_embedding(self)  # where the loader kept only the GGUF blocks
         hidden_states, residual = self.embed_tokens(input_ids), None
         for layer in self.layers:
             hidden_states, residual = layer(positions, hidden_states, residual)

@@ -4,9 +4,10 @@ The same layers and weights as ``LlamaModel.forward``, called without the module
 and with few dtype round trips: on a CPU each op costs microseconds of dispatch.
 
 With the C kernels (kernels/cpu/, the default on AVX2 CPUs) everything is float32 between the quantised
-matmuls, and the tied embedding / lm_head matrix (49152 x 576 for SmolLM2, GGUF Q8_0, dequantised to
-float32 by the loader) is quantised back to Q8_0 at the first lean step -- bit for bit the file's blocks,
-29 MB instead of 113 -- and serves both the embedding lookup and the logits.
+matmuls, and the tied embedding / lm_head matrix (49152 x 576 for SmolLM2, GGUF Q8_0) stays in the file's
+blocks (the loader's ``lean_embed``: 29 MB instead of 113, nothing decoded at start-up) and serves both
+the embedding lookup and the logits. A float embedding (quantization=None, safetensors) is quantised to
+Q8_0 at the first lean step instead.
 
 Without them (torch's int4 kernel, which takes and returns bfloat16)::
 
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 from nanovllm.kernels import torch_paged
 from nanovllm.kernels.cpu import decode_step, ops
 from nanovllm.layers.linear import LinearBase
-from nanovllm.layers.quantization import PackedWeight, act_dtype, quantize_q8_0
+from nanovllm.layers.quantization import PackedWeight, act_dtype, dequantize, quantize_q8_0
 from nanovllm.utils.context import get_context
 
 BF16 = torch.bfloat16
@@ -75,7 +76,8 @@ def _to_half(param: torch.nn.Parameter) -> None:
 
 
 def _pack_embedding(model) -> None:
-    """Once: the embedding as Q8_0 blocks in ``model.lean_embed`` (C kernels) or in float16 (else)."""
+    """Once: the embedding as Q8_0 blocks in ``model.lean_embed`` (C kernels) or in float16 (else).
+    A GGUF embedding the loader kept in its blocks is already there."""
     weight = model.embed_tokens.weight
     if getattr(model, "lean_embed", None) is not None or weight.dtype == torch.float16:
         return
@@ -84,6 +86,15 @@ def _pack_embedding(model) -> None:
         weight.data = torch.empty(0)  # the tied lm_head reads lean_embed too (lean_logits)
     else:
         _to_half(weight)
+
+
+def dense_embedding(model) -> None:
+    """The float embedding matrix for the modules' forward (not the lean one: an fp8 KV cache, a model
+    it does not take) where the loader kept only the file's blocks in ``model.lean_embed``: decoded as
+    the dequantising loader decodes them, so this path computes what it computes with quantization=None."""
+    weight, packed = model.embed_tokens.weight, getattr(model, "lean_embed", None)
+    if weight.numel() == 0 and packed is not None:
+        weight.data = dequantize(packed.raw, packed.qtype).to(weight.dtype)
 
 
 def lean_logits(model, hidden: torch.Tensor) -> torch.Tensor:

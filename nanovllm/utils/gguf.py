@@ -20,18 +20,21 @@ What this module relies on in the file (GGUF v3, as written by llama.cpp's ``con
   viewing each head's rows as ``[head_dim/2, 2]`` and transposing to ``[2, head_dim/2]``; ``attn_k`` uses the
   KV head count. Qwen2/Qwen3 use llama.cpp's NEOX rope (same pairing as HF), so they are not permuted.
 
-The header is parsed here (``GGUFFile``; gguf-py's reader takes seconds on a 49k-token vocabulary); the
-block formats (Q4_0, Q8_0, K-quants, ...) are decoded by gguf-py's ``gguf.quants.dequantize``.
+The header is parsed here (``GGUFFile``; gguf-py's reader takes seconds on a 49k-token vocabulary), with
+ggml's type table of utils/ggml_types.py; block formats that are dequantised (Q4_0, Q8_0, K-quants, ...)
+are decoded by gguf-py's ``gguf.quants.dequantize``, imported only then.
 """
 
 import importlib.metadata
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
 import torch
 
+from nanovllm.utils.ggml_types import GGMLType, ggml_type
 from nanovllm.utils.gguf_config import GGUFModelConfig
 from nanovllm.utils.gguf_tokenizer import load_gguf_tokenizer, tokenizer_cache_dir  # noqa: F401 (re-export)
 from nanovllm.utils.loader import CheckpointTensors
@@ -122,8 +125,6 @@ class GGUFFile:
     def __init__(self, path: str):
         if not is_gguf(path):
             raise ValueError(f"{path!r} is not a GGUF file")
-        from gguf import GGMLQuantizationType
-
         self.path = path
         self._map = np.memmap(path, dtype=np.uint8, mode="r")
         st = os.stat(path)
@@ -143,7 +144,7 @@ class GGUFFile:
         for _ in range(num_tensors):
             name = self._read_string()
             dims = [self._read("<Q") for _ in range(self._read("<I"))]
-            qtype = GGMLQuantizationType(self._read("<I"))
+            qtype = ggml_type(self._read("<I"))
             infos.append((name, tuple(reversed(dims)), qtype, self._read("<Q")))
         align = self.metadata.get("general.alignment", 32)
         data_start = -(-self._pos // align) * align
@@ -161,20 +162,13 @@ class GGUFFile:
 
     def tensor_bytes(self, name: str) -> np.ndarray:
         """The raw bytes of one tensor as ``uint8[*shape[:-1], row_bytes]`` (a view of the memory map)."""
-        from gguf import GGML_QUANT_SIZES
-
         shape, qtype, start = self.tensors[name]
-        block_size, block_bytes = GGML_QUANT_SIZES[qtype]
-        row_bytes = shape[-1] // block_size * block_bytes
-        return self._map[start : self._end(name)].reshape(*shape[:-1], row_bytes)
+        return self._map[start : self._end(name)].reshape(*shape[:-1], qtype.row_bytes(shape[-1]))
 
     def _end(self, name: str) -> int:
         """Byte offset just past tensor ``name``'s data."""
-        from gguf import GGML_QUANT_SIZES
-
         shape, qtype, start = self.tensors[name]
-        block_size, block_bytes = GGML_QUANT_SIZES[qtype]
-        return start + int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block_size * block_bytes)
+        return start + int(np.prod(shape[:-1], dtype=np.int64)) * qtype.row_bytes(shape[-1])
 
     def _read(self, fmt: str):
         try:
@@ -354,21 +348,38 @@ def packed_module_types(path: str) -> dict[str, str]:
     return {m: t.pop() for m, t in types.items() if len(t) == 1 and next(iter(t)) in PACKED_TYPES}
 
 
+def embedding_block_type(path: str) -> str | None:
+    """The ggml type in which ``token_embd.weight`` can stay packed (the C kernels look rows up in it and
+    multiply by it: the lean CPU forward's embedding and tied lm_head), or None where it must be
+    dequantised: another format, a width that is not whole blocks, or no C kernels."""
+    from nanovllm.kernels.cpu import ops
+    from nanovllm.layers.quantization import PACKED_TYPES
+
+    shape, qtype, _ = GGUFFile(path).tensors.get("token_embd.weight", ((), None, 0))
+    if qtype is None or qtype.name not in PACKED_TYPES or shape[-1] % PACKED_TYPES[qtype.name][0]:
+        return None
+    return qtype.name if ops.available() else None
+
+
 def iter_gguf_weights(path: str, quantization: str | None = None) -> CheckpointTensors:
     """``(hf_name, tensor)`` one tensor at a time from the memory-mapped file: float32, dequantised;
     with ``quantization="gguf"``, the weights ``packed_module_types`` lists stay raw block bytes
-    (uint8 ``[out_features, row_bytes]``) for the layers to pack."""
+    (uint8 ``[out_features, row_bytes]``) for the layers to pack, and so does the embedding where
+    ``embedding_block_type`` allows (listed in ``CheckpointTensors.blocks``: the loader keeps it packed).
+    Raw blocks and float32 data come as read-only views of the memory map (no copy): copy before writing."""
     f = GGUFFile(path)
+    embed = embedding_block_type(path) if quantization == "gguf" else None
     return CheckpointTensors(
-        lambda: ((path, name, tensor) for name, tensor in _read_gguf_weights(f, quantization)),
+        lambda: ((path, name, tensor) for name, tensor in _read_gguf_weights(f, quantization, embed)),
         expected_file=lambda name: path,
         stored_name=hf_to_gguf_name,
+        blocks={} if embed is None else {"model.embed_tokens.weight": embed},
     )
 
 
-def _read_gguf_weights(f: GGUFFile, quantization: str | None) -> Iterator[tuple[str, torch.Tensor]]:
-    from gguf.quants import dequantize
-
+def _read_gguf_weights(
+    f: GGUFFile, quantization: str | None, embed: str | None
+) -> Iterator[tuple[str, torch.Tensor]]:
     arch = _architecture(f)
     permuted = _ARCHITECTURES[arch][2]
     num_heads = f.metadata[f"{arch}.attention.head_count"]
@@ -379,15 +390,35 @@ def _read_gguf_weights(f: GGUFFile, quantization: str | None) -> Iterator[tuple[
             hf_name = gguf_to_hf_name(name)
         except KeyError as e:
             raise ValueError(f"{f.path!r}: {e.args[0]}; this model does not use it") from None
-        if _module_name(hf_name) in packed and hf_name.endswith(".weight"):
-            weight = torch.from_numpy(np.array(f.tensor_bytes(name)))  # rows are whole blocks
+        if name == "token_embd.weight" and embed is not None:
+            weight = torch.from_numpy(np.array(f.tensor_bytes(name)))  # kept: the parameter is dropped
+        elif _module_name(hf_name) in packed and hf_name.endswith(".weight"):
+            weight = _read_only_tensor(f.tensor_bytes(name))  # rows are whole blocks
         else:
-            array = dequantize(f.tensor_bytes(name), qtype)
-            if array.dtype != np.float32 or not array.flags.writeable:
-                array = array.astype(np.float32)  # copies F32 data out of the read-only memory map
-            weight = torch.from_numpy(array).reshape(shape)
+            weight = _read_only_tensor(_dequantize(f.tensor_bytes(name), qtype)).reshape(shape)
         if permuted and ".attn_q." in name:
             weight = _unpermute_rows(weight, num_heads)
         elif permuted and ".attn_k." in name:
             weight = _unpermute_rows(weight, num_kv_heads)
         yield hf_name, weight
+
+
+def _dequantize(raw: np.ndarray, qtype: GGMLType) -> np.ndarray:
+    """float32 values of one tensor's bytes: float formats as views of the memory map, block formats
+    decoded by gguf-py."""
+    if qtype.name == "F32":
+        return raw.view(np.float32)
+    if qtype.name == "F16":
+        return raw.view(np.float16).astype(np.float32)
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+
+    return dequantize(raw, GGMLQuantizationType(qtype.id)).astype(np.float32, copy=False)
+
+
+def _read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor viewing ``array`` (maybe the file's read-only memory map) without a copy. The loader
+    only reads it: every weight loader copies it into its parameter, the one copy it needs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The given NumPy array is not writable")
+        return torch.from_numpy(array)

@@ -12,7 +12,7 @@ import glob
 import json
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from safetensors import safe_open
@@ -38,6 +38,8 @@ class CheckpointTensors:
     read: Callable[[], Iterator[tuple[str, str, torch.Tensor]]]  # yields (file, name, tensor)
     expected_file: Callable[[str], str]  # the file a tensor of this name belongs in
     stored_name: Callable[[str], str] = lambda name: name  # the name as the file spells it
+    # name -> ggml type of a float parameter's tensor that comes as raw block bytes (see _keep_blocks)
+    blocks: dict[str, str] = field(default_factory=dict)
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
         for _, name, tensor in self.read():
@@ -138,7 +140,10 @@ def _load_weights(model: nn.Module, weights: CheckpointTensors | Iterable[tuple[
             )
         param = params[name]
         try:
-            _load_one(param, tensor, shard_id)
+            if ckpt_name in weights.blocks:
+                _keep_blocks(model, name, param, tensor, weights.blocks[ckpt_name])
+            else:
+                _load_one(param, tensor, shard_id)
         except (ValueError, RuntimeError) as e:
             raise ValueError(f"{where} {e}") from e
         written[slot] = file, ckpt_name
@@ -163,6 +168,19 @@ def _load_one(param: nn.Parameter, tensor: torch.Tensor, shard_id: object) -> No
         loader(param, tensor.to(param.dtype))
     else:
         loader(param, tensor.to(param.dtype), shard_id)
+
+
+def _keep_blocks(model: nn.Module, name: str, param: nn.Parameter, blocks: torch.Tensor, qtype: str) -> None:
+    """The embedding ``name`` stays in its GGUF blocks (uint8 ``[vocab, row_bytes]``): the module that
+    holds it gets ``lean_embed``, a ``PackedWeight`` the lean CPU forward looks rows up in and (tied)
+    computes logits with, and the float parameter is emptied. Nothing is dequantised here; a forward
+    that needs the float matrix rebuilds it from the blocks (``models/llama_cpu.py``, ``dense_embedding``)."""
+    from nanovllm.layers.quantization import PackedWeight, row_bytes
+
+    owner_name = name.rsplit(".", 2)[0] if name.count(".") >= 2 else ""  # model.embed_tokens.weight -> model
+    expect_shape(blocks, (param.shape[0], row_bytes(qtype, param.shape[1])), f" ({qtype} blocks)")
+    model.get_submodule(owner_name).lean_embed = PackedWeight(blocks, qtype)
+    param.data = torch.empty(0, dtype=param.dtype)
 
 
 def _canonical_names(model: nn.Module) -> dict[str, str]:

@@ -204,8 +204,19 @@ def test_header_parser_agrees_with_gguf_reader(tmp_path):
     assert ours.tensors.keys() == {t.name for t in theirs.tensors}
     for t in theirs.tensors:
         shape, qtype, _ = ours.tensors[t.name]
-        assert qtype == t.tensor_type and shape == tuple(int(n) for n in reversed(t.shape))
+        assert (qtype.id, qtype.name) == (t.tensor_type, t.tensor_type.name)
+        assert shape == tuple(int(n) for n in reversed(t.shape))
         assert np.array_equal(ours.tensor_bytes(t.name).view(np.uint8), t.data.view(np.uint8))
+
+
+def test_ggml_type_table_agrees_with_gguf_py():
+    from nanovllm.utils.ggml_types import COMMON_TYPES, ggml_type
+
+    for qtype in [*(Q(i) for i in COMMON_TYPES), Q.Q6_K, Q.Q4_K]:  # ours, and two looked up in gguf-py
+        ours = ggml_type(int(qtype))
+        assert (ours.name, (ours.block_size, ours.type_size)) == (qtype.name, gguf.GGML_QUANT_SIZES[qtype])
+    with pytest.raises(ValueError, match="ggml tensor type 9999 is unknown"):
+        ggml_type(9999)
 
 
 def test_default_model_path_says_how_to_install():
@@ -339,3 +350,73 @@ def test_header_is_parsed_again_when_the_file_changes(tmp_path):
         assert first.metadata["tokenizer.ggml.tokens"] == ["a"] * value
         assert again.metadata is first.metadata  # served from the cache
         assert np.all(again.tensor_bytes("output_norm.weight").view(np.float32) == value)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# quantization="gguf" with the C kernels: the tied embedding stays in the file's Q8_0 blocks.
+
+
+def _packed_model(path: str, quantization: str | None):
+    from nanovllm.config import Config
+    from nanovllm.models.registry import model_class
+    from nanovllm.utils.loader import load_weights
+
+    config = Config(path, quantization=quantization, max_model_len=256)
+    model = model_class(config.hf_config)(config.hf_config)
+    load_weights(model, iter_gguf_weights(path, config.quantization))
+    return model
+
+
+def test_embedding_blocks_are_the_files_and_the_requantised_matrix(smollm2):
+    from nanovllm.kernels.cpu import ops
+    from nanovllm.layers.quantization import quantize_q8_0
+    from nanovllm.models.llama_cpu import _pack_embedding, dense_embedding
+
+    if not ops.available():
+        pytest.skip("the C kernels did not build: the embedding is dequantised")
+    packed = _packed_model(smollm2, "gguf").model
+    dense = _packed_model(smollm2, None).model
+    blocks = packed.lean_embed
+    assert blocks.qtype == "Q8_0" and packed.embed_tokens.weight.numel() == 0  # nothing decoded
+    f = GGUFFile(smollm2)
+    assert torch.equal(blocks.raw, torch.from_numpy(np.array(f.tensor_bytes("token_embd.weight"))))
+    # what the first lean step used to build from the float32 matrix, bit for bit
+    assert torch.equal(blocks.raw, quantize_q8_0(dense.embed_tokens.weight))
+    _pack_embedding(packed)  # the lean step's call keeps the loader's blocks
+    assert packed.lean_embed is blocks
+    ids = torch.tensor([0, 1, 4_000, 49_151])
+    assert torch.equal(blocks.rows(ids), dense.embed_tokens.weight[ids])
+    # the modules' forward (fp8 cache, ...) gets the dequantising loader's matrix back
+    dense_embedding(packed)
+    assert torch.equal(packed.embed_tokens.weight, dense.embed_tokens.weight)
+
+
+def test_embedding_kept_in_blocks_only_where_the_lean_path_can_read_them(smollm2, monkeypatch):
+    from nanovllm.kernels.cpu import ops
+    from nanovllm.utils.gguf import embedding_block_type
+
+    assert not iter_gguf_weights(smollm2).blocks  # quantization=None: all dequantised
+    monkeypatch.setattr(ops, "available", lambda: False)
+    assert embedding_block_type(smollm2) is None and not iter_gguf_weights(smollm2, "gguf").blocks
+
+
+def test_modules_forward_of_a_packed_model_reads_the_restored_embedding(smollm2):
+    """The modules' forward (lean path off) on the blocks-only embedding: the same greedy tokens as the
+    lean path for a short reply (both multiply the same packed weights); with an fp8 cache, a sensible
+    reply (without the restored matrix the embedding lookup fails)."""
+    from nanovllm import LLM, SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    replies = []
+    for lean in (True, False):
+        with LLM(smollm2, max_model_len=256) as llm:
+            if not lean:
+                llm.engine.executor.model.model.lean_cpu = False
+            replies.append(llm.chat([prompt], params, use_tqdm=False)[0]["text"])
+    assert replies[0] == replies[1] and "Paris" in replies[0]
+    # an fp8 KV cache: the modules' forward for the layers, the blocks for the tied logits
+    with LLM(smollm2, max_model_len=256, kv_cache_dtype="fp8") as llm:
+        assert "Paris" in llm.chat([prompt], params, use_tqdm=False)[0]["text"]
+        model = llm.engine.executor.model.model
+        assert model.lean_cpu and model.embed_tokens.weight.shape == (49152, 576)

@@ -118,3 +118,19 @@ def test_cli_user_errors_are_one_line():
         assert "Traceback" not in r.stderr
     r = _cli("--help")
     assert r.returncode == 0 and "generate" in r.stdout and "chat" in r.stdout
+
+
+@needs_smollm2
+def test_cli_generate_imports_only_what_it_uses():
+    """The generate command on the bundled model streams its reply without transformers, gguf-py (its
+    header, weights and tokenizer are read here), the server's packages or tqdm.auto (torch imports
+    plain tqdm), and leaves the garbage collector on."""
+    argv = ["generate", "What is the capital of France?", "--max-tokens", "8", "--temperature", "0"]
+    code = (
+        f"import gc, sys; from nanovllm.__main__ import main; rc = main({argv!r}); "
+        "heavy = ('transformers', 'gguf', 'fastapi', 'uvicorn', 'tqdm.auto', 'torch._dynamo'); "
+        "print(rc, gc.isenabled(), sorted(m for m in heavy if m in sys.modules))"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout and r.stdout.strip().splitlines()[-1] == "0 True []"

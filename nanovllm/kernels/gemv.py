@@ -1,0 +1,295 @@
+"""y = x @ weight^T for a decode step of a few rows (Triton GEMV), in place of cuBLAS.
+
+At batch 1 each projection reads its whole weight to produce one row, so it is bound by memory
+bandwidth, not arithmetic. cuBLAS's kernels for M=1 reach only ~1.0-1.5 TB/s on an H200 at the
+Qwen3-0.6B shapes (and split K=2048 into a second, reduce kernel); this kernel aims at the copy
+bandwidth. It runs when ``LinearBase.linear`` (and the LM head) see a CUDA input of
+1 <= M <= ``GEMV_MAX_ROWS`` rows and a float weight (packed GGUF weights keep their own kernel):
+in practice the decode steps of batch <= 4, captured in their CUDA graphs.
+
+How it splits the work::
+
+    weight [N, K]  (rows contiguous along K)
+    ┌──────────────┬──────────────┐  program (n, s) reads rows n*BLOCK_N ... +BLOCK_N of
+    │ (0, 0)       │ (0, 1)       │  K-slice s in tiles [BLOCK_N, BLOCK_K] (16-byte loads along K),
+    ├──────────────┼──────────────┤  multiplies each by the broadcast x chunk [M, BLOCK_K] of every
+    │ (1, 0)       │ (1, 1)       │  row and reduces along K into M x BLOCK_N float32 accumulators,
+    └──────────────┴──────────────┘  so each weight byte is read once whatever M is.
+
+No ``tl.dot``: with M <= 4 the tensor cores would idle, and the interpreter has no bf16 dot.
+One launch keeps up to 4 rows, each in a [BLOCK_N] accumulator of its own (more rows: more
+launches). To fill the GPU the grid needs some hundreds of programs. The default answer for a
+small N with a large K (down_proj 3072->1024) is a small BLOCK_N (2-4 rows of the weight per
+program, 256-512 programs) and no second kernel; a config may instead split K (SPLIT_K > 1): each
+slice writes float32 partial sums and a second kernel adds them in a fixed order (deterministic,
+unlike atomics) and rounds once. The benchmark times both.
+
+Block sizes come from ``GEMV_CONFIGS`` (one dict, tuned with ``benchmarks/bench_gemv.py``), else
+from ``default_config``; never autotuned, since the first call may run inside a graph capture.
+
+``act="silu_mul"``: x is [M, 2K] = [gate | up] and the kernel multiplies by silu(gate) * up,
+computed in float32 and rounded once to x's dtype, as the compiled ``silu_and_mul`` does, so the
+MLP's down projection needs no activation kernel of its own.
+
+Environment: ``NANOVLLM_GEMV=0`` turns the kernel off; ``NANOVLLM_GEMV_MAX_ROWS`` (default 4) sets
+the most rows it takes. Both are read once, at import.
+"""
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _max_rows_from_env() -> int:
+    if os.environ.get("NANOVLLM_GEMV", "1") == "0":
+        return 0
+    value = os.environ.get("NANOVLLM_GEMV_MAX_ROWS", "4")
+    try:
+        return int(value)
+    except ValueError:
+        msg = f"NANOVLLM_GEMV_MAX_ROWS={value!r} is not an integer (use e.g. 4, or 0 for off)"
+        raise ValueError(msg) from None
+
+
+GEMV_MAX_ROWS = _max_rows_from_env()
+
+
+class GemvConfig(NamedTuple):
+    block_n: int  # weight rows per program (a power of two)
+    block_k: int  # columns per loaded tile (a power of two)
+    split_k: int = 1  # K slices, each its own program; > 1 adds the deterministic reduce kernel
+    num_warps: int = 4
+
+
+# (N, K) -> config, or None to leave that shape to cuBLAS. (N, K, M) entries, where present, win
+# for that M. N and K are the local (tensor-parallel shard) sizes. Tuned with bench_gemv.py --quick
+# on an H200 (2026-11-28; us at M = 1, ours vs cuBLAS): qkv 4.05 vs 5.43, o 3.43 vs 12.96, gate_up
+# 5.51 vs 6.56, down 4.00 vs 7.61, lm_head 75.9 vs 83.5. At M = 4 cuBLAS wins for qkv, gate_up and
+# lm_head, and at M = 2 for gate_up: those are None.
+GEMV_CONFIGS: dict[tuple[int, ...], GemvConfig | None] = {
+    (4096, 1024): GemvConfig(2, 1024),  # Qwen3-0.6B qkv_proj
+    (4096, 1024, 2): GemvConfig(4, 1024),
+    (4096, 1024, 4): None,
+    (1024, 2048): GemvConfig(2, 2048),  # o_proj
+    (1024, 2048, 2): GemvConfig(4, 2048),
+    (1024, 2048, 4): GemvConfig(4, 2048),
+    (6144, 1024): GemvConfig(2, 1024),  # gate_up_proj
+    (6144, 1024, 2): None,
+    (6144, 1024, 4): None,
+    (1024, 3072): GemvConfig(2, 4096),  # down_proj (one masked 4096-wide tile)
+    (1024, 3072, 4): GemvConfig(4, 4096),
+    (151936, 1024): GemvConfig(2, 1024),  # lm_head
+    (151936, 1024, 2): GemvConfig(16, 256),
+    (151936, 1024, 4): None,
+}
+
+TARGET_PROGRAMS = 256  # about two per SM on an H100/H200 (132 SMs)
+TILE = 8192  # weight elements per loaded tile: 64 per thread at 4 warps, eight 16-byte loads
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(n, 1).bit_length() - 1)
+
+
+def default_config(n: int, k: int) -> GemvConfig:
+    """A shape outside the table. The loads of the K loop are not software-pipelined (there is no
+    tl.dot), so each tile costs a DRAM round trip: BLOCK_K as large as K allows (up to 2048, a
+    divisor of K where one >= 64 exists, so no masked tail), then BLOCK_N for tiles of ~TILE
+    elements, smaller where that leaves fewer than ~TARGET_PROGRAMS programs."""
+    block_k = min(2048, triton.next_power_of_2(k))
+    divisor = block_k
+    while divisor >= 64 and k % divisor:
+        divisor //= 2
+    block_k = divisor if divisor >= 64 else block_k
+    block_n = max(1, min(TILE // block_k, _pow2_floor(n // TARGET_PROGRAMS)))
+    return GemvConfig(block_n, block_k)
+
+
+def config_for(m: int, n: int, k: int) -> GemvConfig | None:
+    for key in ((n, k, m), (n, k)):
+        if key in GEMV_CONFIGS:
+            return GEMV_CONFIGS[key]
+    return default_config(n, k)
+
+
+def gemv_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``gemv`` should run for this input (not a test of validity: ``gemv`` checks that)."""
+    m = x.shape[0] if x.dim() == 2 else 0
+    return (
+        1 <= m <= GEMV_MAX_ROWS
+        and x.is_cuda
+        and weight.dim() == 2
+        and weight.dtype in (torch.bfloat16, torch.float16, torch.float32)
+        and x.dtype == weight.dtype
+        and x.stride(1) == 1
+        and weight.stride(1) == 1
+        and config_for(m, *weight.shape) is not None
+    )
+
+
+@triton.jit
+def _row_dot(x_row_ptr, w, ks, k_mask, K, ok, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
+    """One row's contribution [BLOCK_N] of the tile ``w`` [BLOCK_N, BLOCK_K] (zeros if not ``ok``)."""
+    mask = ok if EVEN_K else k_mask & ok  # a scalar mask keeps the loads vectorised
+    if SILU_MUL:
+        gate = tl.load(x_row_ptr + ks, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_row_ptr + K + ks, mask=mask, other=0.0).to(tl.float32)
+        act = gate / (1.0 + tl.exp(-gate)) * up
+        xs = act.to(x_row_ptr.dtype.element_ty).to(tl.float32)  # rounded once, as silu_and_mul
+    else:
+        xs = tl.load(x_row_ptr + ks, mask=mask, other=0.0).to(tl.float32)
+    return tl.sum(w * xs[None, :], axis=1)
+
+
+@triton.jit
+def _store_row(out_ptr, acc, bias, cols, col_ok, ok, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
+    if SPLIT:
+        tl.store(out_ptr + cols, acc, mask=col_ok & ok)
+    else:
+        if HAS_BIAS:
+            acc += bias
+        tl.store(out_ptr + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok & ok)
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # [M, K] (or [M, 2K] = [gate | up] with SILU_MUL); M <= 4
+    w_ptr,  # [N, K]
+    bias_ptr,  # [N] (HAS_BIAS only)
+    out_ptr,  # [M, N] in x's dtype, or [SPLIT_K, M, N] float32 partial sums when SPLIT
+    M,
+    N,
+    K,
+    k_per_split,  # a multiple of BLOCK_K
+    stride_xm,
+    stride_wn,
+    stride_om,
+    stride_os,
+    BLOCK_M: tl.constexpr,  # 1, 2 or 4: the rows kept, each in an accumulator of its own
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # every K slice is whole tiles: no mask along K
+    SPLIT: tl.constexpr,
+    SILU_MUL: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    # Everything stays 2-D ([BLOCK_N, BLOCK_K] tiles, [BLOCK_N] sums): a 3-D [M, N, K] broadcast
+    # would make the compiler move the weight tile between layouts through shared memory.
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    col_ok = cols < N
+    w_rows = w_ptr + cols.to(tl.int64)[:, None] * stride_wn  # [BLOCK_N, 1]
+    k_start = pid_k * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc0 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        ks = k0 + offs_k
+        k_mask = ks < k_end
+        if EVEN_K:
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
+        else:
+            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_mask[None, :], other=0.0)
+        w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
+        acc0 += _row_dot(x_ptr, w, ks, k_mask, K, M > 0, EVEN_K, SILU_MUL)
+        if BLOCK_M > 1:
+            acc1 += _row_dot(x_ptr + stride_xm, w, ks, k_mask, K, M > 1, EVEN_K, SILU_MUL)
+        if BLOCK_M > 2:
+            acc2 += _row_dot(x_ptr + 2 * stride_xm, w, ks, k_mask, K, M > 2, EVEN_K, SILU_MUL)
+            acc3 += _row_dot(x_ptr + 3 * stride_xm, w, ks, k_mask, K, M > 3, EVEN_K, SILU_MUL)
+    bias = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_BIAS and not SPLIT:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    out_ptr += pid_k * stride_os
+    _store_row(out_ptr, acc0, bias, cols, col_ok, M > 0, SPLIT, HAS_BIAS)
+    if BLOCK_M > 1:
+        _store_row(out_ptr + stride_om, acc1, bias, cols, col_ok, M > 1, SPLIT, HAS_BIAS)
+    if BLOCK_M > 2:
+        _store_row(out_ptr + 2 * stride_om, acc2, bias, cols, col_ok, M > 2, SPLIT, HAS_BIAS)
+        _store_row(out_ptr + 3 * stride_om, acc3, bias, cols, col_ok, M > 3, SPLIT, HAS_BIAS)
+
+
+@triton.jit
+def _split_k_reduce_kernel(
+    partial_ptr,  # [SPLIT_K, M, N] float32
+    bias_ptr,
+    out_ptr,  # [M, N]
+    M,
+    N,
+    stride_om,
+    SPLIT_K: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+):
+    row = tl.program_id(1)
+    cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < N
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):  # a fixed order: the same sum every run
+        acc += tl.load(partial_ptr + (s * M + row) * N + cols, mask=ok, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def gemv(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    out: torch.Tensor | None = None,
+    act: str | None = None,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """y[M, N] = x[M, K] @ weight[N, K]^T (+ bias), float32 accumulation, in x's dtype.
+
+    ``act="silu_mul"``: x is [M, 2K] and the product is taken with silu(gate) * up instead.
+    ``config``: block sizes to use instead of the table's (the benchmark sweeps them)."""
+    if act not in (None, "silu_mul"):
+        raise ValueError(f"gemv: unknown act {act!r} (None or 'silu_mul')")
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"gemv: x and weight must be 2-D, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
+    x_k = 2 * k if act == "silu_mul" else k
+    if x.shape[1] != x_k:
+        raise ValueError(f"gemv: x has {x.shape[1]} columns, weight {tuple(weight.shape)} needs {x_k}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"gemv: x is {x.dtype} but weight is {weight.dtype}; cast one to the other")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("gemv: x and weight need contiguous rows (stride 1 along K); call .contiguous()")
+    if out is None:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    elif out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1:
+        want = f"[{m}, {n}] {x.dtype} with stride 1 along N"
+        raise ValueError(f"gemv: out must be {want}, got {tuple(out.shape)} {out.dtype}")
+    if m == 0:
+        return out
+    cfg = config or config_for(m, n, k) or default_config(n, k)
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split_k = triton.cdiv(k, k_per_split)
+    even_k = k % k_per_split == 0  # every slice whole (k_per_split is whole tiles)
+    grid = (triton.cdiv(n, cfg.block_n), split_k)
+    has_bias = bias is not None
+    partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    for row in range(0, m, 4):  # the kernel keeps at most 4 rows; more re-read the weight
+        rows = min(4, m - row)
+        _gemv_kernel[grid](
+            x[row:], weight, bias if has_bias else x, partial[..., row:, :], rows, n, k, k_per_split,
+            x.stride(0), weight.stride(0), partial.stride(-2), partial.stride(0) if split_k > 1 else 0,
+            BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
+            SPLIT=split_k > 1, SILU_MUL=act == "silu_mul", HAS_BIAS=has_bias and split_k == 1,
+            num_warps=cfg.num_warps,
+        )  # fmt: skip
+    if split_k > 1:
+        block = min(1024, triton.next_power_of_2(n))
+        _split_k_reduce_kernel[(triton.cdiv(n, block), m)](
+            partial, bias if has_bias else partial, out, m, n, out.stride(0),
+            SPLIT_K=split_k, BLOCK=block, HAS_BIAS=has_bias, num_warps=4,
+        )  # fmt: skip
+    return out
