@@ -161,6 +161,11 @@ class PackedWeight:
             self.parts, self.dense = [], dequantize(raw, qtype).to(_COMPUTE_DTYPE)
 
     @property
+    def raw(self) -> torch.Tensor | None:
+        """The GGUF blocks uint8 [out, row_bytes] (rebuilt from the C kernels' layout; None without them)."""
+        return None if self.qmatmul is None else self.qmatmul.gguf_blocks()
+
+    @property
     def nbytes(self) -> int:
         tensors = [t for part in self.parts for t in part]
         tensors += [t for t in (self.dense, self.qmatmul and self.qmatmul.blocks) if t is not None]

@@ -126,3 +126,10 @@ def test_bad_arguments_name_the_problem():
         ops.qmatmul(raw.float(), "Q4_1", torch.randn(2, 64))
     with pytest.raises(ValueError, match="whole 20-byte blocks"):
         ops.qmatmul(raw[:, :30].contiguous(), "Q4_1", torch.randn(2, 64))
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+@pytest.mark.parametrize("k", [32, 576, 1536])
+def test_repacked_blocks_give_back_the_gguf_bytes(qtype, k):
+    raw = random_blocks(qtype, 5, k, seed=k)
+    assert torch.equal(ops.QMatmul(raw, qtype).gguf_blocks(), raw)

@@ -4,6 +4,7 @@ Each function checks what the C side assumes (dtype, contiguity, shapes) and pas
 library comes from ``build.load()``. Callers check ``available()`` first and keep a torch path.
 """
 
+import numpy as np
 import torch
 
 from nanovllm.kernels.cpu import build
@@ -69,6 +70,18 @@ class QMatmul:
     @property
     def nbytes(self) -> int:
         return self.blocks.numel()
+
+    def gguf_blocks(self) -> torch.Tensor:
+        """The matrix back in GGUF's block layout, uint8 [n, row_bytes] (the inverse of the repacking)."""
+        nb = self.k // 32
+        nbp, qbytes = -(-nb // 8) * 8, 32 if self.qtype == "Q8_0" else 16
+        rows = self.blocks.numpy()
+        parts, at = [], 0
+        for width in (2, 2) if self.qtype == "Q4_1" else (2,):  # d (and m) as float16 bytes, nbp of each
+            parts.append(rows[:, at : at + width * nb].reshape(self.n, nb, width))
+            at += width * nbp
+        parts.append(rows[:, at : at + qbytes * nb].reshape(self.n, nb, qbytes))
+        return torch.from_numpy(np.concatenate(parts, axis=2).reshape(self.n, -1))
 
 
 def qmatmul(raw: torch.Tensor, qtype: str, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
