@@ -8,9 +8,9 @@ llama.cpp's block formats (32 weights a block, the scales stored as float16):
 
 In Q4_0/Q4_1, byte i of ``qs`` holds weight i in its low nibble and weight i + 16 in its high one.
 
-With the C kernels (kernels/cpu/, AVX2): the raw block bytes are kept as they are in the file, and a
-matmul quantises its float32 activations to 16 bits per block of 32 and sums integer products
-(``ACT_DTYPE`` float32, output float32).
+With the C kernels (kernels/cpu/, AVX2): the block bytes are kept, each row's scales laid out apart
+from its quants (``ops.QMatmul``), and a matmul quantises its float32 activations to 16 bits per block
+of 32 and sums integer products (``ACT_DTYPE`` float32, output float32).
 
 Without them (no compiler, another CPU): torch's ``_weight_int4pack_mm_for_cpu`` computes ``x @ W.T``
 with ``W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]`` for groups ``g = k // 32``, so both 4-bit
@@ -146,12 +146,11 @@ class PackedWeight:
 
     def __init__(self, raw: torch.Tensor, qtype: str):
         self.qtype, self.shape = qtype, (raw.shape[0], raw.shape[1] // PACKED_TYPES[qtype][1] * GROUP)
-        self.raw: torch.Tensor | None = None
+        self.qmatmul: ops.QMatmul | None = None  # the C kernels' repacked copy (the raw bytes are dropped)
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.dense: torch.Tensor | None = None
         if ops.available():
-            self.raw = raw.contiguous()
-            self.qmatmul = ops.QMatmul(self.raw, qtype)
+            self.qmatmul = ops.QMatmul(raw.contiguous(), qtype)
             return
         try:
             for q, scale, zero in quants_scales_zeros(raw, qtype):
@@ -162,9 +161,14 @@ class PackedWeight:
             self.parts, self.dense = [], dequantize(raw, qtype).to(_COMPUTE_DTYPE)
 
     @property
+    def raw(self) -> torch.Tensor | None:
+        """The GGUF blocks uint8 [out, row_bytes] (rebuilt from the C kernels' layout; None without them)."""
+        return None if self.qmatmul is None else self.qmatmul.gguf_blocks()
+
+    @property
     def nbytes(self) -> int:
         tensors = [t for part in self.parts for t in part]
-        tensors += [t for t in (self.dense, self.raw) if t is not None]
+        tensors += [t for t in (self.dense, self.qmatmul and self.qmatmul.blocks) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +180,7 @@ class PackedWeight:
     def mm(self, x: torch.Tensor) -> torch.Tensor:
         """``act_dtype()`` [m, in_features] -> the same dtype [m, out_features], no casts (the lean
         CPU forward's call)."""
-        if self.raw is not None:
+        if self.qmatmul is not None:
             return self.qmatmul(x)
         if self.dense is not None:
             return F.linear(x, self.dense)
@@ -188,6 +192,6 @@ class PackedWeight:
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor:
         """float32 [len(ids), in_features]: rows ``ids`` of the matrix (an embedding lookup)."""
-        if self.raw is not None:
-            return ops.dequant_rows(self.raw, self.qtype, ids)
+        if self.qmatmul is not None:
+            return self.qmatmul.rows(ids)
         raise NotImplementedError("row lookups need the C kernels")

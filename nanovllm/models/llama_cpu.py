@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from nanovllm.kernels import torch_paged
-from nanovllm.kernels.cpu import ops
+from nanovllm.kernels.cpu import decode_step, ops
 from nanovllm.layers.linear import LinearBase
 from nanovllm.layers.quantization import PackedWeight, act_dtype, dequantize, quantize_q8_0
 from nanovllm.utils.context import get_context
@@ -175,6 +175,9 @@ def _forward_c(model, input_ids: torch.Tensor, positions: torch.Tensor, ctx, pla
     cos_sin = model.layers[0].self_attn.rotary_emb.cos_sin_cache
     positions = positions.to(torch.int64).contiguous()
     residual, hidden = model.lean_embed.rows(input_ids), None
+    if decode and (step := _decode_step(model)) is not None:
+        tables, lens = ctx.block_tables, ctx.context_lens
+        return step(residual, cos_sin, positions, ctx.slot_mapping, tables, lens, model.norm.weight)
     for layer in model.layers:
         attn, mlp, layer_attn = layer.self_attn, layer.mlp, layer.self_attn.attn
         heads, kv_heads, head_dim = attn.num_heads, attn.num_kv_heads, attn.head_dim
@@ -197,3 +200,44 @@ def _forward_c(model, input_ids: torch.Tensor, positions: torch.Tensor, ctx, pla
         gate_up = _linear(mlp.gate_up_proj, ops.add_rms_norm(residual, hidden, norm.weight, norm.eps))
         hidden = _linear(mlp.down_proj, ops.silu_mul(gate_up))
     return ops.add_rms_norm(residual, hidden, model.norm.weight, model.norm.eps)
+
+
+def _projections(layer) -> tuple[LinearBase, ...]:
+    return layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj
+
+
+def _decode_step(model) -> decode_step.DecodeStep | None:
+    """The model's one-call decode step (kernels/cpu/decode_step.py), built once per KV cache; None
+    where the layers do not suit it (a bias, differing norm eps or head shapes) or ``model.fused_decode``
+    is False."""
+    if not getattr(model, "fused_decode", True):
+        return None
+    first = model.layers[0].self_attn
+    key = (first.attn.k_cache.data_ptr(), first.attn.v_cache.data_ptr())
+    cached = getattr(model, "_decode_step_cache", None)
+    if cached is None or cached[0] != key:
+        model._decode_step_cache = (key, _build_decode_step(model))
+    return model._decode_step_cache[1]
+
+
+def _build_decode_step(model) -> decode_step.DecodeStep | None:
+    first = model.layers[0].self_attn
+    dims = (first.num_heads, first.num_kv_heads, first.head_dim)
+    eps = {model.norm.eps}
+    for layer in model.layers:
+        a = layer.self_attn
+        eps |= {layer.input_layernorm.eps, layer.post_attention_layernorm.eps}
+        if (a.num_heads, a.num_kv_heads, a.head_dim) != dims or len(eps) > 1:
+            return None
+        if any(lin.bias is not None or lin.packed.qmatmul is None for lin in _projections(layer)):
+            return None
+    inter = model.layers[0].mlp.down_proj.packed.shape[1]
+    if not decode_step.supported(model.norm.weight.numel(), *dims, inter):
+        return None
+    layers = []
+    for layer in model.layers:
+        packed = [lin.packed.qmatmul for lin in _projections(layer)]
+        norms = (layer.input_layernorm.weight.data, layer.post_attention_layernorm.weight.data)
+        kv = (layer.self_attn.attn.k_cache, layer.self_attn.attn.v_cache)
+        layers.append(decode_step.LayerTensors(*packed, *norms, *kv))
+    return decode_step.DecodeStep(layers, *dims, model.norm.eps, first.attn.scale)

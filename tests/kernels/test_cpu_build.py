@@ -28,7 +28,7 @@ w = PackedWeight(raw, "Q4_1")
 x = torch.randn(3, 128)
 ref = x @ dequantize(raw, "Q4_1").T
 assert (w.matmul(x) - ref).norm() < 0.02 * ref.norm()
-print("C kernels" if ops.available() else "torch fallback", w.raw is not None)
+print("C kernels" if ops.available() else "torch fallback", w.qmatmul is not None)
 """
 
 

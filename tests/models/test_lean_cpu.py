@@ -62,3 +62,31 @@ def test_lean_forward_replies_equal_the_modules_forward():
     same = sum(a == b for a, b in zip(replies[False], replies[True], strict=True))
     print(f"identical 32-token replies: {same}/8")
     assert same >= 6
+
+
+@pytest.mark.skipif(SMOLLM2 is None or not ops.available(), reason="needs SmolLM2 and the C kernels")
+def test_one_call_decode_step_equals_the_per_op_forward_bit_for_bit():
+    """kernels/cpu/decode_step.c runs the per-op kernels' arithmetic in one call: the same logits and
+    the same KV cache rows, at 1 and 5 sequences."""
+    import sys
+    from pathlib import Path
+
+    from nanovllm import LLM
+
+    sys.path.insert(0, str(Path(__file__).parents[2] / "benchmarks"))
+    from profile_cpu_step import decode_inputs
+
+    with LLM(SMOLLM2, max_model_len=256, max_num_seqs=8) as llm:
+        runner = llm.engine.executor
+        model = runner.model.model
+        for batch in (1, 5):
+            ids, pos, ctx = decode_inputs(runner, batch, 40)
+            runner.run_model(ids, pos, ctx)  # packs the embedding
+            out = {}
+            for fused in (False, True):
+                model.fused_decode = fused
+                k_cache = model.layers[-1].self_attn.attn.k_cache
+                k_cache.view(-1, *k_cache.shape[2:])[ctx.slot_mapping] = 0  # written again by the step
+                out[fused] = (runner.run_model(ids, pos, ctx), k_cache.clone())
+            assert model._decode_step_cache[1] is not None
+            assert torch.equal(out[False][0], out[True][0]) and torch.equal(out[False][1], out[True][1])

@@ -29,18 +29,23 @@ from nanovllm.utils.cpu import cpu_flags
 
 logger = logging.getLogger("nanovllm")
 
-SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.c", "layer_ops.c")]
+SOURCES = [Path(__file__).with_name(name) for name in ("quant_matmul.c", "layer_ops.c", "decode_step.c")]
+HEADERS = [Path(__file__).with_name("cpu_kernels.h")]
 FLAGS = ["-O3", "-march=native", "-std=c11", "-fopenmp", "-shared", "-fPIC"]
 NEEDED_FLAGS = {"avx2", "fma", "f16c"}
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 SIGNATURES = {  # C function -> (argument types, return type)
     "qmatmul": ([_P, _I, _I, _I, _P, _I, _P, _I], _I),
     "dequant_rows": ([_P, _I, _I, _P, _I, _P], None),
+    "repack_rows": ([_P, _I, _I, _I, _P], None),
+    "packed_row_bytes": ([_I, _I], ctypes.c_size_t),
     "quantize_q8_0": ([_P, _I, _I, _P, _I], None),
     "add_rms_norm": ([_P, _P, _P, _F, _I, _I, _P], None),
     "rope": ([_P, _I, _I, _I, _I, _P, _P], None),
     "silu_mul": ([_P, _I, _I, _P], None),
     "decode_attention": ([_P, _I, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _F, _P, _I], _I),
+    "decode_step_workspace": ([_P, _I, _I, _I], ctypes.c_size_t),
+    "decode_step": ([_P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _I], _I),
 }
 
 
@@ -58,7 +63,7 @@ def compiler() -> str | None:
 
 def library_key(cc: str) -> str:
     h = hashlib.sha256()
-    for src in SOURCES:
+    for src in SOURCES + HEADERS:
         h.update(src.read_bytes())
     st = os.stat(cc)
     h.update(" ".join([*FLAGS, cc, str(st.st_size), str(st.st_mtime_ns)]).encode())

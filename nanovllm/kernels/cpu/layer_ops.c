@@ -3,17 +3,9 @@
  * rotary embedding in place, SiLU(gate) * up, and decode attention over the paged float32 KV cache.
  * Built with quant_matmul.c into one library (build.py); called through ops.py. float32 throughout.
  */
-#include <immintrin.h>
-#include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
 
-static inline float hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#include "cpu_kernels.h"
 
 /* residual[i] += add[i] (add may be NULL); out[i] = residual[i] / rms(residual[i]) * weight.
  * rows of d floats, n rows; rms = sqrt(mean(x^2) + eps) */
@@ -22,9 +14,7 @@ void add_rms_norm(float *residual, const float *add, const float *weight, float 
         float *r = residual + (size_t)i * d;
         if (add)
             for (int j = 0; j < d; j++) r[j] += add[(size_t)i * d + j];
-        double ss = 0.0;
-        for (int j = 0; j < d; j++) ss += (double)r[j] * r[j];
-        const float inv = 1.0f / sqrtf((float)(ss / d) + eps);
+        const float inv = rms_inv(r, d, eps);
         float *o = out + (size_t)i * d;
         for (int j = 0; j < d; j++) o[j] = r[j] * inv * weight[j];
     }
@@ -37,33 +27,8 @@ void rope(float *qk, int n, int stride, int heads, int head_dim, const float *co
     const int half = head_dim / 2;
     for (int t = 0; t < n; t++) {
         const float *c = cos_sin + pos[t] * head_dim, *s = c + half;
-        for (int h = 0; h < heads; h++) {
-            float *x = qk + (size_t)t * stride + (size_t)h * head_dim;
-            for (int i = 0; i < half; i++) {
-                const float x1 = x[i], x2 = x[i + half];
-                x[i] = x1 * c[i] - x2 * s[i];
-                x[i + half] = x2 * c[i] + x1 * s[i];
-            }
-        }
+        for (int h = 0; h < heads; h++) rope_head(qk + (size_t)t * stride + (size_t)h * head_dim, c, s, half);
     }
-}
-
-/* exp of 8 floats, relative error < 1e-6: 2^n * p(r) with x = n ln2 + r, |r| <= ln2 / 2, p a
- * degree-6 Taylor polynomial; x is clamped to [-87, 88] (exp(-87) ~ 1.6e-38, exp(88) ~ 1.7e38) */
-static inline __m256 exp8(__m256 x) {
-    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145752f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.42860677e-6f), r);
-    __m256 p = _mm256_set1_ps(1.0f / 720);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
 /* out[t, j] = silu(gate_up[t, j]) * gate_up[t, inter + j], silu(g) = g / (1 + exp(-g)) */
@@ -73,12 +38,55 @@ void silu_mul(const float *gate_up, int n, int inter, float *out) {
         float *o = out + (size_t)t * inter;
         int j = 0;
         for (; j + 8 <= inter; j += 8) {
-            const __m256 x = _mm256_loadu_ps(g + j);
-            const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), x));
-            const __m256 silu = _mm256_div_ps(x, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
-            _mm256_storeu_ps(o + j, _mm256_mul_ps(silu, _mm256_loadu_ps(u + j)));
+            _mm256_storeu_ps(o + j, silu_mul8(_mm256_loadu_ps(g + j), _mm256_loadu_ps(u + j)));
         }
         for (; j < inter; j++) o[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+    }
+}
+
+void attend_kv_head(const float *qs, const float *k_cache, const float *v_cache, const int32_t *table, int len,
+                    int kv_heads, int h, int group, int head_dim, int block_size, float scale, float *scores,
+                    float *out) {
+    const int hv = head_dim / 8;
+    const size_t row = (size_t)kv_heads * head_dim; /* floats from one cache slot to the next */
+    for (int p0 = 0; p0 < len; p0 += block_size) { /* a cache block at a time: one table lookup each */
+        const float *kb = k_cache + (size_t)table[p0 / block_size] * block_size * row + (size_t)h * head_dim;
+        const int pn = len - p0 < block_size ? len - p0 : block_size;
+        for (int p = 0; p < pn; p++) {
+            const float *k = kb + p * row;
+            for (int g = 0; g < group; g++) {
+                __m256 acc = _mm256_setzero_ps();
+                for (int j = 0; j < hv; j++)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(qs + g * head_dim + 8 * j), _mm256_loadu_ps(k + 8 * j), acc);
+                scores[(size_t)g * len + p0 + p] = hsum(acc) * scale;
+            }
+        }
+    }
+    for (int g = 0; g < group; g++) {
+        float *sc = scores + (size_t)g * len, mx = -INFINITY, sum = 0.0f;
+        for (int p = 0; p < len; p++) mx = sc[p] > mx ? sc[p] : mx;
+        int p = 0;
+        __m256 vsum = _mm256_setzero_ps();
+        for (; p + 8 <= len; p += 8) {
+            const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + p), _mm256_set1_ps(mx)));
+            _mm256_storeu_ps(sc + p, e);
+            vsum = _mm256_add_ps(vsum, e);
+        }
+        sum = hsum(vsum);
+        for (; p < len; p++) sum += sc[p] = expf(sc[p] - mx);
+        const float inv = 1.0f / sum;
+        __m256 acc[64];
+        for (int j = 0; j < hv; j++) acc[j] = _mm256_setzero_ps();
+        for (int p0 = 0; p0 < len; p0 += block_size) {
+            const float *vb = v_cache + (size_t)table[p0 / block_size] * block_size * row + (size_t)h * head_dim;
+            const int pn = len - p0 < block_size ? len - p0 : block_size;
+            for (p = 0; p < pn; p++) {
+                const __m256 w = _mm256_set1_ps(sc[p0 + p]);
+                for (int j = 0; j < hv; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vb + p * row + 8 * j), acc[j]);
+            }
+        }
+        float *o = out + (size_t)g * head_dim;
+        for (int j = 0; j < hv; j++) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
     }
 }
 
@@ -91,7 +99,7 @@ int decode_attention(const float *q, int q_stride, const float *k_cache, const f
                      const int32_t *block_tables, int max_blocks, const int32_t *context_lens, int n, int heads,
                      int kv_heads, int head_dim, int block_size, float scale, float *out, int nthreads) {
     if (head_dim % 8 || head_dim > 512) return -1;
-    const int group = heads / kv_heads, hv = head_dim / 8;
+    const int group = heads / kv_heads;
     int max_len = 0;
     for (int s = 0; s < n; s++) max_len = context_lens[s] > max_len ? context_lens[s] : max_len;
     int failed = 0;
@@ -102,43 +110,10 @@ int decode_attention(const float *q, int q_stride, const float *k_cache, const f
 #pragma omp for schedule(static)
         for (int task = 0; task < n * kv_heads; task++) {
             if (!scores) continue;
-            const int s = task / kv_heads, h = task % kv_heads, len = context_lens[s];
-            const int32_t *table = block_tables + (size_t)s * max_blocks;
-            const float *qs = q + (size_t)s * q_stride + (size_t)h * group * head_dim;
-            for (int p = 0; p < len; p++) {
-                const size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
-                const float *k = k_cache + (slot * kv_heads + h) * head_dim;
-                for (int g = 0; g < group; g++) {
-                    __m256 acc = _mm256_setzero_ps();
-                    for (int j = 0; j < hv; j++)
-                        acc = _mm256_fmadd_ps(_mm256_loadu_ps(qs + g * head_dim + 8 * j), _mm256_loadu_ps(k + 8 * j), acc);
-                    scores[(size_t)g * len + p] = hsum8(acc) * scale;
-                }
-            }
-            for (int g = 0; g < group; g++) {
-                float *sc = scores + (size_t)g * len, mx = -INFINITY, sum = 0.0f;
-                for (int p = 0; p < len; p++) mx = sc[p] > mx ? sc[p] : mx;
-                int p = 0;
-                __m256 vsum = _mm256_setzero_ps();
-                for (; p + 8 <= len; p += 8) {
-                    const __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sc + p), _mm256_set1_ps(mx)));
-                    _mm256_storeu_ps(sc + p, e);
-                    vsum = _mm256_add_ps(vsum, e);
-                }
-                sum = hsum8(vsum);
-                for (; p < len; p++) sum += sc[p] = expf(sc[p] - mx);
-                const float inv = 1.0f / sum;
-                __m256 acc[64];
-                for (int j = 0; j < hv; j++) acc[j] = _mm256_setzero_ps();
-                for (p = 0; p < len; p++) {
-                    const size_t slot = (size_t)table[p / block_size] * block_size + p % block_size;
-                    const float *v = v_cache + (slot * kv_heads + h) * head_dim;
-                    const __m256 w = _mm256_set1_ps(sc[p]);
-                    for (int j = 0; j < hv; j++) acc[j] = _mm256_fmadd_ps(w, _mm256_loadu_ps(v + 8 * j), acc[j]);
-                }
-                float *o = out + ((size_t)s * heads + (size_t)h * group + g) * head_dim;
-                for (int j = 0; j < hv; j++) _mm256_storeu_ps(o + 8 * j, _mm256_mul_ps(acc[j], _mm256_set1_ps(inv)));
-            }
+            const int s = task / kv_heads, h = task % kv_heads;
+            attend_kv_head(q + (size_t)s * q_stride + (size_t)h * group * head_dim, k_cache, v_cache,
+                           block_tables + (size_t)s * max_blocks, context_lens[s], kv_heads, h, group, head_dim,
+                           block_size, scale, scores, out + ((size_t)s * heads + (size_t)h * group) * head_dim);
         }
         free(scores);
     }

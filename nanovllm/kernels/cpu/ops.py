@@ -4,6 +4,7 @@ Each function checks what the C side assumes (dtype, contiguity, shapes) and pas
 library comes from ``build.load()``. Callers check ``available()`` first and keep a torch path.
 """
 
+import numpy as np
 import torch
 
 from nanovllm.kernels.cpu import build
@@ -26,17 +27,21 @@ def _check_raw(raw: torch.Tensor, qtype: str) -> int:
 
 
 class QMatmul:
-    """``x @ W.T`` for one quantised matrix ``raw`` [n, row_bytes] of ``qtype``, checked once here so
-    that each call costs little more than the C call (a decode step makes ~120 of them).
+    """``x @ W.T`` for one quantised matrix given as GGUF blocks ``raw`` [n, row_bytes] of ``qtype``,
+    repacked once here into the kernels' layout (``blocks``: scales apart from quants, see
+    quant_matmul.c; ``raw`` is not kept) and checked once, so that each call costs little more than the C
+    call.
 
     The activations (float32 [m, k]) are rounded to 16 bits per block of 32 (an error up to 2^-16 of a
     block's largest value); the products are summed exactly in integers and scaled in float32."""
 
     def __init__(self, raw: torch.Tensor, qtype: str):
-        self.k = _check_raw(raw, qtype)
-        self.raw, self.n = raw, raw.shape[0]  # keeps the bytes alive
-        self.args = (raw.data_ptr(), QTYPE_IDS[qtype], self.n, self.k)
-        self.fn = build.load().qmatmul
+        self.k, self.n, self.qtype = _check_raw(raw, qtype), raw.shape[0], qtype
+        lib = build.load()
+        self.blocks = torch.empty(self.n, lib.packed_row_bytes(QTYPE_IDS[qtype], self.k), dtype=torch.uint8)
+        lib.repack_rows(raw.data_ptr(), QTYPE_IDS[qtype], self.n, self.k, self.blocks.data_ptr())
+        self.args = (self.blocks.data_ptr(), QTYPE_IDS[qtype], self.n, self.k)
+        self.fn = lib.qmatmul
 
     def __call__(self, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
         if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != self.k or x.is_cuda:
@@ -51,24 +56,38 @@ class QMatmul:
                 raise MemoryError(f"qmatmul could not allocate {x.shape[0]} x {self.k} quantised activations")
         return y
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """float32 [len(ids), k]: rows ``ids`` of the matrix, dequantised (an embedding lookup)."""
+        ids = ids.reshape(-1).to(torch.int64).contiguous()
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.n):
+            raise IndexError(f"row ids must lie in [0, {self.n}), got {int(ids.min())}..{int(ids.max())}")
+        out = torch.empty(ids.numel(), self.k)
+        build.load().dequant_rows(
+            self.blocks.data_ptr(), QTYPE_IDS[self.qtype], self.k, ids.data_ptr(), ids.numel(), out.data_ptr()
+        )
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        return self.blocks.numel()
+
+    def gguf_blocks(self) -> torch.Tensor:
+        """The matrix back in GGUF's block layout, uint8 [n, row_bytes] (the inverse of the repacking)."""
+        nb = self.k // 32
+        nbp, qbytes = -(-nb // 8) * 8, 32 if self.qtype == "Q8_0" else 16
+        rows = self.blocks.numpy()
+        parts, at = [], 0
+        for width in (2, 2) if self.qtype == "Q4_1" else (2,):  # d (and m) as float16 bytes, nbp of each
+            parts.append(rows[:, at : at + width * nb].reshape(self.n, nb, width))
+            at += width * nbp
+        parts.append(rows[:, at : at + qbytes * nb].reshape(self.n, nb, qbytes))
+        return torch.from_numpy(np.concatenate(parts, axis=2).reshape(self.n, -1))
+
 
 def qmatmul(raw: torch.Tensor, qtype: str, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:
     """float32 ``x`` [m, k] @ W.T -> float32 [m, n], W the blocks ``raw`` [n, row_bytes] of ``qtype``
     (see ``QMatmul``)."""
     return QMatmul(raw, qtype)(x, threads)
-
-
-def dequant_rows(raw: torch.Tensor, qtype: str, ids: torch.Tensor) -> torch.Tensor:
-    """float32 [len(ids), k]: rows ``ids`` of the quantised matrix ``raw`` (an embedding lookup)."""
-    k = _check_raw(raw, qtype)
-    ids = ids.reshape(-1).to(torch.int64).contiguous()
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= raw.shape[0]):
-        raise IndexError(f"row ids must lie in [0, {raw.shape[0]}), got {int(ids.min())}..{int(ids.max())}")
-    out = torch.empty(ids.numel(), k)
-    build.load().dequant_rows(
-        raw.data_ptr(), QTYPE_IDS[qtype], k, ids.data_ptr(), ids.numel(), out.data_ptr()
-    )
-    return out
 
 
 def quantize_q8_0(w: torch.Tensor, threads: int | None = None) -> torch.Tensor:
