@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from nanovllm.layers.sampling_metadata import SamplingMetadata
-from nanovllm.utils.compile import compile_on_cuda
 
 __all__ = ["Sampler", "SamplerOutput", "SamplingMetadata", "logprobs_to_lists"]
 
@@ -110,10 +109,11 @@ class Sampler(nn.Module):
         return SamplerOutput(token_ids, packed, md.num_logprobs)
 
     def sample(self, logits: torch.Tensor, md: SamplingMetadata) -> torch.Tensor:
+        temperature_only = md.no_top_k and md.no_top_p and md.no_min_p and md.seeded_rows is None
+        if temperature_only and logits.is_cuda:  # greedy rows included
+            return self._race_sample(logits, md)
         greedy = logits.argmax(dim=-1) if md.any_greedy else None
-        if md.no_top_k and md.no_top_p and md.no_min_p and md.seeded_rows is None:  # temperature only
-            if logits.is_cuda:
-                return self._race_sample(logits, md)
+        if temperature_only:
             if logits.shape[0] < FEW_ROWS:
                 sampled = sample_few_rows(logits, md.temperatures)
             else:
@@ -157,9 +157,8 @@ def sample_few_rows(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.T
     return logits.div_(temperatures.unsqueeze(1)).sub_(noise).argmax(dim=-1)
 
 
-@compile_on_cuda
 def sample_with_temperature(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:
-    """Temperature, softmax and the exponential race in one pass (one fused kernel on CUDA)."""
+    """Temperature, softmax and the exponential race (the CPU's path at 32 rows and more)."""
     probs = torch.softmax(logits / temperatures.unsqueeze(1), dim=-1)
     return probs.div_(exponential_like(probs)).argmax(dim=-1)
 
