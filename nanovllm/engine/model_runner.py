@@ -218,17 +218,19 @@ class ModelRunner:
         of 1, and a lone token in an eager step recompiled the norms (~1 s) mid-run on an H200."""
         self._forward_no_cache(1)
         logits = self._forward_no_cache(self.config.max_num_batched_tokens)
-        if logits is not None and logits.is_cuda:
-            # Kernels that small steps compile on first use are built now, not inside the first
-            # requests (measured on an H200: ~1 s of the reference workload went to compiling):
-            # the LM head's GEMV variants (1-4 rows) and the sampling kernel's.
-            from nanovllm.kernels.sample_race import race_sample
-
-            hidden_size = self.model.lm_head.weight.shape[1]
-            hidden = torch.zeros(4, hidden_size, dtype=logits.dtype, device=self.device)
+        # Kernels that small steps compile on first use are built now, not inside the first requests
+        # (measured on an H200: ~1 s of the reference workload went to compiling): the LM head's GEMV
+        # variants for 1-4 rows (on every rank: the head gathers its vocabulary shards to rank 0) and
+        # the sampling kernel's.
+        if self.device.type == "cuda":
+            weight = self.model.lm_head.weight
+            hidden = torch.zeros(4, weight.shape[1], dtype=weight.dtype, device=self.device)
             with forward_context(Context()):
                 for rows in range(1, 5):
                     self.model.compute_logits(hidden[:rows])
+        if logits is not None and logits.is_cuda:
+            from nanovllm.kernels.sample_race import race_sample
+
             temperatures = torch.ones(logits.shape[0], device=self.device)
             for rows in {1, logits.shape[0]}:
                 for greedy in (None, temperatures[:rows] == 0):
