@@ -15,7 +15,6 @@ import torch
 def compile_on_cuda(fn):
     """Run ``fn`` compiled (dynamic shapes) when its first argument is a CUDA tensor."""
     compiled = None
-    warmed: set[int] = set()  # ranks of x already compiled for one row and for several
     disabled = os.environ.get("NANOVLLM_NO_COMPILE") == "1"
 
     @functools.wraps(fn)
@@ -25,26 +24,6 @@ def compile_on_cuda(fn):
             return fn(x, *args)
         if compiled is None:
             compiled = torch.compile(fn, dynamic=True)
-        if x.dim() not in warmed:
-            warmed.add(x.dim())
-            _warm_row_counts(compiled, x, args)
         return compiled(x, *args)
 
     return wrapper
-
-
-def _warm_row_counts(compiled, x: torch.Tensor, args: tuple) -> None:
-    """Compile for several rows and for one. Dynamic shapes still specialise a size of 1, so the
-    first one-row call (a lone prompt token, a small eager step) would otherwise recompile (~1 s on
-    an H200) in the middle of serving. Tensor arguments shaped like ``x`` are sliced with it."""
-    for rows in (2, 1):
-        if x.shape[0] < rows:
-            continue
-        sliced = [_rows(a, x, rows) for a in args]
-        compiled(x[:rows], *sliced)
-
-
-def _rows(a, x: torch.Tensor, rows: int):
-    if isinstance(a, torch.Tensor) and a.dim() == x.dim() and a.shape[0] == x.shape[0]:
-        return a[:rows]
-    return a
