@@ -158,14 +158,17 @@ def test_linear_layers_take_the_gemv(monkeypatch):
     layer = ColumnParallelLinear(1024, 4096, bias=True).to("cuda", torch.bfloat16)
     layer.weight.data.normal_(std=0.03)
     layer.bias.data.normal_()
-    x = torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 1024, device="cuda", dtype=torch.bfloat16)
     calls = []
     real = gemv_mod.gemv
     monkeypatch.setattr(gemv_mod, "gemv", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     check(layer(x), reference(x, layer.weight, layer.bias), torch.bfloat16)
-    assert calls, "4 rows on CUDA should take the GEMV"
+    assert calls, "2 rows on CUDA should take the GEMV"
     layer(torch.randn(gemv_mod.GEMV_MAX_ROWS + 1, 1024, device="cuda", dtype=torch.bfloat16))
     assert len(calls) == 1, "more rows than GEMV_MAX_ROWS go to cuBLAS"
+    assert gemv_mod.GEMV_CONFIGS[(4096, 1024, 4)] is None  # the tuned table leaves 4 rows to cuBLAS
+    layer(torch.randn(4, 1024, device="cuda", dtype=torch.bfloat16))
+    assert len(calls) == 1, "a shape the table gives to cuBLAS does not take the GEMV"
 
 
 @pytest.mark.parametrize("m", [1, 5])  # 5 rows: more than GEMV_MAX_ROWS, the unfused path
