@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "torch", "triton", "flash-attn")
 _QUANTIZATIONS = ("auto", "gguf", None)
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")  # see layers/kv_quant.py
 
 logger = logging.getLogger("nanovllm")
 

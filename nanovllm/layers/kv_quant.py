@@ -14,9 +14,9 @@ then read back with the scale it was written with, prefix-cache hits included.
 
 import torch
 
+from nanovllm.config import KV_CACHE_DTYPES
 from nanovllm.kernels.reference import FP8_MAX
 
-KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")
 _FLOAT_CACHES = ("float32", "bfloat16", "float16")
 # A calibrated scale maps |x| = amax * HEADROOM to 448: values up to that many times larger than
 # the first prefill's largest still fit before saturating. Scales 1.0 are the default: on the
