@@ -45,6 +45,12 @@ void silu_mul(const float *gate_up, int n, int inter, float *out) {
     }
 }
 
+/* Rows read this many positions ahead are prefetched while the scores are computed (K into L1, V into L2
+ * for the value pass). One KV head's row is only 2-4 cache lines every kv_heads * head_dim elements: the
+ * hardware prefetcher kept too few of them in flight (batch 32 x 120 tokens, SmolLM2's 30 layers, 2
+ * threads: a float16 cache took 24.8 ms per step without, 15.9 ms with; float32 18.8 and 18.4). */
+enum { PREFETCH = 8 };
+
 /* attend_kv_head for one cache type: inlined into attend_kv_head once per type, so that kv_type is a
  * constant in each copy and the loads below compile to plain loads or F16C conversions, no branch. */
 INLINE void attend_typed(const float *qs, const void *k_cache, const void *v_cache, const int kv_type,
@@ -52,10 +58,18 @@ INLINE void attend_typed(const float *qs, const void *k_cache, const void *v_cac
                          int block_size, float scale, float *scores, float *out) {
     const int hv = head_dim / 8;
     const size_t row = (size_t)kv_heads * head_dim; /* elements from one cache slot to the next */
+    const int esize = kv_type == KV_F16 ? 2 : 4;
     for (int p0 = 0; p0 < len; p0 += block_size) { /* a cache block at a time: one table lookup each */
         const size_t kb = (size_t)table[p0 / block_size] * block_size * row + (size_t)h * head_dim;
         const int pn = len - p0 < block_size ? len - p0 : block_size;
         for (int p = 0; p < pn; p++) {
+            if (p + PREFETCH < pn) {
+                const size_t ahead = (kb + (p + PREFETCH) * row) * esize;
+                for (int off = 0; off < head_dim * esize; off += 64) {
+                    _mm_prefetch((const char *)k_cache + ahead + off, _MM_HINT_T0);
+                    _mm_prefetch((const char *)v_cache + ahead + off, _MM_HINT_T1);
+                }
+            }
             __m256 k[64]; /* the key row, widened once for all query heads of the group */
             for (int j = 0; j < hv; j++) k[j] = kv_load8(k_cache, kb + p * row + 8 * j, kv_type);
             for (int g = 0; g < group; g++) {
