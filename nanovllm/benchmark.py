@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+from nanovllm.config import KV_CACHE_DTYPES
+
 QWEN3_0_6B = dict(
     hidden_size=1024,
     num_hidden_layers=28,
@@ -201,7 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--min-input", type=int, default=100)
     parser.add_argument("--min-output", type=int, default=100)
     parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto")
+    parser.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default="auto")
     parser.add_argument("--calculate-kv-scales", action="store_true")
     parser.add_argument("--baseline", choices=["none", "hf"], default="none")
     parser.add_argument(

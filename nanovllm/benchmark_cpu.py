@@ -8,8 +8,10 @@ Baselines on the same token ids: ``llama.cpp`` (llama-cpp-python, optional: the 
 one at a time through the high-level API) and ``hf`` (transformers ``generate``, float32, the batch
 left-padded). ``--checkout DIR`` adds another source tree of nanovllm (e.g. an older commit's worktree),
 run by this file's worker with that tree first on the path and as its working directory, in the same
-alternating rounds. Usage:
-``python -m nanovllm.benchmark_cpu [--baseline llama.cpp|hf|none] [--checkout DIR] [--rounds N]``.
+alternating rounds. ``--kv-cache-dtype A B ...`` runs nanovllm with each KV cache dtype in turn within
+every round (the first gives the ``engine_*`` figures, the others ``kv_cache_variants``). Usage:
+``python -m nanovllm.benchmark_cpu [--baseline llama.cpp|hf|none] [--checkout DIR] [--rounds N]
+[--kv-cache-dtype auto float32 ...]``.
 """
 
 import argparse
@@ -59,11 +61,12 @@ def prompt_ids(model_path: str) -> dict:
 # ---- one engine per process ----------------------------------------------------------------------
 
 
-def run_nanovllm(model_path: str, prompts: dict) -> dict:
+def run_nanovllm(model_path: str, prompts: dict, kv_cache_dtype: str = "auto") -> dict:
     from nanovllm import LLM, SamplingParams
 
     start = time.perf_counter()
-    llm = LLM(model_path, max_model_len=512)  # the longest sequence is 46 + 256 tokens
+    kv = {} if kv_cache_dtype == "auto" else {"kv_cache_dtype": kv_cache_dtype}  # older checkouts: auto only
+    llm = LLM(model_path, max_model_len=512, **kv)  # the longest sequence is 46 + 256 tokens
     load_s = time.perf_counter() - start
     llm.generate([prompts["single"][:8]], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
 
@@ -77,6 +80,7 @@ def run_nanovllm(model_path: str, prompts: dict) -> dict:
 
     single, batch = tok_s([prompts["single"]], SINGLE_NEW), tok_s(prompts["batch"], BATCH_NEW)
     info = {"dtype": llm.config.dtype, "quantization": getattr(llm.config, "quantization", None)}
+    info["kv_cache_dtype"] = str(llm.engine.executor.kv_cache.dtype).removeprefix("torch.")
     llm.shutdown()
     return {"load_s": load_s, "single_tok_s": single, "batch_tok_s": batch, **info}
 
@@ -196,9 +200,12 @@ LABELS = {
 _RUN_FILE = "import runpy, sys; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
 
 
-def measure(engine: str, model_path: str, prompts: dict, checkout: str | None = None) -> dict:
+def measure(
+    engine: str, model_path: str, prompts: dict, checkout: str | None = None, kv_cache_dtype: str = "auto"
+) -> dict:
     """Run one engine's workloads in a fresh Python process; its figures plus its peak RSS.
-    With ``checkout``, nanovllm is imported from that source tree (run there, with it on the path)."""
+    With ``checkout``, nanovllm is imported from that source tree (run there, with it on the path);
+    ``kv_cache_dtype`` is nanovllm's."""
     run = ["-m", "nanovllm.benchmark_cpu"]
     if checkout:  # this file's worker, with the checkout's nanovllm first on the path (cwd, for -c)
         run = ["-c", _RUN_FILE, os.path.abspath(__file__)]
@@ -207,6 +214,7 @@ def measure(engine: str, model_path: str, prompts: dict, checkout: str | None = 
         with open(spec, "w") as f:
             json.dump(prompts, f)
         cmd = [sys.executable, *run, "--worker", engine, "--model", model_path, "--prompts", spec]
+        cmd += ["--kv-cache-dtype", kv_cache_dtype]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, cwd=checkout)
     if out.returncode:
         raise RuntimeError(f"{engine} benchmark process failed:\n{out.stderr[-3000:]}")
@@ -265,9 +273,14 @@ def cpu_chat_bench(args) -> dict:
     baseline = args.baseline if args.baseline in ENGINES and args.baseline != "nanovllm" else None
     load_before = os.getloadavg()[0]
     checkouts = getattr(args, "checkout", None) or []
+    kv_dtypes = getattr(args, "kv_cache_dtype", None) or ["auto"]
+    kv_dtypes = [kv_dtypes] if isinstance(kv_dtypes, str) else kv_dtypes  # nanovllm bench passes one
     ours_runs, base_runs, other_runs = [], [], {c: [] for c in checkouts}
+    kv_runs = {kv: [] for kv in kv_dtypes[1:]}
     for _ in range(max(1, getattr(args, "rounds", 1))):
-        ours_runs.append(measure("nanovllm", model_path, prompts))
+        ours_runs.append(measure("nanovllm", model_path, prompts, kv_cache_dtype=kv_dtypes[0]))
+        for kv, runs in kv_runs.items():
+            runs.append(measure("nanovllm", model_path, prompts, kv_cache_dtype=kv))
         for c in checkouts:
             other_runs[c].append(measure("nanovllm", model_path, prompts, checkout=c))
         if baseline:
@@ -288,6 +301,8 @@ def cpu_chat_bench(args) -> dict:
         **{f"engine_{k}": v for k, v in ours.items()},
         "engine_single_ms_per_token": round(1000 / ours["single_tok_s"], 2),
     }
+    for kv, runs in kv_runs.items():
+        result.setdefault("kv_cache_variants", []).append({"kv_cache_dtype_arg": kv, **_median_runs(runs)})
     for c, runs in other_runs.items():
         result.setdefault("checkouts", []).append({"path": c, "commit": git_commit(c), **_median_runs(runs)})
     if baseline:
@@ -309,6 +324,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     p.add_argument("--single-only", action="store_true", help="skip the 32-prompt batch workload")
     p.add_argument("--checkout", action="append", help="another nanovllm source tree to run alike")
     p.add_argument("--rounds", type=int, default=1, help="alternating runs of each engine; medians are kept")
+    p.add_argument(
+        "--kv-cache-dtype", nargs="+", default=["auto"],
+        help="nanovllm's KV cache dtype; several: each in turn every round (the first is the headline)",
+    )  # fmt: skip
     p.add_argument("--results", default=os.path.join("benchmarks", "results.jsonl"))
     p.add_argument("--worker", choices=sorted(ENGINES), help=argparse.SUPPRESS)
     p.add_argument("--prompts", help=argparse.SUPPRESS)
@@ -316,9 +335,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.worker:  # one engine, in this process: print its figures as one JSON line
         with open(args.prompts) as f:
             prompts = json.load(f)
-        r = ENGINES[args.worker](args.model, prompts)
+        kv = {"kv_cache_dtype": args.kv_cache_dtype[0]} if args.worker == "nanovllm" else {}
+        r = ENGINES[args.worker](args.model, prompts, **kv)
         print(json.dumps(r | {"peak_rss_mb": peak_rss_mb()}))
         return None
+    from nanovllm.config import KV_CACHE_DTYPES  # not at the top: a --checkout's worker may predate it
+
+    if bad := [kv for kv in args.kv_cache_dtype if kv not in KV_CACHE_DTYPES]:
+        p.error(f"--kv-cache-dtype {' '.join(bad)}: choose from {', '.join(KV_CACHE_DTYPES)}")
     result = cpu_chat_bench(args)
     print(json.dumps(result))
     if args.results:

@@ -10,6 +10,7 @@ from urllib.parse import urlparse
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 _BACKENDS = ("auto", "torch", "triton", "flash-attn")
 _QUANTIZATIONS = ("auto", "gguf", None)
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16", "fp8")  # see layers/kv_quant.py
 
 logger = logging.getLogger("nanovllm")
 
@@ -40,7 +41,9 @@ class Config:
     device: str = "auto"
     seed: int = 0
     attention_backend: str = "auto"
-    kv_cache_dtype: str = "auto"  # "auto": the model dtype; "fp8": float8_e4m3fn (see layers/kv_quant.py)
+    # "auto": float16 with packed GGUF weights on a CPU (quantization "gguf"), else the model dtype;
+    # "float32" / "bfloat16" / "float16"; "fp8": float8_e4m3fn (see layers/kv_quant.py)
+    kv_cache_dtype: str = "auto"
     calculate_kv_scales: bool = False  # fp8: scales from the first prefill instead of 1.0
     skip_tokenizer_init: bool = False  # prompts must then be token ids and outputs carry no text
     # "gguf": a GGUF's Q4_0/Q4_1/Q8_0 weights stay packed (CPU only); None: dequantised to dtype;
@@ -169,6 +172,7 @@ class Config:
                 ckpt = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
                 ckpt = str(ckpt).removeprefix("torch.") if ckpt is not None else "bfloat16"
                 self.dtype = ckpt if ckpt in ("bfloat16", "float16") else "bfloat16"
+        self._resolve_kv_cache_dtype()
         self.max_model_len = min(self.max_model_len, hf.max_position_embeddings)
         if self.max_num_batched_tokens is None:
             default = 4096 if self.device == "cuda" else 2048
@@ -214,6 +218,20 @@ class Config:
 
             packed = packed_module_types(self.model)
         self.hf_config.packed_modules = packed
+
+    def _resolve_kv_cache_dtype(self) -> None:
+        """Resolve "auto" to a concrete name (logged with the reason); on CUDA a float cache must be the
+        model dtype, the one the attention kernels read besides fp8."""
+        from nanovllm.layers.kv_quant import resolve_auto_kv_cache_dtype
+
+        if self.kv_cache_dtype == "auto":
+            self.kv_cache_dtype, why = resolve_auto_kv_cache_dtype(self.quantization, self.dtype)
+            logger.info("KV cache dtype %s (%s)", self.kv_cache_dtype, why)
+        elif self.device == "cuda" and self.kv_cache_dtype not in ("fp8", self.dtype):
+            raise ValueError(
+                f"kv_cache_dtype={self.kv_cache_dtype!r} on CUDA must be the model dtype ({self.dtype}) or "
+                "'fp8'; use kv_cache_dtype='auto' or set dtype to match"
+            )
 
     @property
     def torch_dtype(self):

@@ -1,4 +1,8 @@
-"""FP8 KV cache: which dtype the cache has, whether this machine can hold it, and its scales.
+"""KV cache dtypes: which one the cache has, whether this machine can hold it, and fp8's scales.
+
+"auto" is the model dtype, except on a CPU with packed GGUF weights (``quantization="gguf"``), where it
+is float16 (llama.cpp's default cache type; the C kernels store and read halves, Config resolves it).
+"float32", "bfloat16" and "float16" name a cache dtype outright.
 
 ``kv_cache_dtype="fp8"`` stores K and V as ``float8_e4m3fn`` (1 byte per element, the format Hopper
 reads natively) holding ``x / scale``; every attention layer owns two float32 scales, ``k_scale``
@@ -10,9 +14,10 @@ then read back with the scale it was written with, prefix-cache hits included.
 
 import torch
 
+from nanovllm.config import KV_CACHE_DTYPES
 from nanovllm.kernels.reference import FP8_MAX
 
-KV_CACHE_DTYPES = ("auto", "fp8")
+_FLOAT_CACHES = ("float32", "bfloat16", "float16")
 # A calibrated scale maps |x| = amax * HEADROOM to 448: values up to that many times larger than
 # the first prefill's largest still fit before saturating. Scales 1.0 are the default: on the
 # quality check (benchmarks/quality_fp8.py, SmolLM2, full run) they changed the text's
@@ -25,12 +30,21 @@ MIN_SCALE = 1e-6  # an all-zero first prefill must not give a zero scale (x / 0)
 
 
 def kv_cache_torch_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """The cache's element type: the model's for "auto", float8_e4m3fn for "fp8"."""
+    """The cache's element type: the model's for "auto", float8_e4m3fn for "fp8", else the named one."""
     if kv_cache_dtype == "fp8":
         return torch.float8_e4m3fn
     if kv_cache_dtype == "auto":
         return model_dtype
+    if kv_cache_dtype in _FLOAT_CACHES:
+        return getattr(torch, kv_cache_dtype)
     raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
+
+
+def resolve_auto_kv_cache_dtype(quantization: str | None, model_dtype: str) -> tuple[str, str]:
+    """What "auto" becomes, and why (for the start-up log)."""
+    if quantization == "gguf":
+        return "float16", "packed GGUF weights on the CPU: half the K/V bytes of float32, as llama.cpp"
+    return model_dtype, "the model dtype"
 
 
 def check_kv_cache_dtype(kv_cache_dtype: str, device: str, attention_backend: str) -> None:
@@ -38,7 +52,7 @@ def check_kv_cache_dtype(kv_cache_dtype: str, device: str, attention_backend: st
     backend cannot hold the asked-for cache."""
     if kv_cache_dtype not in KV_CACHE_DTYPES:
         raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {kv_cache_dtype!r}")
-    if kv_cache_dtype == "auto":
+    if kv_cache_dtype != "fp8":
         return
     if not hasattr(torch, "float8_e4m3fn"):
         raise ValueError(

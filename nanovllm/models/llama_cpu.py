@@ -4,9 +4,10 @@ The same layers and weights as ``LlamaModel.forward``, called without the module
 and with few dtype round trips: on a CPU each op costs microseconds of dispatch.
 
 With the C kernels (kernels/cpu/, the default on AVX2 CPUs) everything is float32 between the quantised
-matmuls, and the tied embedding / lm_head matrix (49152 x 576 for SmolLM2, GGUF Q8_0) stays in the file's
-blocks (the loader's ``lean_embed``: 29 MB instead of 113, nothing decoded at start-up) and serves both
-the embedding lookup and the logits. A float embedding (quantization=None, safetensors) is quantised to
+matmuls (a float16 KV cache, the default with packed GGUF weights, is widened as it is read), and the
+tied embedding / lm_head matrix (49152 x 576 for SmolLM2, GGUF Q8_0) stays in the file's blocks (the
+loader's ``lean_embed``: 29 MB instead of 113, nothing decoded at start-up) and serves both the
+embedding lookup and the logits. A float embedding (quantization=None, safetensors) is quantised to
 Q8_0 at the first lean step instead.
 
 Without them (torch's int4 kernel, which takes and returns bfloat16)::
@@ -132,7 +133,7 @@ def lean_forward(model, input_ids: torch.Tensor, positions: torch.Tensor) -> tor
     ctx = get_context()
     k_cache = first.k_cache
     plan = torch_paged.step_plan(ctx, k_cache.shape[1], k_cache.shape[2])
-    if getattr(model, "lean_embed", None) is not None and k_cache.dtype == torch.float32:
+    if getattr(model, "lean_embed", None) is not None and k_cache.dtype in ops.KV_TYPE_IDS:
         return _forward_c(model, input_ids, positions, ctx, plan)
     n = input_ids.shape[0]
     cos, sin = _cos_sin(model.layers[0].self_attn.rotary_emb, positions)
@@ -167,7 +168,8 @@ def lean_forward(model, input_ids: torch.Tensor, positions: torch.Tensor) -> tor
 
 
 def _forward_c(model, input_ids: torch.Tensor, positions: torch.Tensor, ctx, plan) -> torch.Tensor:
-    """``lean_forward`` on the C kernels (kernels/cpu/), float32 throughout: per layer two fused residual
+    """``lean_forward`` on the C kernels (kernels/cpu/), float32 throughout (a float16 cache is rounded to
+    nearest even on store and widened on read): per layer two fused residual
     add + RMSNorm calls, rotary in place on q and k inside the qkv output, decode attention straight
     from the paged cache (prompt chunks: torch_paged), SiLU * up in one call."""
     n = input_ids.shape[0]

@@ -89,3 +89,32 @@ def test_decode_attention_against_gathered_softmax(heads, kv_heads, head_dim):
     assert torch.equal(
         got, ops.decode_attention(qkv, k_cache, v_cache, tables, lens, heads, scale, threads=1)
     )
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 1, 128)])
+def test_decode_attention_reads_a_float16_cache(heads, kv_heads, head_dim):
+    num_blocks, block_size, n = 40, 16, 5
+    k32 = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen(13))
+    v32 = torch.randn(num_blocks, block_size, kv_heads, head_dim, generator=gen(14))
+    k16, v16 = k32.half(), v32.half()
+    lens = torch.tensor([1, 17, 100, 16, 33], dtype=torch.int32)
+    tables = torch.randperm(num_blocks, generator=gen(15))[: n * 8].view(n, 8).int()
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, generator=gen(16)) * 2
+    q, scale = qkv[:, : heads * head_dim].view(n, heads, head_dim), head_dim**-0.5
+    got = ops.decode_attention(qkv, k16, v16, tables, lens, heads, scale)
+    # the halves widened exactly: what is left is float32 sums in another order and the polynomial exp
+    widened = paged_reference(q, k16.float(), v16.float(), tables, lens, scale)
+    torch.testing.assert_close(got, widened, rtol=1e-5, atol=1e-5)
+    # against the float32 cache the halves' rounding (2^-11 of each element) shows: loose, and far
+    # below what reading halves as floats or a wrong element offset would give (~1)
+    full = paged_reference(q, k32, v32, tables, lens, scale)
+    assert float((got - full).norm() / full.norm()) < 3e-3
+
+
+def test_decode_attention_rejects_mixed_or_unsupported_cache_dtypes():
+    k = torch.zeros(2, 16, 1, 32)
+    qkv, tables, lens = torch.zeros(1, 96), torch.zeros(1, 2, dtype=torch.int32), torch.ones(1).int()
+    with pytest.raises(ValueError, match="one dtype"):
+        ops.decode_attention(qkv, k, k.half(), tables, lens, 1, 1.0)
+    with pytest.raises(ValueError, match="float32 or float16"):
+        ops.decode_attention(qkv, k.bfloat16(), k.bfloat16(), tables, lens, 1, 1.0)

