@@ -1,11 +1,12 @@
-"""FP8 KV cache quality on real weights, on the CPU: the bundled SmolLM2-135M-Instruct, fp8 caches
-against the model-dtype (float32) cache. See nanovllm/kv_quality.py for the metrics.
+"""KV cache quality on real weights, on the CPU: the bundled SmolLM2-135M-Instruct, fp8 (and float16)
+caches against the float32 cache. See nanovllm/kv_quality.py for the metrics.
 
-    python benchmarks/quality_fp8.py [--prompts 32] [--max-tokens 128] [--headrooms 2 1 4] [--note TEXT]
+    python benchmarks/quality_fp8.py [--prompts 32] [--max-tokens 128] [--headrooms 2 1 4]
+                                     [--kv-dtypes fp8 float16] [--note TEXT]
 
-Variants: scales 1.0 (vLLM's default) and scales calibrated on the first prefill with each
-headroom (the largest |x| seen maps to 448 / headroom). One JSON line per run, appended to
-benchmarks/results.jsonl.
+fp8 variants: scales 1.0 (vLLM's default) and scales calibrated on the first prefill with each
+headroom (the largest |x| seen maps to 448 / headroom). float16: the cache the CPU's packed GGUF
+path uses by default. One JSON line per run, appended to benchmarks/results.jsonl.
 """
 
 import argparse
@@ -60,6 +61,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--headrooms", type=float, nargs="*", default=[2.0, 1.0, 4.0])
+    parser.add_argument("--kv-dtypes", nargs="+", choices=["fp8", "float16"], default=["fp8"])
     parser.add_argument("--note", default="")
     parser.add_argument("--results", default=str(Path(__file__).with_name("results.jsonl")))
     args = parser.parse_args()
@@ -67,18 +69,22 @@ def main() -> None:
 
     ref = run_variant("float32", False, prompts, args.max_tokens)
     print(f"float32 cache: log-likelihood {ref['log_likelihood']:.5f} in {ref['seconds']:.0f} s", flush=True)
-    runs = [("fp8, scales 1.0", False, None)]
-    runs += [(f"fp8, calibrated, headroom {h:g}", True, h) for h in args.headrooms]
+    runs = []  # (name, kv_cache_dtype, calibrate, headroom)
+    if "fp8" in args.kv_dtypes:
+        runs += [("fp8, scales 1.0", "fp8", False, None)]
+        runs += [(f"fp8, calibrated, headroom {h:g}", "fp8", True, h) for h in args.headrooms]
+    if "float16" in args.kv_dtypes:
+        runs += [("float16", "float16", False, None)]
     variants = {}
-    for name, calibrate, headroom in runs:
+    for name, kv_dtype, calibrate, headroom in runs:
         if headroom is not None:
             kv_quant.CALIBRATION_HEADROOM = headroom
-        variants[name] = v = run_variant("fp8", calibrate, prompts, args.max_tokens)
+        variants[name] = v = run_variant(kv_dtype, calibrate, prompts, args.max_tokens)
         row = compare_greedy(ref["chat"], v["chat"])  # printed now: a long run killed later keeps these
         print(f"{name}: {row}, log-likelihood {v['log_likelihood']:.5f} in {v['seconds']:.0f} s", flush=True)
 
     result = {
-        "bench": "kv_cache_fp8_quality",
+        "bench": "kv_cache_fp8_quality" if "fp8" in args.kv_dtypes else "kv_cache_quality",
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "commit": git_commit(),
         "device": f"cpu ({os.cpu_count()} cores)",
