@@ -31,6 +31,14 @@ from ``default_config``; never autotuned, since the first call may run inside a 
 computed in float32 and rounded once to x's dtype, as the compiled ``silu_and_mul`` does, so the
 MLP's down projection needs no activation kernel of its own.
 
+``gemv_rms_norm``: the decoder's residual add and RMSNorm run as the GEMV's prologue, so the qkv and
+gate_up projections at batch 1-2 need no norm kernel before them. Every program first reads its rows
+of ``x`` (+ ``residual``) whole for the sum of squares (2 KB a row at hidden 1024, from L2 after the
+first program), then normalises each x chunk as it multiplies it, rounding where ``add_rms_norm``
+rounds: the sum to x's dtype, the normalised value to x's dtype, its product with the norm weight to
+x's dtype. The programs of the first column block (pid_n == 0) also write the new residual (the sum),
+to a tensor of its own, since other programs are still reading the old one.
+
 Environment: ``NANOVLLM_GEMV=0`` turns the kernel off; ``NANOVLLM_GEMV_MAX_ROWS`` (default 4) sets
 the most rows it takes. Both are read once, at import.
 """
@@ -131,16 +139,54 @@ def gemv_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 
 @triton.jit
-def _row_dot(x_row_ptr, w, ks, k_mask, K, ok, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
-    """One row's contribution [BLOCK_N] of the tile ``w`` [BLOCK_N, BLOCK_K] (zeros if not ``ok``)."""
-    mask = ok if EVEN_K else k_mask & ok  # a scalar mask keeps the loads vectorised
+def _row_x(x_row_ptr, ks, mask, K, SILU_MUL: tl.constexpr):
+    """A chunk [BLOCK_K] of one row of x in float32 (silu(gate) * up with SILU_MUL, rounded once)."""
     if SILU_MUL:
         gate = tl.load(x_row_ptr + ks, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(x_row_ptr + K + ks, mask=mask, other=0.0).to(tl.float32)
         act = gate / (1.0 + tl.exp(-gate)) * up
-        xs = act.to(x_row_ptr.dtype.element_ty).to(tl.float32)  # rounded once, as silu_and_mul
+        return act.to(x_row_ptr.dtype.element_ty).to(tl.float32)  # rounded once, as silu_and_mul
+    return tl.load(x_row_ptr + ks, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _summed_x(x_row_ptr, res_row_ptr, ks, mask, HAS_RES: tl.constexpr):
+    """x (+ residual) for one chunk, rounded to x's dtype as the unfused add is, in float32."""
+    h = tl.load(x_row_ptr + ks, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RES:
+        h += tl.load(res_row_ptr + ks, mask=mask, other=0.0).to(tl.float32)
+        h = h.to(x_row_ptr.dtype.element_ty).to(tl.float32)
+    return h
+
+
+@triton.jit
+def _row_rstd(x_row_ptr, res_row_ptr, K, eps, ok, BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr):
+    """1 / sqrt(mean(h^2) + eps) of one whole row h = x (+ residual)."""
+    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        h = _summed_x(x_row_ptr, res_row_ptr, ks, (ks < K) & ok, HAS_RES)
+        sq += h * h
+    return 1.0 / tl.sqrt_rn(tl.sum(sq, axis=0) / K + eps)
+
+
+@triton.jit
+def _row_dot(
+    x_row_ptr, w, ks, k_mask, K, ok, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr,
+    res_row_ptr, res_out_row_ptr, norm_w, rstd, write_res, NORM: tl.constexpr, HAS_RES: tl.constexpr,
+):  # fmt: skip
+    """One row's contribution [BLOCK_N] of the tile ``w`` [BLOCK_N, BLOCK_K] (zeros if not ``ok``).
+    With NORM the row is x (+ residual) normalised by ``rstd`` and scaled by ``norm_w`` (the chunk
+    of the norm weight, float32), and ``write_res`` programs store the sum to ``res_out_row_ptr``."""
+    mask = ok if EVEN_K else k_mask & ok  # a scalar mask keeps the loads vectorised
+    if NORM:
+        h = _summed_x(x_row_ptr, res_row_ptr, ks, mask, HAS_RES)
+        if HAS_RES:
+            tl.store(res_out_row_ptr + ks, h.to(res_out_row_ptr.dtype.element_ty), mask=mask & write_res)
+        dtype = x_row_ptr.dtype.element_ty
+        xs = ((h * rstd).to(dtype).to(tl.float32) * norm_w).to(dtype).to(tl.float32)
     else:
-        xs = tl.load(x_row_ptr + ks, mask=mask, other=0.0).to(tl.float32)
+        xs = _row_x(x_row_ptr, ks, mask, K, SILU_MUL)
     return tl.sum(w * xs[None, :], axis=1)
 
 
@@ -160,6 +206,10 @@ def _gemv_kernel(
     w_ptr,  # [N, K]
     bias_ptr,  # [N] (HAS_BIAS only)
     out_ptr,  # [M, N] in x's dtype, or [SPLIT_K, M, N] float32 partial sums when SPLIT
+    res_ptr,  # [M, K] the residual added to x before the norm (NORM and HAS_RES only)
+    res_out_ptr,  # [M, K] where x + residual goes (NORM and HAS_RES only)
+    norm_w_ptr,  # [K] the RMSNorm weight (NORM only)
+    eps,
     M,
     N,
     K,
@@ -168,6 +218,7 @@ def _gemv_kernel(
     stride_wn,
     stride_om,
     stride_os,
+    stride_rm,  # rows of res_ptr and res_out_ptr
     BLOCK_M: tl.constexpr,  # 1, 2 or 4: the rows kept, each in an accumulator of its own
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -175,6 +226,8 @@ def _gemv_kernel(
     SPLIT: tl.constexpr,
     SILU_MUL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    NORM: tl.constexpr,  # x is the input of (add +) RMSNorm, applied on the fly
+    HAS_RES: tl.constexpr,
 ):
     # Everything stays 2-D ([BLOCK_N, BLOCK_K] tiles, [BLOCK_N] sums): a 3-D [M, N, K] broadcast
     # would make the compiler move the weight tile between layouts through shared memory.
@@ -190,6 +243,18 @@ def _gemv_kernel(
     acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
+    rstd0 = 1.0
+    rstd1 = 1.0
+    rstd2 = 1.0
+    rstd3 = 1.0
+    if NORM:
+        rstd0 = _row_rstd(x_ptr, res_ptr, K, eps, M > 0, BLOCK_K, HAS_RES)
+        if BLOCK_M > 1:
+            rstd1 = _row_rstd(x_ptr + stride_xm, res_ptr + stride_rm, K, eps, M > 1, BLOCK_K, HAS_RES)
+        if BLOCK_M > 2:
+            rstd2 = _row_rstd(x_ptr + 2 * stride_xm, res_ptr + 2 * stride_rm, K, eps, M > 2, BLOCK_K, HAS_RES)
+            rstd3 = _row_rstd(x_ptr + 3 * stride_xm, res_ptr + 3 * stride_rm, K, eps, M > 3, BLOCK_K, HAS_RES)
+    write_res = pid_n == 0
     for k0 in range(k_start, k_end, BLOCK_K):
         ks = k0 + offs_k
         k_mask = ks < k_end
@@ -198,12 +263,27 @@ def _gemv_kernel(
         else:
             w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_mask[None, :], other=0.0)
         w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
-        acc0 += _row_dot(x_ptr, w, ks, k_mask, K, M > 0, EVEN_K, SILU_MUL)
+        norm_w = tl.zeros([BLOCK_K], dtype=tl.float32)
+        if NORM:
+            norm_w = tl.load(norm_w_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
+        acc0 += _row_dot(
+            x_ptr, w, ks, k_mask, K, M > 0, EVEN_K, SILU_MUL,
+            res_ptr, res_out_ptr, norm_w, rstd0, write_res, NORM, HAS_RES,
+        )  # fmt: skip
         if BLOCK_M > 1:
-            acc1 += _row_dot(x_ptr + stride_xm, w, ks, k_mask, K, M > 1, EVEN_K, SILU_MUL)
+            acc1 += _row_dot(
+                x_ptr + stride_xm, w, ks, k_mask, K, M > 1, EVEN_K, SILU_MUL,
+                res_ptr + stride_rm, res_out_ptr + stride_rm, norm_w, rstd1, write_res, NORM, HAS_RES,
+            )  # fmt: skip
         if BLOCK_M > 2:
-            acc2 += _row_dot(x_ptr + 2 * stride_xm, w, ks, k_mask, K, M > 2, EVEN_K, SILU_MUL)
-            acc3 += _row_dot(x_ptr + 3 * stride_xm, w, ks, k_mask, K, M > 3, EVEN_K, SILU_MUL)
+            acc2 += _row_dot(
+                x_ptr + 2 * stride_xm, w, ks, k_mask, K, M > 2, EVEN_K, SILU_MUL,
+                res_ptr + 2 * stride_rm, res_out_ptr + 2 * stride_rm, norm_w, rstd2, write_res, NORM, HAS_RES,
+            )  # fmt: skip
+            acc3 += _row_dot(
+                x_ptr + 3 * stride_xm, w, ks, k_mask, K, M > 3, EVEN_K, SILU_MUL,
+                res_ptr + 3 * stride_rm, res_out_ptr + 3 * stride_rm, norm_w, rstd3, write_res, NORM, HAS_RES,
+            )  # fmt: skip
     bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS and not SPLIT:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -239,6 +319,60 @@ def _split_k_reduce_kernel(
     tl.store(out_ptr + row * stride_om + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
+def _check(x: torch.Tensor, weight: torch.Tensor, x_k: int) -> None:
+    if x.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"gemv: x and weight must be 2-D, got {tuple(x.shape)} and {tuple(weight.shape)}")
+    if x.shape[1] != x_k:
+        raise ValueError(f"gemv: x has {x.shape[1]} columns, weight {tuple(weight.shape)} needs {x_k}")
+    if x.dtype != weight.dtype:
+        raise ValueError(f"gemv: x is {x.dtype} but weight is {weight.dtype}; cast one to the other")
+    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError("gemv: x and weight need contiguous rows (stride 1 along K); call .contiguous()")
+
+
+def _launch(x, weight, out, bias, config, act=None, norm=None) -> torch.Tensor:
+    """Run the kernel (and the split-K reduce). ``norm``: (residual or None, residual_out, weight, eps)."""
+    m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
+    if m == 0:
+        return out
+    cfg = config or config_for(m, n, k) or default_config(n, k)
+    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
+    split_k = triton.cdiv(k, k_per_split)
+    even_k = k % k_per_split == 0  # every slice whole (k_per_split is whole tiles)
+    grid = (triton.cdiv(n, cfg.block_n), split_k)
+    has_bias = bias is not None
+    residual, res_out, norm_w, eps = norm if norm is not None else (None, x, x, 0.0)
+    has_res = residual is not None
+    partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
+    for row in range(0, m, 4):  # the kernel keeps at most 4 rows; more re-read the weight
+        rows = min(4, m - row)
+        _gemv_kernel[grid](
+            x[row:], weight, bias if has_bias else x, partial[..., row:, :],
+            residual[row:] if has_res else x, res_out[row:], norm_w, eps, rows, n, k, k_per_split,
+            x.stride(0), weight.stride(0), partial.stride(-2), partial.stride(0) if split_k > 1 else 0,
+            res_out.stride(0),
+            BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
+            SPLIT=split_k > 1, SILU_MUL=act == "silu_mul", HAS_BIAS=has_bias and split_k == 1,
+            NORM=norm is not None, HAS_RES=has_res, num_warps=cfg.num_warps,
+        )  # fmt: skip
+    if split_k > 1:
+        block = min(1024, triton.next_power_of_2(n))
+        _split_k_reduce_kernel[(triton.cdiv(n, block), m)](
+            partial, bias if has_bias else partial, out, m, n, out.stride(0),
+            SPLIT_K=split_k, BLOCK=block, HAS_BIAS=has_bias, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def _out(out: torch.Tensor | None, x: torch.Tensor, m: int, n: int) -> torch.Tensor:
+    if out is None:
+        return torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1:
+        want = f"[{m}, {n}] {x.dtype} with stride 1 along N"
+        raise ValueError(f"gemv: out must be {want}, got {tuple(out.shape)} {out.dtype}")
+    return out
+
+
 def gemv(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -253,43 +387,32 @@ def gemv(
     ``config``: block sizes to use instead of the table's (the benchmark sweeps them)."""
     if act not in (None, "silu_mul"):
         raise ValueError(f"gemv: unknown act {act!r} (None or 'silu_mul')")
-    if x.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"gemv: x and weight must be 2-D, got {tuple(x.shape)} and {tuple(weight.shape)}")
-    m, n, k = x.shape[0], weight.shape[0], weight.shape[1]
-    x_k = 2 * k if act == "silu_mul" else k
-    if x.shape[1] != x_k:
-        raise ValueError(f"gemv: x has {x.shape[1]} columns, weight {tuple(weight.shape)} needs {x_k}")
-    if x.dtype != weight.dtype:
-        raise ValueError(f"gemv: x is {x.dtype} but weight is {weight.dtype}; cast one to the other")
-    if x.stride(1) != 1 or weight.stride(1) != 1:
-        raise ValueError("gemv: x and weight need contiguous rows (stride 1 along K); call .contiguous()")
-    if out is None:
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    elif out.shape != (m, n) or out.dtype != x.dtype or out.stride(1) != 1:
-        want = f"[{m}, {n}] {x.dtype} with stride 1 along N"
-        raise ValueError(f"gemv: out must be {want}, got {tuple(out.shape)} {out.dtype}")
-    if m == 0:
-        return out
-    cfg = config or config_for(m, n, k) or default_config(n, k)
-    k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
-    split_k = triton.cdiv(k, k_per_split)
-    even_k = k % k_per_split == 0  # every slice whole (k_per_split is whole tiles)
-    grid = (triton.cdiv(n, cfg.block_n), split_k)
-    has_bias = bias is not None
-    partial = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device) if split_k > 1 else out
-    for row in range(0, m, 4):  # the kernel keeps at most 4 rows; more re-read the weight
-        rows = min(4, m - row)
-        _gemv_kernel[grid](
-            x[row:], weight, bias if has_bias else x, partial[..., row:, :], rows, n, k, k_per_split,
-            x.stride(0), weight.stride(0), partial.stride(-2), partial.stride(0) if split_k > 1 else 0,
-            BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
-            SPLIT=split_k > 1, SILU_MUL=act == "silu_mul", HAS_BIAS=has_bias and split_k == 1,
-            num_warps=cfg.num_warps,
-        )  # fmt: skip
-    if split_k > 1:
-        block = min(1024, triton.next_power_of_2(n))
-        _split_k_reduce_kernel[(triton.cdiv(n, block), m)](
-            partial, bias if has_bias else partial, out, m, n, out.stride(0),
-            SPLIT_K=split_k, BLOCK=block, HAS_BIAS=has_bias, num_warps=4,
-        )  # fmt: skip
-    return out
+    k = weight.shape[-1]
+    _check(x, weight, 2 * k if act == "silu_mul" else k)
+    out = _out(out, x, x.shape[0], weight.shape[0])
+    return _launch(x, weight, out, bias, config, act=act)
+
+
+def gemv_rms_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    norm_weight: torch.Tensor,
+    eps: float,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    config: GemvConfig | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual) @ weight^T (+ bias), x + residual): ``add_rms_norm`` (or ``rms_norm``
+    when ``residual`` is None, which returns x itself as the residual) and the GEMV in one kernel."""
+    _check(x, weight, weight.shape[1])
+    like_x = f"[{x.shape[1]}] {x.dtype}"
+    if norm_weight.shape != (x.shape[1],) or norm_weight.dtype != x.dtype:
+        got = f"{tuple(norm_weight.shape)} {norm_weight.dtype}"
+        raise ValueError(f"gemv_rms_norm: the norm weight must be {like_x}, got {got}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"gemv_rms_norm: residual must be {tuple(x.shape)} {x.dtype} like x")
+    if residual is not None and residual.stride(1) != 1:
+        raise ValueError("gemv_rms_norm: residual needs contiguous rows; call .contiguous()")
+    res_out = x if residual is None else torch.empty_like(x)
+    out = _out(None, x, x.shape[0], weight.shape[0])
+    return _launch(x, weight, out, bias, config, norm=(residual, res_out, norm_weight, eps)), res_out

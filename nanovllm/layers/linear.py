@@ -89,6 +89,20 @@ class LinearBase(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(x, self.bias)
 
+    def norm_forward(
+        self, norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``norm`` (an RMSNorm: with the residual added first, unless it is None) and then this
+        projection: ``(y, new_residual)``. On the GEMV path the norm is the kernel's prologue
+        (``gemv.gemv_rms_norm``), one launch instead of two; a column-parallel layer only (its
+        forward has no all-reduce)."""
+        if self.takes_gemv(x) and norm.weight.dtype == x.dtype:
+            from nanovllm.kernels import gemv
+
+            return gemv.gemv_rms_norm(x, residual, norm.weight, norm.eps, self.weight, bias=self.bias)
+        h, residual = (norm(x), x) if residual is None else norm(x, residual)
+        return self(h), residual
+
 
 class ReplicatedLinear(LinearBase):
     def __init__(self, input_size: int, output_size: int, bias: bool = False, quant_type: str | None = None):

@@ -76,7 +76,10 @@ class LlamaAttention(nn.Module):
         )
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv_proj(hidden_states)
+        return self.attend(positions, self.qkv_proj(hidden_states))
+
+    def attend(self, positions: torch.Tensor, qkv: torch.Tensor) -> torch.Tensor:
+        """Attention from the qkv projection's output on, through o_proj."""
         if self.attn.fuses_qkv_prep():  # CUDA: the steps below in one kernel
             cos_sin = self.rotary_emb.cos_sin_cache
             o = self.attn.forward_qkv(qkv, positions, cos_sin, self.q_norm, self.k_norm)
@@ -102,7 +105,10 @@ class LlamaMLP(nn.Module):
         self.act_fn = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up through down_proj."""
         if self.down_proj.takes_gemv(gate_up):  # a few rows on CUDA: silu * up inside the GEMV
             return self.down_proj(gate_up, act="silu_mul")
         return self.down_proj(self.act_fn(gate_up))
@@ -119,13 +125,13 @@ class LlamaDecoderLayer(nn.Module):
     def forward(
         self, positions: torch.Tensor, hidden_states: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            hidden_states, residual = self.input_layernorm(hidden_states), hidden_states
-        else:
-            hidden_states, residual = self.input_layernorm(hidden_states, residual)
-        hidden_states = self.self_attn(positions, hidden_states)
-        hidden_states, residual = self.post_attention_layernorm(hidden_states, residual)
-        return self.mlp(hidden_states), residual
+        # Each norm goes with the projection after it: on the decode GEMV path the two are one kernel.
+        attn, mlp = self.self_attn, self.mlp
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        qkv, residual = attn.qkv_proj.norm_forward(norm1, hidden_states, residual)
+        hidden_states = attn.attend(positions, qkv)
+        gate_up, residual = mlp.gate_up_proj.norm_forward(norm2, hidden_states, residual)
+        return mlp.down(gate_up), residual
 
 
 class LlamaModel(nn.Module):

@@ -24,12 +24,16 @@ def greedy(path, max_rows, monkeypatch, eager):
 @pytest.mark.parametrize("arch", ["qwen3"])
 def test_greedy_unchanged_by_gemv(tiny_ckpt, monkeypatch, arch, eager):
     calls = []
-    real = gemv_mod.gemv
+    real, real_norm = gemv_mod.gemv, gemv_mod.gemv_rms_norm
     monkeypatch.setattr(gemv_mod, "gemv", lambda *a, **kw: calls.append(kw.get("act")) or real(*a, **kw))
+    monkeypatch.setattr(
+        gemv_mod, "gemv_rms_norm", lambda *a, **kw: calls.append("rms_norm") or real_norm(*a, **kw)
+    )
     path = tiny_ckpt(arch)
     off = greedy(path, 0, monkeypatch, eager)
     assert not calls
     on = greedy(path, 4, monkeypatch, eager)
-    assert calls and "silu_mul" in calls, "batches of 1 and 3 should run the GEMV, the MLP's fused"
+    assert "silu_mul" in calls, "batches of 1 and 3 should run the GEMV, the MLP's activation fused"
+    assert "rms_norm" in calls, "... and the norms before the qkv and gate_up projections fused"
     # float32 on both sides: only the summation order differs, far below the tiny model's margins
     assert on == off

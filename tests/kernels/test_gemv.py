@@ -10,7 +10,7 @@ from tests.kernels.paged_kv import device
 pytest.importorskip("triton")
 
 from nanovllm.kernels import gemv as gemv_mod  # noqa: E402
-from nanovllm.kernels.gemv import GemvConfig, default_config, gemv  # noqa: E402
+from nanovllm.kernels.gemv import GemvConfig, default_config, gemv, gemv_rms_norm  # noqa: E402
 
 # The output is rounded once from a float32 sum. float32: only the summation order differs;
 # float16/bf16: half an ulp of the output (2^-11 / 2^-8 relative), plus the float32 sum's own error.
@@ -84,6 +84,50 @@ def test_gemv_silu_mul(dtype, config):
     check(gemv(x, w, act="silu_mul", config=config), reference(x, w, act="silu_mul"), dtype)
 
 
+def normed_reference(x, residual, norm_w, eps):
+    """(RMSNorm(x + residual) rounded where the model's add_rms_norm rounds, x + residual), in plain
+    torch: the sum and the normalised value to x's dtype, then the product with the weight."""
+    h = x if residual is None else x + residual
+    y = h.double() * torch.rsqrt(h.double().pow(2).mean(dim=-1, keepdim=True) + eps)
+    return y.to(x.dtype) * norm_w, h
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_residual", [True, False])
+@pytest.mark.parametrize(
+    "m,n,k,config",
+    [
+        (1, 20, 96, GemvConfig(8, 128)),  # one tile wider than K
+        (3, 24, 96, GemvConfig(8, 32)),  # three K tiles: the sum of squares loops
+        (6, 20, 100, GemvConfig(4, 16, split_k=3)),  # masked tail, split K, two launches
+    ],
+)
+def test_gemv_rms_norm_matches_torch(dtype, with_residual, m, n, k, config):
+    x, w, bias = make(m, n, k, dtype, device(), seed=m + n)
+    gen = torch.Generator().manual_seed(k)
+    residual = (torch.randn(m, k, generator=gen) * 3).to(dtype).to(device()) if with_residual else None
+    norm_w = (1 + torch.randn(k, generator=gen) / 4).to(dtype).to(device())
+    eps = 1e-6
+    normed, h = normed_reference(x, residual, norm_w, eps)
+    y, res = gemv_rms_norm(x, residual, norm_w, eps, w, bias=bias, config=config)
+    check(y, reference(normed, w, bias), dtype)
+    torch.testing.assert_close(res, h, atol=0, rtol=0)  # the new residual is exactly the rounded sum
+    if residual is None:
+        assert res is x
+    else:
+        assert res.data_ptr() not in (x.data_ptr(), residual.data_ptr())
+
+
+def test_gemv_rms_norm_rejects_bad_inputs():
+    x, w, _ = make(2, 8, 32, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="norm weight must be"):
+        gemv_rms_norm(x, None, torch.ones(16), 1e-6, w)
+    with pytest.raises(ValueError, match="norm weight must be"):
+        gemv_rms_norm(x, None, torch.ones(32, dtype=torch.float16), 1e-6, w)
+    with pytest.raises(ValueError, match="residual must be"):
+        gemv_rms_norm(x, torch.ones(1, 32), torch.ones(32), 1e-6, w)
+
+
 def test_gemv_rejects_bad_inputs():
     x, w, _ = make(1, 8, 32, torch.float32, "cpu")
     with pytest.raises(ValueError, match="columns"):
@@ -152,6 +196,20 @@ def test_gemv_lm_head_and_silu_mul_bf16(m):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("shape", ["qkv", "gate_up"])
+def test_gemv_rms_norm_real_shapes_bf16(m, shape):
+    n, k = SHAPES[shape]
+    x, w, _ = make(m, n, k, torch.bfloat16, "cuda", seed=m)
+    residual = torch.randn(m, k, device="cuda").to(torch.bfloat16) * 4
+    norm_w = (1 + torch.randn(k, device="cuda") / 4).to(torch.bfloat16)
+    normed, h = normed_reference(x, residual, norm_w, 1e-6)
+    y, res = gemv_rms_norm(x, residual, norm_w, 1e-6, w)
+    check(y, reference(normed, w), torch.bfloat16)
+    torch.testing.assert_close(res, h, atol=0, rtol=0)
+
+
+@pytest.mark.gpu
 def test_linear_layers_take_the_gemv(monkeypatch):
     from nanovllm.layers.linear import ColumnParallelLinear
 
@@ -191,3 +249,27 @@ def test_mlp_routes_silu_mul_into_the_down_projection(monkeypatch, m):
     monkeypatch.setattr(LinearBase, "takes_gemv", lambda self, x: x.shape[0] <= 4)
     torch.testing.assert_close(mlp(x), want, atol=1e-5, rtol=1e-5)
     assert acts == ([None, "silu_mul"] if m <= 4 else [])
+
+
+@pytest.mark.parametrize("first_layer", [True, False])
+def test_norm_forward_fuses_the_norm_into_the_gemv(monkeypatch, first_layer):
+    """A column-parallel layer's norm_forward on the GEMV path (forced here on the CPU) against the
+    RMSNorm module followed by the layer; the first layer has no residual yet."""
+    from nanovllm.layers.layernorm import RMSNorm
+    from nanovllm.layers.linear import ColumnParallelLinear, LinearBase
+
+    layer, norm = ColumnParallelLinear(32, 24, bias=True).to(device()), RMSNorm(32).to(device())
+    for p in (*layer.parameters(), norm.weight):
+        p.data.normal_(std=0.5)
+    x = torch.randn(2, 32, device=device())
+    residual = None if first_layer else torch.randn(2, 32, device=device())
+    h, want_residual = (norm(x), x) if first_layer else norm(x, residual)
+    want = layer(h)
+    fused = []
+    real = gemv_mod.gemv_rms_norm
+    monkeypatch.setattr(gemv_mod, "gemv_rms_norm", lambda *a, **kw: fused.append(1) or real(*a, **kw))
+    monkeypatch.setattr(LinearBase, "takes_gemv", lambda self, x: True)
+    y, new_residual = layer.norm_forward(norm, x, residual)
+    assert fused == [1]
+    torch.testing.assert_close(y, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(new_residual, want_residual, atol=0, rtol=0)
