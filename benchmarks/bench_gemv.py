@@ -1,6 +1,6 @@
 """Sweep the decode GEMV's block sizes at the Qwen3-0.6B shapes against cuBLAS (F.linear), bf16.
 
-    python benchmarks/bench_gemv.py [results.jsonl] [--quick]
+    python benchmarks/bench_gemv.py [results.jsonl] [--quick] [--norm]
 
 For each projection (qkv 1024->4096, o 2048->1024, gate_up 1024->6144, down 3072->1024, lm_head
 1024->151936) and M = 1, 2, 4 rows it prints one JSON line: the best config, its us and GB/s, the
@@ -8,6 +8,9 @@ config the table (``GEMV_CONFIGS``) picks today and its us, and F.linear's us an
 every candidate; M=2 and 4 only M=1's best few (and each with half the BLOCK_K), to keep the
 compile count down. The last line holds a ready-to-paste ``GEMV_CONFIGS`` and the estimated
 saving per decode step of a 28-layer model at M=1.
+
+``--norm`` times instead the decoder's add + RMSNorm followed by the qkv / gate_up GEMV (two
+kernels, as without the fusion) against ``gemv_rms_norm`` (one) at a few BLOCK_N, M = 1 and 2.
 
 Timed as the engine runs them: from a CUDA graph, cycling through enough copies of the weight
 (>= 4x the L2 cache) that no call finds its weight in L2, as in a real decode step.
@@ -27,7 +30,8 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanovllm.benchmark import git_commit  # noqa: E402
-from nanovllm.kernels.gemv import GemvConfig, config_for, gemv  # noqa: E402
+from nanovllm.kernels.gemv import GemvConfig, config_for, gemv, gemv_rms_norm  # noqa: E402
+from nanovllm.layers.layernorm import add_rms_norm  # noqa: E402
 
 SHAPES = {  # name: (N, K), as the weight is [N, K]
     "qkv": (4096, 1024),
@@ -121,6 +125,34 @@ def bench_shape(name: str, n: int, k: int, quick: bool) -> list[dict]:
     return lines
 
 
+def bench_norm(name: str, n: int, k: int) -> list[dict]:
+    """add_rms_norm then the GEMV, against gemv_rms_norm, per call (us)."""
+    copies = max(2, math.ceil(COLD_BYTES / (n * k * DTYPE.itemsize)))
+    weights = [torch.randn(n, k, dtype=DTYPE, device="cuda") / k**0.5 for _ in range(copies)]
+    norm_w = torch.ones(k, dtype=DTYPE, device="cuda")
+    lines = []
+    for m in (1, 2):
+        x, res = (torch.randn(m, k, dtype=DTYPE, device="cuda") for _ in range(2))
+        cfg = config_for(m, n, k) or GemvConfig(2, 1024)
+
+        def unfused(i, x=x, res=res, cfg=cfg):
+            h, _ = add_rms_norm(x, res, norm_w, 1e-6)
+            return gemv(h, weights[i], config=cfg)
+
+        line = {"bench": "gemv_rms_norm", "shape": name, "N": n, "K": k, "M": m, "table": tuple(cfg)}
+        line["unfused_us"] = round(time_us(unfused, copies), 2)
+        for block_n in (1, 2, 4, 8, 16):
+            c = cfg._replace(block_n=block_n)
+
+            def fused(i, x=x, res=res, c=c):
+                return gemv_rms_norm(x, res, norm_w, 1e-6, weights[i], config=c)
+
+            line[f"fused_us_bn{block_n}"] = round(time_us(fused, copies), 2)
+        print(json.dumps(line), flush=True)
+        lines.append(line)
+    return lines
+
+
 def summary(lines: list[dict]) -> dict:
     table = {}
     for ln in lines:
@@ -151,6 +183,7 @@ def main() -> None:
     parser.add_argument("results", nargs="?", help="append the JSON lines here too")
     parser.add_argument("--quick", action="store_true", help="4 warps only")
     parser.add_argument("--shapes", default=",".join(SHAPES))
+    parser.add_argument("--norm", action="store_true", help="the fused norm prologue (qkv, gate_up)")
     args = parser.parse_args()
     start = time.perf_counter()
     meta = {
@@ -161,9 +194,15 @@ def main() -> None:
         "triton": triton.__version__,
     }
     lines = []
-    for name in args.shapes.split(","):
-        lines += bench_shape(name, *SHAPES[name], args.quick)
-    final = summary(lines) | {"seconds": round(time.perf_counter() - start, 1)}
+    if args.norm:
+        for name in ("qkv", "gate_up"):
+            lines += bench_norm(name, *SHAPES[name])
+        final = {"bench": "gemv_rms_norm_summary"}
+    else:
+        for name in args.shapes.split(","):
+            lines += bench_shape(name, *SHAPES[name], args.quick)
+        final = summary(lines)
+    final |= {"seconds": round(time.perf_counter() - start, 1)}
     print(json.dumps(final))
     if args.results:
         with open(args.results, "a") as f:

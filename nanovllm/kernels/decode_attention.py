@@ -43,7 +43,11 @@ MAX_SPLITS = 64
 
 # The split count is a runtime value (one compiled kernel whatever it is; mixed steps pick it from
 # each step's batch), except whether there is more than one: ONE_SPLIT writes the output directly.
-@triton.jit(do_not_specialize=["num_splits"])
+# Nor are the int32 metadata pointers specialised on 16-byte alignment: a mixed step passes views
+# that start at its first decode or prefill row, and each alignment was a variant of its own, first
+# built inside a run (benchmarks/triton_builds.py: 3 decode and 1 prefill variant, ~0.6-1.1 s each
+# with a cold cache on an H200). Their loads are scalar, so the hint bought nothing.
+@triton.jit(do_not_specialize=["num_splits", "block_tables_ptr", "context_lens_ptr"])
 def _decode_split_kernel(
     q_ptr,  # [batch, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]

@@ -32,12 +32,12 @@ computed in float32 and rounded once to x's dtype, as the compiled ``silu_and_mu
 MLP's down projection needs no activation kernel of its own.
 
 ``gemv_rms_norm``: the decoder's residual add and RMSNorm run as the GEMV's prologue, so the qkv and
-gate_up projections at batch 1-2 need no norm kernel before them. Every program first reads its rows
-of ``x`` (+ ``residual``) whole for the sum of squares (2 KB a row at hidden 1024, from L2 after the
-first program), then normalises each x chunk as it multiplies it, rounding where ``add_rms_norm``
-rounds: the sum to x's dtype, the normalised value to x's dtype, its product with the norm weight to
-x's dtype. The programs of the first column block (pid_n == 0) also write the new residual (the sum),
-to a tensor of its own, since other programs are still reading the old one.
+gate_up projections at batch 1-2 need no norm kernel before them. K is one tile there (1024 at
+Qwen3-0.6B), so every program loads its weight rows, its rows of ``x`` and ``residual`` (2 KB each,
+from L2 after the first program) and the norm weight at once, takes the sum of squares and
+normalises, rounding where ``add_rms_norm`` rounds: the sum, the normalised value and its product
+with the norm weight each to x's dtype. The programs of the first column block (pid_n == 0) also
+write the new residual (the sum), to a tensor of its own, since other programs still read the old one.
 
 Environment: ``NANOVLLM_GEMV=0`` turns the kernel off; ``NANOVLLM_GEMV_MAX_ROWS`` (default 4) sets
 the most rows it takes. Both are read once, at import.
@@ -150,43 +150,24 @@ def _row_x(x_row_ptr, ks, mask, K, SILU_MUL: tl.constexpr):
 
 
 @triton.jit
-def _summed_x(x_row_ptr, res_row_ptr, ks, mask, HAS_RES: tl.constexpr):
-    """x (+ residual) for one chunk, rounded to x's dtype as the unfused add is, in float32."""
+def _row_dot(x_row_ptr, w, ks, k_mask, K, ok, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):
+    """One row's contribution [BLOCK_N] of the tile ``w`` [BLOCK_N, BLOCK_K] (zeros if not ``ok``)."""
+    mask = ok if EVEN_K else k_mask & ok  # a scalar mask keeps the loads vectorised
+    return tl.sum(w * _row_x(x_row_ptr, ks, mask, K, SILU_MUL)[None, :], axis=1)
+
+
+@triton.jit
+def _normed_row_dot(x_row_ptr, res_row_ptr, res_out_row_ptr, w, norm_w, ks, mask, K, eps, write_res,
+                    HAS_RES: tl.constexpr):  # fmt: skip
+    """As ``_row_dot`` for a row that is whole in this tile, taken through (add +) RMSNorm first:
+    h = x (+ residual), rounded as the unfused add rounds; ``write_res`` programs store h."""
+    dtype = x_row_ptr.dtype.element_ty
     h = tl.load(x_row_ptr + ks, mask=mask, other=0.0).to(tl.float32)
     if HAS_RES:
-        h += tl.load(res_row_ptr + ks, mask=mask, other=0.0).to(tl.float32)
-        h = h.to(x_row_ptr.dtype.element_ty).to(tl.float32)
-    return h
-
-
-@triton.jit
-def _row_rstd(x_row_ptr, res_row_ptr, K, eps, ok, BLOCK_K: tl.constexpr, HAS_RES: tl.constexpr):
-    """1 / sqrt(mean(h^2) + eps) of one whole row h = x (+ residual)."""
-    sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        h = _summed_x(x_row_ptr, res_row_ptr, ks, (ks < K) & ok, HAS_RES)
-        sq += h * h
-    return 1.0 / tl.sqrt_rn(tl.sum(sq, axis=0) / K + eps)
-
-
-@triton.jit
-def _row_dot(
-    x_row_ptr, w, ks, k_mask, K, ok, EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr,
-    res_row_ptr, res_out_row_ptr, norm_w, rstd, write_res, NORM: tl.constexpr, HAS_RES: tl.constexpr,
-):  # fmt: skip
-    """One row's contribution [BLOCK_N] of the tile ``w`` [BLOCK_N, BLOCK_K] (zeros if not ``ok``).
-    With NORM the row is x (+ residual) normalised by ``rstd`` and scaled by ``norm_w`` (the chunk
-    of the norm weight, float32), and ``write_res`` programs store the sum to ``res_out_row_ptr``."""
-    mask = ok if EVEN_K else k_mask & ok  # a scalar mask keeps the loads vectorised
-    if NORM:
-        h = _summed_x(x_row_ptr, res_row_ptr, ks, mask, HAS_RES)
-        if HAS_RES:
-            tl.store(res_out_row_ptr + ks, h.to(res_out_row_ptr.dtype.element_ty), mask=mask & write_res)
-        dtype = x_row_ptr.dtype.element_ty
-        xs = ((h * rstd).to(dtype).to(tl.float32) * norm_w).to(dtype).to(tl.float32)
-    else:
-        xs = _row_x(x_row_ptr, ks, mask, K, SILU_MUL)
+        h = (h + tl.load(res_row_ptr + ks, mask=mask, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+        tl.store(res_out_row_ptr + ks, h.to(dtype), mask=mask & write_res)
+    rstd = 1.0 / tl.sqrt_rn(tl.sum(h * h, axis=0) / K + eps)
+    xs = ((h * rstd).to(dtype).to(tl.float32) * norm_w).to(dtype).to(tl.float32)
     return tl.sum(w * xs[None, :], axis=1)
 
 
@@ -226,7 +207,7 @@ def _gemv_kernel(
     SPLIT: tl.constexpr,
     SILU_MUL: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    NORM: tl.constexpr,  # x is the input of (add +) RMSNorm, applied on the fly
+    NORM: tl.constexpr,  # x is the input of (add +) RMSNorm, applied on the fly; K is one tile
     HAS_RES: tl.constexpr,
 ):
     # Everything stays 2-D ([BLOCK_N, BLOCK_K] tiles, [BLOCK_N] sums): a 3-D [M, N, K] broadcast
@@ -243,47 +224,44 @@ def _gemv_kernel(
     acc1 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc3 = tl.zeros([BLOCK_N], dtype=tl.float32)
-    rstd0 = 1.0
-    rstd1 = 1.0
-    rstd2 = 1.0
-    rstd3 = 1.0
-    if NORM:
-        rstd0 = _row_rstd(x_ptr, res_ptr, K, eps, M > 0, BLOCK_K, HAS_RES)
+    if NORM:  # the whole row in one tile (gemv_rms_norm sees to it): all loads issued up front
+        k_mask = offs_k < K
+        w = tl.load(w_rows + offs_k[None, :], mask=col_ok[:, None] & k_mask[None, :], other=0.0).to(
+            tl.float32
+        )
+        norm_w = tl.load(norm_w_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        write_res = pid_n == 0
+        acc0 = _normed_row_dot(x_ptr, res_ptr, res_out_ptr, w, norm_w, offs_k, k_mask & (M > 0), K, eps,
+                               write_res, HAS_RES)  # fmt: skip
         if BLOCK_M > 1:
-            rstd1 = _row_rstd(x_ptr + stride_xm, res_ptr + stride_rm, K, eps, M > 1, BLOCK_K, HAS_RES)
-        if BLOCK_M > 2:
-            rstd2 = _row_rstd(x_ptr + 2 * stride_xm, res_ptr + 2 * stride_rm, K, eps, M > 2, BLOCK_K, HAS_RES)
-            rstd3 = _row_rstd(x_ptr + 3 * stride_xm, res_ptr + 3 * stride_rm, K, eps, M > 3, BLOCK_K, HAS_RES)
-    write_res = pid_n == 0
-    for k0 in range(k_start, k_end, BLOCK_K):
-        ks = k0 + offs_k
-        k_mask = ks < k_end
-        if EVEN_K:
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
-        else:
-            w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_mask[None, :], other=0.0)
-        w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
-        norm_w = tl.zeros([BLOCK_K], dtype=tl.float32)
-        if NORM:
-            norm_w = tl.load(norm_w_ptr + ks, mask=k_mask, other=0.0).to(tl.float32)
-        acc0 += _row_dot(
-            x_ptr, w, ks, k_mask, K, M > 0, EVEN_K, SILU_MUL,
-            res_ptr, res_out_ptr, norm_w, rstd0, write_res, NORM, HAS_RES,
-        )  # fmt: skip
-        if BLOCK_M > 1:
-            acc1 += _row_dot(
-                x_ptr + stride_xm, w, ks, k_mask, K, M > 1, EVEN_K, SILU_MUL,
-                res_ptr + stride_rm, res_out_ptr + stride_rm, norm_w, rstd1, write_res, NORM, HAS_RES,
+            acc1 = _normed_row_dot(
+                x_ptr + stride_xm, res_ptr + stride_rm, res_out_ptr + stride_rm, w, norm_w, offs_k,
+                k_mask & (M > 1), K, eps, write_res, HAS_RES,
             )  # fmt: skip
         if BLOCK_M > 2:
-            acc2 += _row_dot(
-                x_ptr + 2 * stride_xm, w, ks, k_mask, K, M > 2, EVEN_K, SILU_MUL,
-                res_ptr + 2 * stride_rm, res_out_ptr + 2 * stride_rm, norm_w, rstd2, write_res, NORM, HAS_RES,
+            acc2 = _normed_row_dot(
+                x_ptr + 2 * stride_xm, res_ptr + 2 * stride_rm, res_out_ptr + 2 * stride_rm, w, norm_w,
+                offs_k, k_mask & (M > 2), K, eps, write_res, HAS_RES,
             )  # fmt: skip
-            acc3 += _row_dot(
-                x_ptr + 3 * stride_xm, w, ks, k_mask, K, M > 3, EVEN_K, SILU_MUL,
-                res_ptr + 3 * stride_rm, res_out_ptr + 3 * stride_rm, norm_w, rstd3, write_res, NORM, HAS_RES,
+            acc3 = _normed_row_dot(
+                x_ptr + 3 * stride_xm, res_ptr + 3 * stride_rm, res_out_ptr + 3 * stride_rm, w, norm_w,
+                offs_k, k_mask & (M > 3), K, eps, write_res, HAS_RES,
             )  # fmt: skip
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            ks = k0 + offs_k
+            k_mask = ks < k_end
+            if EVEN_K:
+                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
+            else:
+                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_mask[None, :], other=0.0)
+            w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
+            acc0 += _row_dot(x_ptr, w, ks, k_mask, K, M > 0, EVEN_K, SILU_MUL)
+            if BLOCK_M > 1:
+                acc1 += _row_dot(x_ptr + stride_xm, w, ks, k_mask, K, M > 1, EVEN_K, SILU_MUL)
+            if BLOCK_M > 2:
+                acc2 += _row_dot(x_ptr + 2 * stride_xm, w, ks, k_mask, K, M > 2, EVEN_K, SILU_MUL)
+                acc3 += _row_dot(x_ptr + 3 * stride_xm, w, ks, k_mask, K, M > 3, EVEN_K, SILU_MUL)
     bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS and not SPLIT:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -336,6 +314,8 @@ def _launch(x, weight, out, bias, config, act=None, norm=None) -> torch.Tensor:
     if m == 0:
         return out
     cfg = config or config_for(m, n, k) or default_config(n, k)
+    if norm is not None:  # the kernel keeps the row in one tile
+        cfg = cfg._replace(block_k=max(cfg.block_k, triton.next_power_of_2(k)), split_k=1)
     k_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), cfg.block_k) * cfg.block_k
     split_k = triton.cdiv(k, k_per_split)
     even_k = k % k_per_split == 0  # every slice whole (k_per_split is whole tiles)

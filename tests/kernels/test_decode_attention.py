@@ -176,3 +176,46 @@ def test_decode_cuda_graph(cache_dtype):
         graph.replay()
         ref = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, 0.1, k_scale, v_scale)
         torch.testing.assert_close(out, ref, **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_metadata_views_reuse_the_compiled_kernels():
+    """A mixed step passes block-table and length views that start at a later row (not 16-byte
+    aligned): they must run the kernels already built for whole tensors, not build new variants in
+    the middle of a run (the pointers are not specialised on alignment)."""
+    import triton
+
+    from nanovllm.kernels.prefill_attention import paged_prefill_attention
+    from nanovllm.kernels.reference import paged_prefill_attention_ref
+
+    lens = [5, 40, 17, 90, 33]
+    k_cache, v_cache, block_tables, context_lens = make_paged_kv(lens, 2, 64, 16, torch.bfloat16)
+    q = torch.randn(len(lens), 4, 64, device="cuda", dtype=torch.bfloat16)
+    cu = torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda")  # one new token per sequence
+
+    def run(first):
+        bt, cl = block_tables[first:], context_lens[first:]
+        outs = [
+            paged_decode_attention(q[first:], k_cache, v_cache, bt, cl, 0.125, num_splits=s) for s in (1, 3)
+        ]
+        # as a mixed step calls it: q whole, the prefill rows' offsets into it a view of cu_seqlens
+        prefill = paged_prefill_attention(
+            q, k_cache, v_cache, cu[first:], cl, bt, 0.125, 1, out=torch.zeros_like(q)
+        )
+        return [*outs, prefill[first:]]
+
+    run(0)  # whole tensors: builds (or loads) the variants
+    built = []
+    saved = triton.knobs.runtime.jit_cache_hook
+    triton.knobs.runtime.jit_cache_hook = lambda **kw: built.append(kw["fn"].name) and False
+    try:
+        decode_one, decode_split, prefill = run(1)  # views one int32 row in: 4-byte aligned only
+    finally:
+        triton.knobs.runtime.jit_cache_hook = saved
+    assert built == []
+    bt, cl = block_tables[1:], context_lens[1:]
+    want = paged_decode_attention_ref(q[1:], k_cache, v_cache, bt, cl, 0.125)
+    for got in (decode_one, decode_split):
+        torch.testing.assert_close(got, want, **TOLERANCE[torch.bfloat16])
+    want = paged_prefill_attention_ref(q[1:], k_cache, v_cache, cu[1:] - 1, cl, bt, 0.125)  # one query each
+    torch.testing.assert_close(prefill, want, **TOLERANCE[torch.bfloat16])
