@@ -94,6 +94,16 @@ GEMV_CONFIGS: dict[tuple[int, ...], GemvConfig | None] = {
     (151936, 1024, 4): None,
 }
 
+# gemv_rms_norm's own block sizes, (N, K, M) -> config: each program also reads its rows of x and the
+# residual, so fewer, larger programs pay. bench_gemv.py --norm on an H200 (2026-11-29; us, the
+# fused kernel against add_rms_norm + the table's GEMV): qkv M=1 4.73 vs 6.32, M=2 6.00 vs 8.19;
+# gate_up M=1 6.13 vs 7.93 (BLOCK_N 2: 4.82 and 6.65). Shapes not here use GEMV_CONFIGS.
+NORM_CONFIGS: dict[tuple[int, int, int], GemvConfig] = {
+    (4096, 1024, 1): GemvConfig(4, 1024),
+    (4096, 1024, 2): GemvConfig(8, 1024),
+    (6144, 1024, 1): GemvConfig(4, 1024),
+}
+
 TARGET_PROGRAMS = 256  # about two per SM on an H100/H200 (132 SMs)
 TILE = 8192  # weight elements per loaded tile: 64 per thread at 4 warps, eight 16-byte loads
 
@@ -394,5 +404,7 @@ def gemv_rms_norm(
     if residual is not None and residual.stride(1) != 1:
         raise ValueError("gemv_rms_norm: residual needs contiguous rows; call .contiguous()")
     res_out = x if residual is None else torch.empty_like(x)
-    out = _out(None, x, x.shape[0], weight.shape[0])
-    return _launch(x, weight, out, bias, config, norm=(residual, res_out, norm_weight, eps)), res_out
+    m, n = x.shape[0], weight.shape[0]
+    config = config or NORM_CONFIGS.get((n, weight.shape[1], m))
+    out = _launch(x, weight, _out(None, x, m, n), bias, config, norm=(residual, res_out, norm_weight, eps))
+    return out, res_out
