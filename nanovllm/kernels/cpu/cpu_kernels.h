@@ -63,8 +63,11 @@ size_t acts_bytes(int m, int nb);           /* a buffer for m rows of nb blocks 
 acts acts_in(void *buf, int m, int nb);     /* ... laid out in it (pads not zeroed) */
 void quantize_block(const float *x, const acts *a, int i, int b); /* 32 floats -> block b of row i */
 /* y[i * ys + r] = activation row i (of m) . weight row r for r in [r0, r1), W repacked (repack_rows)
- * from qtype blocks; one thread's share of a matmul. */
+ * from qtype blocks into groups of 8 rows; one thread's share of a matmul: r0 is a group's first row
+ * (share_rows gives such ranges). */
 void matmul_rows(int qtype, const uint8_t *w, int r0, int r1, const acts *x, int m, float *y, int ys);
+/* thread t of nt: its rows [r0, r1) of n, whole groups of 8 */
+void share_rows(int n, int t, int nt, int *r0, int *r1);
 
 /* The KV cache's element type, a runtime flag: float32, or float16 (IEEE halves, half the bytes to read;
  * widened by F16C on load, rounded to nearest even on store; arithmetic stays float32). */

@@ -138,8 +138,8 @@ int decode_step(const step_dims *dm, const layer_ptrs *layers, float *residual, 
             const layer_ptrs *L = layers + l;
             for (int i = 0; i < m; i++)
                 add_norm_quant(res + (size_t)i * H, l ? ws.y + (size_t)i * H : NULL, L->in_norm, dm->eps, H, xa, i);
-            share(qkv_n, t, T, &r0, &r1);
-            matmul_rows(L->qtype_qkv, L->qkv, r0, r1, xa, m, ws.qkv, qkv_n);
+            share_rows(qkv_n, t, T, &r0, &r1);
+            if (r1 > r0) matmul_rows(L->qtype_qkv, L->qkv, r0, r1, xa, m, ws.qkv, qkv_n);
 #pragma omp barrier
             for (int task = t; task < m * kvh; task += T) {
                 const int s = task / kvh, h = task % kvh, half = hd / 2;
@@ -159,8 +159,8 @@ int decode_step(const step_dims *dm, const layer_ptrs *layers, float *residual, 
                 for (int b = 0; b < group * hd / QK; b++) quantize_block(o + b * QK, &ws.xo, s, b0 + b);
             }
 #pragma omp barrier
-            share(H, t, T, &r0, &r1);
-            matmul_rows(L->qtype_o, L->o, r0, r1, &ws.xo, m, ws.y, H);
+            share_rows(H, t, T, &r0, &r1);
+            if (r1 > r0) matmul_rows(L->qtype_o, L->o, r0, r1, &ws.xo, m, ws.y, H);
 #pragma omp barrier
             for (int i = 0; i < m; i++)
                 add_norm_quant(res + (size_t)i * H, ws.y + (size_t)i * H, L->post_norm, dm->eps, H, xa, i);
@@ -180,8 +180,8 @@ int decode_step(const step_dims *dm, const layer_ptrs *layers, float *residual, 
                 }
             }
 #pragma omp barrier
-            share(H, t, T, &r0, &r1);
-            matmul_rows(L->qtype_down, L->down, r0, r1, &ws.xb, m, ws.y, H);
+            share_rows(H, t, T, &r0, &r1);
+            if (r1 > r0) matmul_rows(L->qtype_down, L->down, r0, r1, &ws.xb, m, ws.y, H);
 #pragma omp barrier
         }
         for (int i = t; i < m; i += T) {

@@ -4,7 +4,6 @@ Each function checks what the C side assumes (dtype, contiguity, shapes) and pas
 library comes from ``build.load()``. Callers check ``available()`` first and keep a torch path.
 """
 
-import numpy as np
 import torch
 
 from nanovllm.kernels.cpu import build
@@ -29,8 +28,8 @@ def _check_raw(raw: torch.Tensor, qtype: str) -> int:
 
 class QMatmul:
     """``x @ W.T`` for one quantised matrix given as GGUF blocks ``raw`` [n, row_bytes] of ``qtype``,
-    repacked once here into the kernels' layout (``blocks``: scales apart from quants, see
-    quant_matmul.c; ``raw`` is not kept) and checked once, so that each call costs little more than the C
+    repacked once here into the kernels' layout (``blocks``: groups of 8 rows with their blocks
+    interleaved, see quant_matmul.c; ``raw`` is not kept) and checked once, so that each call costs little more than the C
     call.
 
     The activations (float32 [m, k]) are rounded to 16 bits per block of 32 (an error up to 2^-16 of a
@@ -39,7 +38,7 @@ class QMatmul:
     def __init__(self, raw: torch.Tensor, qtype: str):
         self.k, self.n, self.qtype = _check_raw(raw, qtype), raw.shape[0], qtype
         lib = build.load()
-        self.blocks = torch.empty(self.n, lib.packed_row_bytes(QTYPE_IDS[qtype], self.k), dtype=torch.uint8)
+        self.blocks = torch.empty(lib.packed_bytes(QTYPE_IDS[qtype], self.n, self.k), dtype=torch.uint8)
         lib.repack_rows(raw.data_ptr(), QTYPE_IDS[qtype], self.n, self.k, self.blocks.data_ptr())
         self.args = (self.blocks.data_ptr(), QTYPE_IDS[qtype], self.n, self.k)
         self.fn = lib.qmatmul
@@ -74,15 +73,9 @@ class QMatmul:
 
     def gguf_blocks(self) -> torch.Tensor:
         """The matrix back in GGUF's block layout, uint8 [n, row_bytes] (the inverse of the repacking)."""
-        nb = self.k // 32
-        nbp, qbytes = -(-nb // 8) * 8, 32 if self.qtype == "Q8_0" else 16
-        rows = self.blocks.numpy()
-        parts, at = [], 0
-        for width in (2, 2) if self.qtype == "Q4_1" else (2,):  # d (and m) as float16 bytes, nbp of each
-            parts.append(rows[:, at : at + width * nb].reshape(self.n, nb, width))
-            at += width * nbp
-        parts.append(rows[:, at : at + qbytes * nb].reshape(self.n, nb, qbytes))
-        return torch.from_numpy(np.concatenate(parts, axis=2).reshape(self.n, -1))
+        raw = torch.empty(self.n, self.k // 32 * BLOCK_BYTES[self.qtype], dtype=torch.uint8)
+        build.load().unpack_rows(self.blocks.data_ptr(), QTYPE_IDS[self.qtype], self.n, self.k, raw.data_ptr())
+        return raw
 
 
 def qmatmul(raw: torch.Tensor, qtype: str, x: torch.Tensor, threads: int | None = None) -> torch.Tensor:

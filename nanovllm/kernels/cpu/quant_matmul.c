@@ -7,27 +7,32 @@
  *   Q4_1  [d: f16][m: f16][qs: 16 B]   w[j] = d * q[j] + m             high nibble of qs[j - 16] above
  *   Q8_0  [d: f16][qs: 32 x int8]      w[j] = d * q[j]
  *
- * repack_rows() lays each row out once, at load, with its scales apart from its quants (the same bytes
- * plus a little padding), so that eight blocks' scales are one 16-byte load and one conversion:
- *
- *   row = [d: f16 x nbp][m: f16 x nbp, Q4_1 only][qs of block 0][qs of block 1]...   nbp = nb rounded
- *                                                                                    up to 8, pads 0
- *
  * Each activation row is quantised once per call to blocks of 32 int16 with a float scale dx and
- * s = dx * sum(q) (acts, also scales apart from quants): 2^-15 of a block's largest value, finer than
+ * s = dx * sum(q) (acts, scales apart from quants): 2^-15 of a block's largest value, finer than
  * bfloat16 for all but that value (8-bit blocks, as llama.cpp's, lose too much where a row has outliers:
- * measured, half the greedy replies of SmolLM2 then leave the float32 model's within 32 tokens). A
- * block's dot product is then integer: weights widened to int16 times the activations through
- * _mm256_madd_epi16 (2 * 128 * 32767 fits easily in int32). Per block, with I = sum(qw * qx):
+ * measured, half the greedy replies of SmolLM2 then leave the float32 model's within 32 tokens).
+ *
+ * repack_rows() lays the weights out once, at load, in groups of GR = 8 rows whose blocks are
+ * interleaved, so that one vector holds the same two columns of eight rows (the same bytes, the last
+ * group padded with zero rows):
+ *
+ *   group g = [block 0 of rows 8g..8g+7][block 1 ...] ...,   a group-block = [d: f16 x 8][m: f16 x 8,
+ *   Q4_1 only][quants]: Q8_0: 16 chunks p of 16 bytes, byte 2r + e = q[r][2p + e]; Q4: 8 chunks j of
+ *   16 bytes, byte 2r + e holds q[r][4j + e] (low nibble) and q[r][4j + 2 + e] (high nibble).
+ *
+ * A chunk widened to int16 is then [q[0][c], q[0][c + 1], q[1][c], q[1][c + 1], ...], and
+ * _mm256_madd_epi16 with the activation pair (x[c], x[c + 1]) broadcast to every lane adds the two
+ * products of each of the eight rows into its int32 lane: 16 multiply-adds of one block's exact integer
+ * sum per instruction and one add, with no horizontal sums (2 * 128 * 32767 * 16 fits in int32). Per
+ * block and activation row the eight sums I are scaled at once:
  *
  *   Q4_0: dw * dx * I - 8 * dw * s        Q4_1: dw * dx * I + mw * s        Q8_0: dw * dx * I
  *
- * Per eight blocks the products dw * dx and the terms mw * s are computed eight at a time; the integer
- * sums I are converted and scaled block by block into eight float lanes that are summed at the end.
+ * and the eight float lanes are the outputs of the eight rows, stored as they are.
  *
- * Threads split the weight rows (each thread streams its own contiguous rows once); within a thread two
- * weight rows are multiplied with TILE_M activation rows at a time while they sit in L1, so a batch of
- * rows does not multiply the weight traffic. Activation rows are taken CHUNK_M at a time so that their
+ * Threads split the groups (each thread streams its own contiguous groups once); within a thread a
+ * group is multiplied with MT activation rows at a time while its bytes sit in L1, so a batch of rows
+ * does not multiply the weight traffic. Activation rows are taken CHUNK_M at a time so that their
  * quantised blocks stay in L2 for a long prompt.
  */
 #include <stdlib.h>
@@ -35,9 +40,10 @@
 
 #include "cpu_kernels.h"
 
-enum { TILE_M = 4, CHUNK_M = 64 };
+enum { GR = 8, MT = 4, CHUNK_M = 64 };
 static const int BLOCK_BYTES[3] = {18, 20, 34};
 static const int QUANT_BYTES[3] = {16, 16, 32};
+static const int SCALE_BYTES[3] = {16, 32, 16}; /* a group-block's 8 d (and 8 m) as float16 */
 
 INLINE float f16_at(const uint8_t *p) {
     uint16_t h;
@@ -54,26 +60,66 @@ INLINE int hsum_i32(__m256i v) {
 
 INLINE int padded(int nb) { return (nb + 7) / 8 * 8; }
 
-/* byte offset of the quants in a repacked row */
-INLINE size_t quants_at(int qtype, int nb) { return (size_t)padded(nb) * (qtype == Q4_1 ? 4 : 2); }
+INLINE size_t group_bytes(int qtype, int nb) { return (size_t)nb * GR * BLOCK_BYTES[qtype]; }
 
-size_t packed_row_bytes(int qtype, int k) {
-    const int nb = k / QK;
-    return quants_at(qtype, nb) + (size_t)nb * QUANT_BYTES[qtype];
+size_t packed_bytes(int qtype, int n, int k) { return (size_t)((n + GR - 1) / GR) * group_bytes(qtype, k / QK); }
+
+/* where the quant of row r (in its group), column c (in the block) lies in a group-block's quants, and
+ * for Q4 which nibble (4: the high one) */
+INLINE int quant_at(int qtype, int r, int c, int *shift) {
+    if (qtype == Q8_0) {
+        *shift = 0;
+        return 16 * (c / 2) + 2 * r + c % 2;
+    }
+    *shift = 4 * ((c / 2) % 2);
+    return 16 * (c / 4) + 2 * r + c % 2;
 }
 
-/* GGUF rows [n, k / 32 blocks] -> the repacked layout above */
+/* the 32 quants of GGUF block bytes blk as values (Q4: 0..15, Q8_0: -128..127) */
+INLINE void gguf_quants(int qtype, const uint8_t *blk, int q[QK]) {
+    const uint8_t *qs = blk + BLOCK_BYTES[qtype] - QUANT_BYTES[qtype];
+    for (int c = 0; c < QK; c++)
+        q[c] = qtype == Q8_0 ? (int)(int8_t)qs[c] : c < 16 ? qs[c] & 15 : qs[c - 16] >> 4;
+}
+
+/* GGUF rows [n, k / 32 blocks] -> the grouped layout above (packed_bytes(qtype, n, k) bytes) */
 void repack_rows(const uint8_t *raw, int qtype, int n, int k, uint8_t *out) {
-    const int nb = k / QK, nbp = padded(nb), qb = QUANT_BYTES[qtype];
-    const size_t rb = packed_row_bytes(qtype, k);
-    for (int r = 0; r < n; r++) {
-        uint8_t *o = out + (size_t)r * rb;
-        memset(o, 0, quants_at(qtype, nb));
+    const int nb = k / QK, bb = BLOCK_BYTES[qtype], sb = SCALE_BYTES[qtype];
+    memset(out, 0, packed_bytes(qtype, n, k));
+    for (int row = 0; row < n; row++) {
+        const int r = row % GR;
         for (int b = 0; b < nb; b++) {
-            const uint8_t *blk = raw + ((size_t)r * nb + b) * BLOCK_BYTES[qtype];
-            memcpy(o + 2 * b, blk, 2);
-            if (qtype == Q4_1) memcpy(o + 2 * (nbp + b), blk + 2, 2);
-            memcpy(o + quants_at(qtype, nb) + (size_t)b * qb, blk + BLOCK_BYTES[qtype] - qb, qb);
+            const uint8_t *blk = raw + ((size_t)row * nb + b) * bb;
+            uint8_t *o = out + (size_t)(row / GR) * group_bytes(qtype, nb) + (size_t)b * GR * bb;
+            memcpy(o + 2 * r, blk, 2);
+            if (qtype == Q4_1) memcpy(o + 16 + 2 * r, blk + 2, 2);
+            int q[QK], shift;
+            gguf_quants(qtype, blk, q);
+            for (int c = 0; c < QK; c++) {
+                const int at = quant_at(qtype, r, c, &shift);
+                o[sb + at] |= (uint8_t)(q[c] << shift);
+            }
+        }
+    }
+}
+
+/* the inverse: grouped W -> GGUF rows [n, k / 32 blocks] */
+void unpack_rows(const uint8_t *w, int qtype, int n, int k, uint8_t *raw) {
+    const int nb = k / QK, bb = BLOCK_BYTES[qtype], sb = SCALE_BYTES[qtype];
+    for (int row = 0; row < n; row++) {
+        const int r = row % GR;
+        for (int b = 0; b < nb; b++) {
+            const uint8_t *o = w + (size_t)(row / GR) * group_bytes(qtype, nb) + (size_t)b * GR * bb;
+            uint8_t *blk = raw + ((size_t)row * nb + b) * bb, *qs = blk + bb - QUANT_BYTES[qtype];
+            memcpy(blk, o + 2 * r, 2);
+            if (qtype == Q4_1) memcpy(blk + 2, o + 16 + 2 * r, 2);
+            memset(qs, 0, QUANT_BYTES[qtype]);
+            for (int c = 0; c < QK; c++) {
+                int shift;
+                const int v = (o[sb + quant_at(qtype, r, c, &shift)] >> shift) & (qtype == Q8_0 ? 255 : 15);
+                if (qtype == Q8_0) qs[c] = (uint8_t)v;
+                else qs[c % 16] |= (uint8_t)(v << (c < 16 ? 0 : 4));
+            }
         }
     }
 }
@@ -109,93 +155,100 @@ static void quantize_row(const float *x, const acts *a, int i) {
     for (int b = a->nb; b < a->nbp; b++) a->d[(size_t)i * a->nbp + b] = a->s[(size_t)i * a->nbp + b] = 0.0f;
 }
 
-/* a weight block's 32 quants as int16: w[0] holds weights 0-15, w[1] weights 16-31 */
-INLINE void unpack_block(int qtype, const uint8_t *qs, __m256i w[2]) {
-    if (qtype == Q8_0) {
-        w[0] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)qs));
-        w[1] = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16)));
-    } else {
-        const __m128i v = _mm_loadu_si128((const __m128i *)qs);
-        w[0] = _mm256_cvtepu8_epi16(_mm_and_si128(v, _mm_set1_epi8(15)));
-        w[1] = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(15)));
-    }
+/* activation pair (x[2p], x[2p + 1]) of a block's quants xq, in every 32-bit lane */
+INLINE __m256i pair(const int16_t *xq, int p) {
+    int32_t v;
+    memcpy(&v, xq + 2 * p, 4);
+    return _mm256_set1_epi32(v);
 }
 
-/* nr (1 or 2) repacked weight rows, the second rs bytes after the first, against activation rows
- * i0 .. i0 + mt - 1; results to y[r + i * ys]. qtype, nr and mt are constants at every call site, so
- * each combination compiles to its own unrolled loop; two rows give two independent accumulator chains
- * and share each activation load. */
-INLINE void rows_times_tile(int qtype, const uint8_t *w, size_t rs, int nr, const acts *x, int i0, int mt,
-                            float *y, int ys) {
-    const int nb = x->nb, nbp = x->nbp;
-    const uint8_t *qs = w + quants_at(qtype, nb);
-    __m256 acc[2][TILE_M];
-    for (int r = 0; r < nr; r++)
-        for (int i = 0; i < mt; i++) acc[r][i] = _mm256_setzero_ps();
-    for (int g = 0; g < nbp; g += 8) {
-        float sc[2][TILE_M][8] __attribute__((aligned(32))); /* dw * dx of the group's blocks */
-        for (int r = 0; r < nr; r++) {
-            const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + r * rs + 2 * g)));
-            const __m256 mw = qtype == Q4_1   ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(w + r * rs + 2 * (nbp + g))))
-                              : qtype == Q4_0 ? _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f))
-                                              : _mm256_setzero_ps();
-            for (int i = 0; i < mt; i++) {
-                const size_t at = (size_t)(i0 + i) * nbp + g;
-                _mm256_store_ps(sc[r][i], _mm256_mul_ps(dw, _mm256_loadu_ps(x->d + at)));
-                if (qtype != Q8_0) acc[r][i] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(x->s + at), acc[r][i]);
-            }
+/* One group of GR weight rows (wg: its first group-block) against activation rows i0 .. i0 + mt - 1;
+ * the first nv rows of the group (the rest are padding) to y[r + i * ys]. qtype and mt are constants at
+ * every call site, so each combination compiles to its own unrolled loop. */
+INLINE void group_times_tile(int qtype, const uint8_t *wg, const acts *x, int i0, int mt, float *y, int ys,
+                             int nv) {
+    const int nb = x->nb, nbp = x->nbp, gb = GR * BLOCK_BYTES[qtype];
+    __m256 acc[MT];
+    for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps();
+    for (int b = 0; b < nb; b++) {
+        const uint8_t *o = wg + (size_t)b * gb, *qs = o + SCALE_BYTES[qtype];
+        const int16_t *xq[MT];
+        __m256i s[MT];
+        for (int i = 0; i < mt; i++) {
+            xq[i] = act_quants(x, i0 + i, b);
+            s[i] = _mm256_setzero_si256();
         }
-        const int bend = nb - g < 8 ? nb - g : 8;
-        for (int bb = 0; bb < bend; bb++) {
-            const int b = g + bb;
-            __m256i wq[2][2];
-            for (int r = 0; r < nr; r++) unpack_block(qtype, qs + r * rs + (size_t)b * QUANT_BYTES[qtype], wq[r]);
-            for (int i = 0; i < mt; i++) {
-                const int16_t *xq = act_quants(x, i0 + i, b);
-                const __m256i x0 = _mm256_loadu_si256((const __m256i *)xq);
-                const __m256i x1 = _mm256_loadu_si256((const __m256i *)(xq + 16));
-                for (int r = 0; r < nr; r++) {
-                    const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(wq[r][0], x0), _mm256_madd_epi16(wq[r][1], x1));
-                    acc[r][i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[r][i][bb]), _mm256_cvtepi32_ps(p), acc[r][i]);
+        if (qtype == Q8_0) {
+#pragma GCC unroll 2 /* fully unrolled, gcc 12 spills the products to the stack */
+            for (int p = 0; p < QK / 2; p++) {
+                const __m256i w = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16 * p)));
+                for (int i = 0; i < mt; i++) s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(w, pair(xq[i], p)));
+            }
+        } else {
+#pragma GCC unroll 2
+            for (int j = 0; j < QK / 4; j++) {
+                const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(qs + 16 * j)));
+                const __m256i lo = _mm256_and_si256(v, _mm256_set1_epi16(15)), hi = _mm256_srli_epi16(v, 4);
+                for (int i = 0; i < mt; i++) {
+                    s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(lo, pair(xq[i], 2 * j)));
+                    s[i] = _mm256_add_epi32(s[i], _mm256_madd_epi16(hi, pair(xq[i], 2 * j + 1)));
                 }
             }
         }
-    }
-    for (int r = 0; r < nr; r++)
-        for (int i = 0; i < mt; i++) y[r + (size_t)i * ys] = hsum(acc[r][i]);
-}
-
-#define TILE(NR, MT) rows_times_tile(qtype, wr, row_bytes, NR, x, i, MT, y + (size_t)i * ys + r, ys)
-
-INLINE void rows_times_chunk(int qtype, const uint8_t *w, size_t row_bytes, int r0, int r1, const acts *x,
-                             int c0, int c1, float *y, int ys) {
-    int r = r0;
-    for (; r + 2 <= r1; r += 2) {
-        const uint8_t *wr = w + (size_t)r * row_bytes;
-        int i = c0;
-        for (; i + TILE_M <= c1; i += TILE_M) TILE(2, TILE_M);
-        switch (c1 - i) {
-        case 3: TILE(2, 3); break;
-        case 2: TILE(2, 2); break;
-        case 1: TILE(2, 1); break;
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)o));
+        const __m256 mw = qtype == Q4_1   ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(o + 16)))
+                          : qtype == Q4_0 ? _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f))
+                                          : _mm256_setzero_ps();
+        for (int i = 0; i < mt; i++) {
+            const size_t at = (size_t)(i0 + i) * nbp + b;
+            const __m256 sc = _mm256_mul_ps(dw, _mm256_broadcast_ss(x->d + at));
+            acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), sc, acc[i]);
+            if (qtype != Q8_0) acc[i] = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(x->s + at), acc[i]);
         }
     }
-    if (r < r1) {
-        const uint8_t *wr = w + (size_t)r * row_bytes;
-        for (int i = c0; i < c1; i++) TILE(1, 1);
+    if (nv == GR) {
+        for (int i = 0; i < mt; i++) _mm256_storeu_ps(y + (size_t)(i0 + i) * ys, acc[i]);
+    } else {
+        const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(nv), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (int i = 0; i < mt; i++) _mm256_maskstore_ps(y + (size_t)(i0 + i) * ys, mask, acc[i]);
     }
 }
 
+#define TILE(MT_) group_times_tile(qtype, wg, x, i, MT_, y + (size_t)g * GR, ys, nv)
+
+INLINE void groups_times_chunk(int qtype, const uint8_t *w, int r0, int r1, const acts *x, int c0, int c1,
+                               float *y, int ys) {
+    const size_t gbytes = group_bytes(qtype, x->nb);
+    for (int g = r0 / GR; g * GR < r1; g++) {
+        const uint8_t *wg = w + (size_t)g * gbytes;
+        const int nv = r1 - g * GR < GR ? r1 - g * GR : GR;
+        int i = c0;
+        for (; i + MT <= c1; i += MT) TILE(MT);
+        switch (c1 - i) {
+        case 3: TILE(3); break;
+        case 2: TILE(2); break;
+        case 1: TILE(1); break;
+        }
+    }
+}
+
+/* r0 must be a multiple of GR (a group's first row); r1 the end of a group or of the matrix */
 void matmul_rows(int qtype, const uint8_t *w, int r0, int r1, const acts *x, int m, float *y, int ys) {
-    const size_t rb = quants_at(qtype, x->nb) + (size_t)x->nb * QUANT_BYTES[qtype];
     for (int c = 0; c < m; c += CHUNK_M) {
         const int c1 = m - c < CHUNK_M ? m : c + CHUNK_M;
         switch (qtype) {
-        case Q4_0: rows_times_chunk(Q4_0, w, rb, r0, r1, x, c, c1, y, ys); break;
-        case Q4_1: rows_times_chunk(Q4_1, w, rb, r0, r1, x, c, c1, y, ys); break;
-        default: rows_times_chunk(Q8_0, w, rb, r0, r1, x, c, c1, y, ys); break;
+        case Q4_0: groups_times_chunk(Q4_0, w, r0, r1, x, c, c1, y, ys); break;
+        case Q4_1: groups_times_chunk(Q4_1, w, r0, r1, x, c, c1, y, ys); break;
+        default: groups_times_chunk(Q8_0, w, r0, r1, x, c, c1, y, ys); break;
         }
     }
+}
+
+void share_rows(int n, int t, int nt, int *r0, int *r1) {
+    const int ng = (n + GR - 1) / GR;
+    const int g0 = (int)((long)ng * t / nt), g1 = (int)((long)ng * (t + 1) / nt);
+    *r0 = g0 * GR;
+    *r1 = g1 * GR < n ? g1 * GR : n;
 }
 
 size_t acts_bytes(int m, int nb) { return (size_t)m * (8 * padded(nb) + 2 * QK * nb) + 64; }
@@ -231,30 +284,30 @@ int qmatmul(const uint8_t *w, int qtype, int n, int k, const float *x, int m, fl
         for (int i = 0; i < m; i++) quantize_row(x + (size_t)i * k, &xq, i);
 #pragma omp for schedule(static) nowait
         for (int t = 0; t < nthreads; t++) {
-            const int r0 = (int)((long)n * t / nthreads), r1 = (int)((long)n * (t + 1) / nthreads);
-            matmul_rows(qtype, w, r0, r1, &xq, m, y, n);
+            int r0, r1;
+            share_rows(n, t, nthreads, &r0, &r1);
+            if (r1 > r0) matmul_rows(qtype, w, r0, r1, &xq, m, y, n);
         }
     }
     return 0;
 }
 
-/* out[i, :] = the dequantised row ids[i] of the repacked W [*, k] (an embedding lookup) */
+/* out[i, :] = the dequantised row ids[i] of the grouped W [*, k] (an embedding lookup) */
 void dequant_rows(const uint8_t *w, int qtype, int k, const int64_t *ids, int n, float *out) {
-    const int nb = k / QK, nbp = padded(nb);
-    const size_t rb = packed_row_bytes(qtype, k);
+    const int nb = k / QK, sb = SCALE_BYTES[qtype];
     for (int i = 0; i < n; i++) {
-        const uint8_t *row = w + (size_t)ids[i] * rb, *qs = row + quants_at(qtype, nb);
+        const int r = (int)(ids[i] % GR);
+        const uint8_t *group = w + (size_t)(ids[i] / GR) * group_bytes(qtype, nb);
         float *o = out + (size_t)i * k;
         for (int b = 0; b < nb; b++) {
-            const float d = f16_at(row + 2 * b);
-            const uint8_t *q = qs + (size_t)b * QUANT_BYTES[qtype];
-            for (int j = 0; j < QK; j++) {
-                if (qtype == Q8_0) {
-                    o[b * QK + j] = d * (float)(int8_t)q[j];
-                } else {
-                    const int v = j < 16 ? q[j] & 15 : q[j - 16] >> 4;
-                    o[b * QK + j] = qtype == Q4_1 ? d * (float)v + f16_at(row + 2 * (nbp + b)) : d * (float)(v - 8);
-                }
+            const uint8_t *blk = group + (size_t)b * GR * BLOCK_BYTES[qtype];
+            const float d = f16_at(blk + 2 * r), mn = qtype == Q4_1 ? f16_at(blk + 16 + 2 * r) : 0.0f;
+            for (int c = 0; c < QK; c++) {
+                int shift;
+                const uint8_t byte = blk[sb + quant_at(qtype, r, c, &shift)];
+                if (qtype == Q8_0) o[b * QK + c] = d * (float)(int8_t)byte;
+                else if (qtype == Q4_1) o[b * QK + c] = d * (float)((byte >> shift) & 15) + mn;
+                else o[b * QK + c] = d * (float)(((byte >> shift) & 15) - 8);
             }
         }
     }
