@@ -75,53 +75,60 @@ INLINE int quant_at(int qtype, int r, int c, int *shift) {
     return 16 * (c / 4) + 2 * r + c % 2;
 }
 
-/* the 32 quants of GGUF block bytes blk as values (Q4: 0..15, Q8_0: -128..127) */
-INLINE void gguf_quants(int qtype, const uint8_t *blk, int q[QK]) {
-    const uint8_t *qs = blk + BLOCK_BYTES[qtype] - QUANT_BYTES[qtype];
-    for (int c = 0; c < QK; c++)
-        q[c] = qtype == Q8_0 ? (int)(int8_t)qs[c] : c < 16 ? qs[c] & 15 : qs[c - 16] >> 4;
+/* A GGUF block's quants qs (row r of its group) into a group-block's quants o, or back (to_gguf). Q4: byte
+ * 2r + e of chunk j holds columns 4j + e and 4j + 2 + e, which GGUF keeps in the low nibbles of bytes
+ * 4j + e and 4j + 2 + e for j < 4 and in the high nibbles of bytes 4j + e - 16 and 4j + e - 14 above. */
+INLINE void move_quants(int qtype, uint8_t *qs, uint8_t *o, int r, int to_gguf) {
+    if (qtype == Q8_0) {
+        for (int p = 0; p < QK / 2; p++) {
+            if (to_gguf) memcpy(qs + 2 * p, o + 16 * p + 2 * r, 2);
+            else memcpy(o + 16 * p + 2 * r, qs + 2 * p, 2);
+        }
+        return;
+    }
+    if (to_gguf) memset(qs, 0, 16);
+    for (int j = 0; j < QK / 4; j++) {
+        for (int e = 0; e < 2; e++) {
+            const int a = (4 * j + e) % 16, high = j >= 4; /* a, a + 2: the GGUF bytes holding them */
+            uint8_t *byte = o + 16 * j + 2 * r + e;
+            if (to_gguf) {
+                qs[a] |= (uint8_t)((*byte & 15) << (4 * high));
+                qs[a + 2] |= (uint8_t)((*byte >> 4) << (4 * high));
+            } else {
+                *byte = high ? (uint8_t)((qs[a] >> 4) | (qs[a + 2] & 0xF0)) : (uint8_t)((qs[a] & 15) | (qs[a + 2] << 4));
+            }
+        }
+    }
 }
 
-/* GGUF rows [n, k / 32 blocks] -> the grouped layout above (packed_bytes(qtype, n, k) bytes) */
+/* GGUF rows [n, k / 32 blocks] <-> the grouped layout above (packed_bytes(qtype, n, k) bytes), a
+ * group-block at a time (its bytes written in order) */
+static void regroup(uint8_t *raw, int qtype, int n, int k, uint8_t *w, int to_gguf) {
+    const int nb = k / QK, bb = BLOCK_BYTES[qtype], sb = SCALE_BYTES[qtype], scales = qtype == Q4_1 ? 2 : 1;
+    const int ng = (n + GR - 1) / GR;
+    if (!to_gguf && n % GR) memset(w + (size_t)(ng - 1) * group_bytes(qtype, nb), 0, group_bytes(qtype, nb));
+    for (int g = 0; g < ng; g++) {
+        const int rows = n - g * GR < GR ? n - g * GR : GR;
+        for (int b = 0; b < nb; b++) {
+            uint8_t *o = w + (size_t)g * group_bytes(qtype, nb) + (size_t)b * GR * bb;
+            for (int r = 0; r < rows; r++) {
+                uint8_t *blk = raw + ((size_t)(g * GR + r) * nb + b) * bb;
+                for (int j = 0; j < scales; j++) {
+                    if (to_gguf) memcpy(blk + 2 * j, o + 16 * j + 2 * r, 2);
+                    else memcpy(o + 16 * j + 2 * r, blk + 2 * j, 2);
+                }
+                move_quants(qtype, blk + bb - QUANT_BYTES[qtype], o + sb, r, to_gguf);
+            }
+        }
+    }
+}
+
 void repack_rows(const uint8_t *raw, int qtype, int n, int k, uint8_t *out) {
-    const int nb = k / QK, bb = BLOCK_BYTES[qtype], sb = SCALE_BYTES[qtype];
-    memset(out, 0, packed_bytes(qtype, n, k));
-    for (int row = 0; row < n; row++) {
-        const int r = row % GR;
-        for (int b = 0; b < nb; b++) {
-            const uint8_t *blk = raw + ((size_t)row * nb + b) * bb;
-            uint8_t *o = out + (size_t)(row / GR) * group_bytes(qtype, nb) + (size_t)b * GR * bb;
-            memcpy(o + 2 * r, blk, 2);
-            if (qtype == Q4_1) memcpy(o + 16 + 2 * r, blk + 2, 2);
-            int q[QK], shift;
-            gguf_quants(qtype, blk, q);
-            for (int c = 0; c < QK; c++) {
-                const int at = quant_at(qtype, r, c, &shift);
-                o[sb + at] |= (uint8_t)(q[c] << shift);
-            }
-        }
-    }
+    regroup((uint8_t *)raw, qtype, n, k, out, 0);
 }
 
-/* the inverse: grouped W -> GGUF rows [n, k / 32 blocks] */
 void unpack_rows(const uint8_t *w, int qtype, int n, int k, uint8_t *raw) {
-    const int nb = k / QK, bb = BLOCK_BYTES[qtype], sb = SCALE_BYTES[qtype];
-    for (int row = 0; row < n; row++) {
-        const int r = row % GR;
-        for (int b = 0; b < nb; b++) {
-            const uint8_t *o = w + (size_t)(row / GR) * group_bytes(qtype, nb) + (size_t)b * GR * bb;
-            uint8_t *blk = raw + ((size_t)row * nb + b) * bb, *qs = blk + bb - QUANT_BYTES[qtype];
-            memcpy(blk, o + 2 * r, 2);
-            if (qtype == Q4_1) memcpy(blk + 2, o + 16 + 2 * r, 2);
-            memset(qs, 0, QUANT_BYTES[qtype]);
-            for (int c = 0; c < QK; c++) {
-                int shift;
-                const int v = (o[sb + quant_at(qtype, r, c, &shift)] >> shift) & (qtype == Q8_0 ? 255 : 15);
-                if (qtype == Q8_0) qs[c] = (uint8_t)v;
-                else qs[c % 16] |= (uint8_t)(v << (c < 16 ? 0 : 4));
-            }
-        }
-    }
+    regroup(raw, qtype, n, k, (uint8_t *)w, 1);
 }
 
 /* 32 floats -> block b of activation row i, rounded to nearest (even) */
