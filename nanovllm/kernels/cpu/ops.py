@@ -29,8 +29,8 @@ def _check_raw(raw: torch.Tensor, qtype: str) -> int:
 class QMatmul:
     """``x @ W.T`` for one quantised matrix given as GGUF blocks ``raw`` [n, row_bytes] of ``qtype``,
     repacked once here into the kernels' layout (``blocks``: groups of 8 rows with their blocks
-    interleaved, see quant_matmul.c; ``raw`` is not kept) and checked once, so that each call costs little more than the C
-    call.
+    interleaved, see quant_matmul.c; ``raw`` is not kept) and checked once, so that each call costs
+    little more than the C call.
 
     The activations (float32 [m, k]) are rounded to 16 bits per block of 32 (an error up to 2^-16 of a
     block's largest value); the products are summed exactly in integers and scaled in float32."""
@@ -74,7 +74,8 @@ class QMatmul:
     def gguf_blocks(self) -> torch.Tensor:
         """The matrix back in GGUF's block layout, uint8 [n, row_bytes] (the inverse of the repacking)."""
         raw = torch.empty(self.n, self.k // 32 * BLOCK_BYTES[self.qtype], dtype=torch.uint8)
-        build.load().unpack_rows(self.blocks.data_ptr(), QTYPE_IDS[self.qtype], self.n, self.k, raw.data_ptr())
+        lib = build.load()
+        lib.unpack_rows(self.blocks.data_ptr(), QTYPE_IDS[self.qtype], self.n, self.k, raw.data_ptr())
         return raw
 
 
