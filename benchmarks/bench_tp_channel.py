@@ -1,7 +1,7 @@
 """Per-step cost of the tensor-parallel call channel (CPU only; no model, no GPU).
 
 For a decode step of N sequences it times, on rank 0: pickling the step's ``SchedulerOutput``,
-the shared-memory write and the event sets ("send"); and the whole round trip through W worker
+the shared-memory write and the wake-ups ("send"); and the whole round trip through W worker
 processes that unpickle the call and reply on their pipes ("round trip"). In the
 engine the round trip overlaps rank 0's own forward, so "send" is what a step pays for sure.
 
@@ -26,8 +26,8 @@ class _NoOp:
         pass
 
 
-def _worker(name: str, event, conn) -> None:
-    serve(CallReceiver(name, event), conn, _NoOp())
+def _worker(name: str, wakeup, conn) -> None:
+    serve(CallReceiver(name, wakeup), conn, _NoOp())
 
 
 def decode_step(num_seqs: int, block_size: int, seed: int = 0) -> SchedulerOutput:
@@ -54,12 +54,11 @@ def main() -> None:
     args = ap.parse_args()
     ctx = mp.get_context("spawn")
     step = decode_step(args.seqs, args.block_size)
-    events = [ctx.Event() for _ in range(args.workers)]
-    sender = CallSender(events, channel_bytes(512, 4096, args.block_size))
+    sender = CallSender(ctx, args.workers, channel_bytes(512, 4096, args.block_size))
     pipes = [ctx.Pipe() for _ in range(args.workers)]
     procs = [
         ctx.Process(target=_worker, args=(sender.name, e, child), daemon=True)
-        for e, (_, child) in zip(events, pipes, strict=True)
+        for e, (_, child) in zip(sender.wakeups, pipes, strict=True)
     ]
     for p in procs:
         p.start()

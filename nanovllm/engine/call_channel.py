@@ -2,12 +2,15 @@
 
     rank 0                               shared memory                    worker r (1..N-1)
     send("execute_model", sched) ──► [ u32 length | pickle((method, args)) ] ──► recv() -> (method, args)
-        └── events[r].set() ───────────────────────────────────────────────► events[r].wait(); clear()
+        └── wakeups[r].release() ──────────────────────────────────────────► wakeups[r].acquire()
     wait for replies      ◄──────────── pipe r: ("ok", None) or ("error", traceback) ◄── after the call
 
 The call is pickled once and written once whatever the number of workers. Rank 0 writes the next
 call only after every worker has replied to the previous one, so a worker never reads a buffer
-that is being overwritten. A step travels as the scheduler's ``SchedulerOutput`` (engine/step.py):
+that is being overwritten. Each worker sleeps on a semaphore of its own (``ctx.Semaphore(0)``), not an
+``Event``: an Event's ``set()`` waits until every sleeper has woken, so a worker killed while it slept
+would hang rank 0's next call; a semaphore's ``release()`` never waits, and the dead worker is then
+found by the reply wait. A step travels as the scheduler's ``SchedulerOutput`` (engine/step.py):
 only what changed since the workers' last step, mostly columns of ints.
 """
 
@@ -28,12 +31,13 @@ def channel_bytes(max_num_seqs: int, max_model_len: int, block_size: int) -> int
 
 
 class CallSender:
-    """Rank 0's end: owns (and finally unlinks) the shared memory."""
+    """Rank 0's end: owns (and finally unlinks) the shared memory; ``wakeups[r]`` goes to worker r + 1's
+    ``CallReceiver``."""
 
-    def __init__(self, events: list, size: int):
+    def __init__(self, ctx, num_workers: int, size: int):
+        self.wakeups = [ctx.Semaphore(0) for _ in range(num_workers)]  # not Events: see the docstring
         self.shm = SharedMemory(create=True, size=size)
         self.name = self.shm.name
-        self.events = events
 
     def send(self, method: str, *args: Any) -> None:
         data = pickle.dumps((method, args), protocol=pickle.HIGHEST_PROTOCOL)
@@ -45,8 +49,8 @@ class CallSender:
         buf = self.shm.buf
         buf[:_HEADER] = len(data).to_bytes(_HEADER, "little")
         buf[_HEADER : _HEADER + len(data)] = data
-        for event in self.events:
-            event.set()
+        for wakeup in self.wakeups:
+            wakeup.release()
 
     def close(self) -> None:
         if self.shm is not None:
@@ -58,13 +62,12 @@ class CallSender:
 class CallReceiver:
     """A worker's end."""
 
-    def __init__(self, name: str, event):
+    def __init__(self, name: str, wakeup):
         self.shm = SharedMemory(name=name)
-        self.event = event
+        self.wakeup = wakeup
 
     def recv(self) -> tuple[str, tuple]:
-        self.event.wait()
-        self.event.clear()
+        self.wakeup.acquire()
         buf = self.shm.buf
         n = int.from_bytes(buf[:_HEADER], "little")
         return pickle.loads(bytes(buf[_HEADER : _HEADER + n]))

@@ -92,9 +92,8 @@ class TensorParallelExecutor:
         ctx = mp.get_context("spawn")
         host, port = _store_address(config.distributed_init_method)
         self.store = open_store(host, port, n, is_master=True)
-        events = [ctx.Event() for _ in range(n - 1)]
         size = channel_bytes(config.max_num_seqs, config.max_model_len, config.kvcache_block_size)
-        self.sender = CallSender(events, size)
+        self.sender = CallSender(ctx, n - 1, size)
         self.conns = []
         try:
             for rank in range(1, n):
@@ -105,7 +104,7 @@ class TensorParallelExecutor:
                     host,
                     self.store.port,
                     self.sender.name,
-                    events[rank - 1],
+                    self.sender.wakeups[rank - 1],
                     child_end,
                     os.getpid(),
                 )

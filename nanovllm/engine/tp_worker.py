@@ -41,7 +41,7 @@ def _watch_parent(parent_pid: int) -> None:
 
 
 def worker_main(
-    config: Config, rank: int, host: str, port: int, channel_name: str, event, conn, parent_pid: int
+    config: Config, rank: int, host: str, port: int, channel_name: str, wakeup, conn, parent_pid: int
 ) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
@@ -57,7 +57,7 @@ def worker_main(
         store = open_store(host, port, config.tensor_parallel_size, is_master=False)
         conn.send(("connected", None))
         init_tensor_parallel(rank, config.tensor_parallel_size, store, config.device)
-        receiver = CallReceiver(channel_name, event)
+        receiver = CallReceiver(channel_name, wakeup)
         runner = ModelRunner(config, rank)
         conn.send(("ready", None))
         serve(receiver, conn, _WorkerCalls(runner))
