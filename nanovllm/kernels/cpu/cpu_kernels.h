@@ -15,12 +15,11 @@ enum { QK = 32 };
 enum { Q4_0 = 0, Q4_1 = 1, Q8_0 = 2 };
 
 /* m activation rows quantised in blocks of 32 int16 (quant_matmul.c): block b of row i is
- * x ~= d[i * nbp + b] * q[(i * nb + b) * 32 ..], s = d * sum(q); nbp = nb rounded up to 8, the pads of
- * d and s zero */
+ * x ~= d[i * nb + b] * q[(i * nb + b) * 32 ..], s = d * sum(q) */
 typedef struct {
     float *d, *s;
     int16_t *q;
-    int nb, nbp;
+    int nb;
 } acts;
 
 #define INLINE static inline __attribute__((always_inline))
@@ -60,7 +59,7 @@ INLINE int16_t *act_quants(const acts *a, int i, int b) { return a->q + ((size_t
 
 /* quant_matmul.c */
 size_t acts_bytes(int m, int nb);           /* a buffer for m rows of nb blocks ... */
-acts acts_in(void *buf, int m, int nb);     /* ... laid out in it (pads not zeroed) */
+acts acts_in(void *buf, int m, int nb);     /* ... laid out in it */
 void quantize_block(const float *x, const acts *a, int i, int b); /* 32 floats -> block b of row i */
 /* y[i * ys + r] = activation row i (of m) . weight row r for r in [r0, r1), W repacked (repack_rows)
  * from qtype blocks into groups of 8 rows; one thread's share of a matmul: r0 is a group's first row

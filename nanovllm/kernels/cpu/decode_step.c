@@ -60,10 +60,7 @@ static uint8_t *take(uint8_t *base, size_t *off, size_t bytes) {
 
 static acts take_acts(uint8_t *base, size_t *off, int m, int nb) {
     uint8_t *p = take(base, off, acts_bytes(m, nb));
-    if (!p) return (acts){0};
-    const acts a = acts_in(p, m, nb);
-    memset(a.d, 0, sizeof(float) * 2 * (size_t)m * a.nbp); /* d and s, back to back: the pads stay 0 */
-    return a;
+    return p ? acts_in(p, m, nb) : (acts){0};
 }
 
 /* bytes of workspace for m sequences of at most max_len keys; with base, the buffers laid out in ws */

@@ -58,22 +58,9 @@ INLINE int hsum_i32(__m256i v) {
     return _mm_cvtsi128_si32(s);
 }
 
-INLINE int padded(int nb) { return (nb + 7) / 8 * 8; }
-
 INLINE size_t group_bytes(int qtype, int nb) { return (size_t)nb * GR * BLOCK_BYTES[qtype]; }
 
 size_t packed_bytes(int qtype, int n, int k) { return (size_t)((n + GR - 1) / GR) * group_bytes(qtype, k / QK); }
-
-/* where the quant of row r (in its group), column c (in the block) lies in a group-block's quants, and
- * for Q4 which nibble (4: the high one) */
-INLINE int quant_at(int qtype, int r, int c, int *shift) {
-    if (qtype == Q8_0) {
-        *shift = 0;
-        return 16 * (c / 2) + 2 * r + c % 2;
-    }
-    *shift = 4 * ((c / 2) % 2);
-    return 16 * (c / 4) + 2 * r + c % 2;
-}
 
 /* A GGUF block's quants qs (row r of its group) into a group-block's quants o, or back (to_gguf). Q4: byte
  * 2r + e of chunk j holds columns 4j + e and 4j + 2 + e, which GGUF keeps in the low nibbles of bytes
@@ -153,13 +140,12 @@ void quantize_block(const float *x, const acts *a, int i, int b) {
         const __m256i p = _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2 * j], q[2 * j + 1]), 0xd8);
         _mm256_storeu_si256((__m256i *)(out + 16 * j), p);
     }
-    a->d[(size_t)i * a->nbp + b] = d;
-    a->s[(size_t)i * a->nbp + b] = d * (float)sum;
+    a->d[(size_t)i * a->nb + b] = d;
+    a->s[(size_t)i * a->nb + b] = d * (float)sum;
 }
 
 static void quantize_row(const float *x, const acts *a, int i) {
     for (int b = 0; b < a->nb; b++) quantize_block(x + b * QK, a, i, b);
-    for (int b = a->nb; b < a->nbp; b++) a->d[(size_t)i * a->nbp + b] = a->s[(size_t)i * a->nbp + b] = 0.0f;
 }
 
 /* activation pair (x[2p], x[2p + 1]) of a block's quants xq, in every 32-bit lane */
@@ -174,7 +160,7 @@ INLINE __m256i pair(const int16_t *xq, int p) {
  * every call site, so each combination compiles to its own unrolled loop. */
 INLINE void group_times_tile(int qtype, const uint8_t *wg, const acts *x, int i0, int mt, float *y, int ys,
                              int nv) {
-    const int nb = x->nb, nbp = x->nbp, gb = GR * BLOCK_BYTES[qtype];
+    const int nb = x->nb, gb = GR * BLOCK_BYTES[qtype];
     __m256 acc[MT];
     for (int i = 0; i < mt; i++) acc[i] = _mm256_setzero_ps();
     for (int b = 0; b < nb; b++) {
@@ -207,7 +193,7 @@ INLINE void group_times_tile(int qtype, const uint8_t *wg, const acts *x, int i0
                           : qtype == Q4_0 ? _mm256_mul_ps(dw, _mm256_set1_ps(-8.0f))
                                           : _mm256_setzero_ps();
         for (int i = 0; i < mt; i++) {
-            const size_t at = (size_t)(i0 + i) * nbp + b;
+            const size_t at = (size_t)(i0 + i) * nb + b;
             const __m256 sc = _mm256_mul_ps(dw, _mm256_broadcast_ss(x->d + at));
             acc[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[i]), sc, acc[i]);
             if (qtype != Q8_0) acc[i] = _mm256_fmadd_ps(mw, _mm256_broadcast_ss(x->s + at), acc[i]);
@@ -258,12 +244,11 @@ void share_rows(int n, int t, int nt, int *r0, int *r1) {
     *r1 = g1 * GR < n ? g1 * GR : n;
 }
 
-size_t acts_bytes(int m, int nb) { return (size_t)m * (8 * padded(nb) + 2 * QK * nb) + 64; }
+size_t acts_bytes(int m, int nb) { return (size_t)m * nb * (8 + 2 * QK) + 64; }
 
 acts acts_in(void *buf, int m, int nb) {
-    const int nbp = padded(nb);
     float *d = (float *)(((uintptr_t)buf + 31) / 32 * 32);
-    return (acts){d, d + (size_t)m * nbp, (int16_t *)(d + 2 * (size_t)m * nbp), nb, nbp};
+    return (acts){d, d + (size_t)m * nb, (int16_t *)(d + 2 * (size_t)m * nb), nb};
 }
 
 /* a per-thread scratch buffer for the quantised activations, grown as needed */
@@ -301,20 +286,18 @@ int qmatmul(const uint8_t *w, int qtype, int n, int k, const float *x, int m, fl
 
 /* out[i, :] = the dequantised row ids[i] of the grouped W [*, k] (an embedding lookup) */
 void dequant_rows(const uint8_t *w, int qtype, int k, const int64_t *ids, int n, float *out) {
-    const int nb = k / QK, sb = SCALE_BYTES[qtype];
+    const int nb = k / QK;
     for (int i = 0; i < n; i++) {
         const int r = (int)(ids[i] % GR);
         const uint8_t *group = w + (size_t)(ids[i] / GR) * group_bytes(qtype, nb);
         float *o = out + (size_t)i * k;
         for (int b = 0; b < nb; b++) {
-            const uint8_t *blk = group + (size_t)b * GR * BLOCK_BYTES[qtype];
+            uint8_t *blk = (uint8_t *)group + (size_t)b * GR * BLOCK_BYTES[qtype], qs[QK];
+            move_quants(qtype, qs, blk + SCALE_BYTES[qtype], r, 1); /* this row's quants, GGUF order */
             const float d = f16_at(blk + 2 * r), mn = qtype == Q4_1 ? f16_at(blk + 16 + 2 * r) : 0.0f;
             for (int c = 0; c < QK; c++) {
-                int shift;
-                const uint8_t byte = blk[sb + quant_at(qtype, r, c, &shift)];
-                if (qtype == Q8_0) o[b * QK + c] = d * (float)(int8_t)byte;
-                else if (qtype == Q4_1) o[b * QK + c] = d * (float)((byte >> shift) & 15) + mn;
-                else o[b * QK + c] = d * (float)(((byte >> shift) & 15) - 8);
+                const int v = qtype == Q8_0 ? (int8_t)qs[c] : c < 16 ? qs[c] & 15 : qs[c - 16] >> 4;
+                o[b * QK + c] = qtype == Q4_1 ? d * (float)v + mn : d * (float)(qtype == Q4_0 ? v - 8 : v);
             }
         }
     }
