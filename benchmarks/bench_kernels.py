@@ -22,8 +22,10 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanovllm.benchmark import git_commit  # noqa: E402
+from nanovllm.kernels import decode_attention  # noqa: E402
 from nanovllm.kernels.decode_attention import choose_num_splits, paged_decode_attention  # noqa: E402
 from nanovllm.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
+from nanovllm.kernels.reference import paged_decode_attention_ref  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 256
 DTYPE = torch.bfloat16
@@ -55,7 +57,14 @@ def paged_cache(context_lens: list[int], gen: torch.Generator, cache_dtype: torc
 
 
 def bench_decode(
-    batch: int, context_len: int, copy_gbs: float, seed: int, cache_dtype=DTYPE, block_n: int = 64
+    batch: int,
+    context_len: int,
+    copy_gbs: float,
+    seed: int,
+    cache_dtype=DTYPE,
+    block_n: int = 64,
+    launch: dict | None = None,
+    check: bool = False,
 ) -> dict:
     gen = torch.Generator().manual_seed(seed)  # the same lengths and block order for every cache dtype
     jitter = torch.randint(-context_len // 8, context_len // 8 + 1, (batch,), generator=gen)
@@ -68,9 +77,14 @@ def bench_decode(
     # Timed as the engine runs decode: replayed from a CUDA graph, so small batches are not
     # measuring Python launch overhead.
     run = lambda: paged_decode_attention(
-        q, k_cache, v_cache, table, lens, HEAD_DIM**-0.5, max_len, splits, *scales, block_n=block_n
-    )
-    run()
+        q, k_cache, v_cache, table, lens, HEAD_DIM**-0.5, max_len, splits, *scales, block_n=block_n,
+        launch=launch,
+    )  # fmt: skip
+    out = run()
+    err = None
+    if check:  # against the float32 reference: a fast variant must compute the same function
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, table, lens, HEAD_DIM**-0.5, *scales)
+        err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         run()
@@ -86,6 +100,8 @@ def bench_decode(
         "us": round(ms * 1e3, 1),
         "kv_gbs": round(gbs, 1),
         "frac_of_copy_bw": round(gbs / copy_gbs, 3),
+        **({"launch": launch} if launch else {}),
+        **({"rel_err": round(err, 5)} if err is not None else {}),
     }
 
 
@@ -111,8 +127,56 @@ def bench_prefill(batch: int, seq_len: int, gen: torch.Generator, cache_dtype=DT
     }
 
 
+def fp8_sweep(copy_gbs: float) -> list[dict]:
+    """The fp8 decode kernel's variants: V transposed as bytes (FP8_V_STAGED off, the old code) and
+    staged through fp16 at each tile size, warp and stage count; every variant checked against the
+    float32 reference. The bf16 cache at the shipped launch first, as the yardstick."""
+    rows = []
+    configs = [(False, 128, 4, 3)] + [
+        (True, bn, w, st) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)
+    ]  # fmt: skip
+    try:
+        for seed, (b, n) in enumerate([(256, 1000), (64, 4096), (8, 2048)]):
+            rows.append(bench_decode(b, n, copy_gbs, seed) | {"staged": None})
+            for staged, bn, w, st in configs:
+                decode_attention.FP8_V_STAGED = staged
+                launch = {"num_warps": w, "num_stages": st}
+                r = bench_decode(b, n, copy_gbs, seed, torch.float8_e4m3fn, bn, launch, check=True)
+                rows.append(r | {"staged": staged})
+    finally:
+        decode_attention.FP8_V_STAGED = True
+    for r in rows:
+        how = "bf16 (shipped launch)" if r["staged"] is None else f"fp8 staged={r['staged']!s:5}"
+        launch = r.get("launch", {})
+        print(
+            f"sweep batch {r['batch']:>3} ctx ~{r['mean_context_len']:>5.0f} {how:<22} "
+            f"tile {r['block_n']:>3} warps {launch.get('num_warps', 4)} "
+            f"stages {launch.get('num_stages', 3)}: {r['us']:>7.1f} us "
+            f"{r['frac_of_copy_bw']:.0%} of copy  err {r.get('rel_err', '-')}"
+        )
+    return rows
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "the kernel benchmark needs a CUDA device"
+    if "--fp8-sweep" in sys.argv:
+        sys.argv.remove("--fp8-sweep")
+        copy_gbs = copy_bandwidth_gbs()
+        result = {
+            "bench": "decode_fp8_sweep",
+            "device": torch.cuda.get_device_name(),
+            "commit": git_commit(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "workload": "Qwen3-0.6B decode attention shapes, one layer, CUDA-graph replay; "
+            "fp8 scales 0.5 / 0.25",
+            "baseline": "the bf16 cache and the unstaged fp8 kernel, same run",
+            "copy_gbs": round(copy_gbs, 1),
+            "rows": fp8_sweep(copy_gbs),
+        }
+        results = sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results.jsonl")
+        with open(results, "a") as f:
+            f.write(json.dumps(result) + "\n")
+        return
     gen = torch.Generator().manual_seed(0)
     copy_gbs = copy_bandwidth_gbs()
     result = {

@@ -37,8 +37,29 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from nanovllm.kernels import pdl
+except ModuleNotFoundError:  # loaded by path beside another package named nanovllm (the anchors' shim)
+    import importlib.util
+    import os
+
+    _path = os.path.join(os.path.dirname(__file__), "pdl.py")
+    _spec = importlib.util.spec_from_file_location("_nanovllm_pdl", _path)
+    pdl = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(pdl)
+wait_for_previous = pdl.wait_for_previous
+
 NUM_SMS = 132  # H100 SXM; a little more or less only shifts the split heuristic.
 MAX_SPLITS = 64
+
+# An fp8 V tile goes to the tensor cores as fp16, with the keys along the dot's reduction axis; in
+# the cache each key's row is contiguous, so the tile must be transposed on the way. Left alone,
+# Triton transposes the 1-byte values (one shared-memory load per byte: 128 LDS.U8 per thread per
+# 128-key tile, 208 registers, 2 programs per SM) and converts after. A multiply by a run-time 1.0
+# after the conversion keeps the conversion first: the tile is converted in registers and
+# transposed as fp16 through shared memory with ldmatrix.trans (SASS of the loop on sm_90: 1,166 ->
+# 925 instructions per 128 keys, 208 -> 147 registers). A switch, so benchmarks can time both.
+FP8_V_STAGED = True
 
 
 # The split count is a runtime value (one compiled kernel whatever it is; mixed steps pick it from
@@ -59,6 +80,7 @@ def _decode_split_kernel(
     k_scale_ptr,  # [1] fp32 (fp8 caches only)
     v_scale_ptr,
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
+    v_unit,  # 1.0 (FP8_V_STAGED)
     stride_qb,
     stride_qh,
     stride_cb,
@@ -79,7 +101,10 @@ def _decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     FP8: tl.constexpr,  # the cache is float8_e4m3fn, dequantised with k_scale / v_scale
     FP16_DOT: tl.constexpr,  # fp8 cache, bf16 queries: both go to fp16, not bf16 (see above)
+    V_STAGED: tl.constexpr,  # FP8_V_STAGED
+    PDL: tl.constexpr,  # launched early (kernels/pdl.py)
 ):
+    wait_for_previous(PDL)  # q and this step's K/V come from the kernel just before
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -120,6 +145,8 @@ def _decode_split_kernel(
         v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
         if FP8:
             k, v = k.to(q.dtype), v.to(q.dtype)
+            if V_STAGED:  # see FP8_V_STAGED
+                v = v * tl.full([], v_unit, q.dtype)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N]
         if not FP16_DOT:
@@ -158,7 +185,9 @@ def _merge_splits_kernel(
     num_splits,
     HEAD_DIM: tl.constexpr,
     SPLITS_PAD: tl.constexpr,  # MAX_SPLITS: one compiled kernel for every split count
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     row = seq * num_heads + head
@@ -206,6 +235,7 @@ def paged_decode_attention(
     v_scale: torch.Tensor | None = None,
     block_n: int | None = None,  # keys per tile: 64, or 128 for fp8 (the split heuristic assumes 64)
     out: torch.Tensor | None = None,  # [batch, num_heads, head_dim] to write into (a view is fine)
+    launch: dict | None = None,  # num_warps / num_stages in place of 4 / 3 (benchmark sweeps)
 ) -> torch.Tensor:  # [batch, num_heads, head_dim]
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -235,6 +265,7 @@ def paged_decode_attention(
         q, k_cache, v_cache, block_tables, context_lens, partial, lse,
         k_scale if fp8 else q, v_scale if fp8 else q,  # unread unless fp8
         scale * math.log2(math.e),
+        1.0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -250,10 +281,11 @@ def paged_decode_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8=fp8,
         FP16_DOT=fp8 and q.dtype == torch.bfloat16,
+        V_STAGED=fp8 and FP8_V_STAGED,
         # Measured on H200 (bf16, head_dim 128): 64-key tiles, 4 warps and 3 stages in flight read
         # K/V at ~95% of copy bandwidth; 32-key tiles fall to ~80%, 128-key tiles or 8 warps are no better.
-        num_warps=4,
-        num_stages=3,
+        **({"num_warps": 4, "num_stages": 3} | (launch or {})),
+        **pdl.launch_options(q),
     )  # fmt: skip
     if num_splits > 1:
         _merge_splits_kernel[(batch, num_heads)](
@@ -263,5 +295,6 @@ def paged_decode_attention(
             num_splits,
             HEAD_DIM=head_dim,
             SPLITS_PAD=MAX_SPLITS,
+            **pdl.launch_options(q),
         )  # fmt: skip
     return out

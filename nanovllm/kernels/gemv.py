@@ -39,6 +39,9 @@ normalises, rounding where ``add_rms_norm`` rounds: the sum, the normalised valu
 with the norm weight each to x's dtype. The programs of the first column block (pid_n == 0) also
 write the new residual (the sum), to a tensor of its own, since other programs still read the old one.
 
+With PDL (kernels/pdl.py, Hopper) each program loads its first weight tile before waiting for the
+kernel before it, so at batch 1 the weight reads of one projection overlap the end of the last.
+
 Environment: ``NANOVLLM_GEMV=0`` turns the kernel off; ``NANOVLLM_GEMV_MAX_ROWS`` (default 4) sets
 the most rows it takes. Both are read once, at import.
 """
@@ -49,6 +52,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from nanovllm.kernels import pdl
+from nanovllm.kernels.pdl import wait_for_previous
 
 
 def _max_rows_from_env() -> int:
@@ -182,6 +188,30 @@ def _normed_row_dot(x_row_ptr, res_row_ptr, res_out_row_ptr, w, norm_w, ks, mask
 
 
 @triton.jit
+def _weight_tile(w_rows, ks, k_end, col_ok, EVEN_K: tl.constexpr):
+    """The weight tile [BLOCK_N, BLOCK_K] at columns ``ks``, in float32."""
+    if EVEN_K:
+        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
+    else:
+        w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & (ks < k_end)[None, :], other=0.0)
+    return w.to(tl.float32)
+
+
+@triton.jit
+def _rows_dot(x_ptr, stride_xm, w, ks, k_end, K, M, acc0, acc1, acc2, acc3, BLOCK_M: tl.constexpr,
+              EVEN_K: tl.constexpr, SILU_MUL: tl.constexpr):  # fmt: skip
+    """Each kept row's contribution of the tile ``w`` added to its accumulator."""
+    k_mask = ks < k_end
+    acc0 += _row_dot(x_ptr, w, ks, k_mask, K, M > 0, EVEN_K, SILU_MUL)
+    if BLOCK_M > 1:
+        acc1 += _row_dot(x_ptr + stride_xm, w, ks, k_mask, K, M > 1, EVEN_K, SILU_MUL)
+    if BLOCK_M > 2:
+        acc2 += _row_dot(x_ptr + 2 * stride_xm, w, ks, k_mask, K, M > 2, EVEN_K, SILU_MUL)
+        acc3 += _row_dot(x_ptr + 3 * stride_xm, w, ks, k_mask, K, M > 3, EVEN_K, SILU_MUL)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def _store_row(out_ptr, acc, bias, cols, col_ok, ok, SPLIT: tl.constexpr, HAS_BIAS: tl.constexpr):
     if SPLIT:
         tl.store(out_ptr + cols, acc, mask=col_ok & ok)
@@ -219,6 +249,7 @@ def _gemv_kernel(
     HAS_BIAS: tl.constexpr,
     NORM: tl.constexpr,  # x is the input of (add +) RMSNorm, applied on the fly; K is one tile
     HAS_RES: tl.constexpr,
+    PDL: tl.constexpr,  # launched early (kernels/pdl.py): weights load before wait_for_previous
 ):
     # Everything stays 2-D ([BLOCK_N, BLOCK_K] tiles, [BLOCK_N] sums): a 3-D [M, N, K] broadcast
     # would make the compiler move the weight tile between layouts through shared memory.
@@ -240,6 +271,7 @@ def _gemv_kernel(
             tl.float32
         )
         norm_w = tl.load(norm_w_ptr + offs_k, mask=k_mask, other=0.0).to(tl.float32)
+        wait_for_previous(PDL)  # weights above; x and the residual below come from earlier kernels
         write_res = pid_n == 0
         acc0 = _normed_row_dot(x_ptr, res_ptr, res_out_ptr, w, norm_w, offs_k, k_mask & (M > 0), K, eps,
                                write_res, HAS_RES)  # fmt: skip
@@ -258,20 +290,18 @@ def _gemv_kernel(
                 offs_k, k_mask & (M > 3), K, eps, write_res, HAS_RES,
             )  # fmt: skip
     else:
-        for k0 in range(k_start, k_end, BLOCK_K):
+        # The first tile's weights load before the wait: they never depend on the kernel before,
+        # so with PDL the load overlaps it. Later tiles load as the loop reaches them.
+        ks = k_start + offs_k
+        w = _weight_tile(w_rows, ks, k_end, col_ok, EVEN_K)
+        wait_for_previous(PDL)
+        acc0, acc1, acc2, acc3 = _rows_dot(x_ptr, stride_xm, w, ks, k_end, K, M, acc0, acc1, acc2, acc3,
+                                           BLOCK_M, EVEN_K, SILU_MUL)  # fmt: skip
+        for k0 in range(k_start + BLOCK_K, k_end, BLOCK_K):
             ks = k0 + offs_k
-            k_mask = ks < k_end
-            if EVEN_K:
-                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None], other=0.0)
-            else:
-                w = tl.load(w_rows + ks[None, :], mask=col_ok[:, None] & k_mask[None, :], other=0.0)
-            w = w.to(tl.float32)  # [BLOCK_N, BLOCK_K]
-            acc0 += _row_dot(x_ptr, w, ks, k_mask, K, M > 0, EVEN_K, SILU_MUL)
-            if BLOCK_M > 1:
-                acc1 += _row_dot(x_ptr + stride_xm, w, ks, k_mask, K, M > 1, EVEN_K, SILU_MUL)
-            if BLOCK_M > 2:
-                acc2 += _row_dot(x_ptr + 2 * stride_xm, w, ks, k_mask, K, M > 2, EVEN_K, SILU_MUL)
-                acc3 += _row_dot(x_ptr + 3 * stride_xm, w, ks, k_mask, K, M > 3, EVEN_K, SILU_MUL)
+            w = _weight_tile(w_rows, ks, k_end, col_ok, EVEN_K)
+            acc0, acc1, acc2, acc3 = _rows_dot(x_ptr, stride_xm, w, ks, k_end, K, M, acc0, acc1, acc2,
+                                               acc3, BLOCK_M, EVEN_K, SILU_MUL)  # fmt: skip
     bias = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_BIAS and not SPLIT:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
@@ -295,7 +325,9 @@ def _split_k_reduce_kernel(
     SPLIT_K: tl.constexpr,
     BLOCK: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL)
     row = tl.program_id(1)
     cols = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < N
@@ -343,13 +375,13 @@ def _launch(x, weight, out, bias, config, act=None, norm=None) -> torch.Tensor:
             res_out.stride(0),
             BLOCK_M=triton.next_power_of_2(rows), BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, EVEN_K=even_k,
             SPLIT=split_k > 1, SILU_MUL=act == "silu_mul", HAS_BIAS=has_bias and split_k == 1,
-            NORM=norm is not None, HAS_RES=has_res, num_warps=cfg.num_warps,
+            NORM=norm is not None, HAS_RES=has_res, num_warps=cfg.num_warps, **pdl.launch_options(x),
         )  # fmt: skip
     if split_k > 1:
         block = min(1024, triton.next_power_of_2(n))
         _split_k_reduce_kernel[(triton.cdiv(n, block), m)](
             partial, bias if has_bias else partial, out, m, n, out.stride(0),
-            SPLIT_K=split_k, BLOCK=block, HAS_BIAS=has_bias, num_warps=4,
+            SPLIT_K=split_k, BLOCK=block, HAS_BIAS=has_bias, num_warps=4, **pdl.launch_options(x),
         )  # fmt: skip
     return out
 

@@ -20,6 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels import pdl
+from nanovllm.kernels.pdl import wait_for_previous
+
 
 @triton.jit
 def _qkv_prep_kernel(
@@ -49,7 +52,9 @@ def _qkv_prep_kernel(
     BLOCK_SIZE: tl.constexpr,
     QK_NORM: tl.constexpr,
     FP8: tl.constexpr,
+    PDL: tl.constexpr,  # launched early (kernels/pdl.py)
 ):
+    wait_for_previous(PDL)  # qkv comes from the projection just before
     token = tl.program_id(0).to(tl.int64)
     half: tl.constexpr = HEAD_DIM // 2
     rows = tl.arange(0, ROWS)
@@ -153,5 +158,6 @@ def qkv_prep(
         QK_NORM=qk_norm,
         FP8=fp8,
         num_warps=4,
+        **pdl.launch_options(qkv),
     )  # fmt: skip
     return q

@@ -123,3 +123,32 @@ def test_async_scheduling_equals_sync_on_cuda(tiny_ckpt, num_blocks):
             assert [c["token_ids"] for c in a["outputs"]] == [c["token_ids"] for c in b["outputs"]]
             for la, lb in zip(a["logprobs"] or [], b["logprobs"] or [], strict=True):
                 assert la.keys() == lb.keys() and all(abs(la[t] - lb[t]) < 1e-3 for t in la)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0),
+    reason="programmatic dependent launch needs compute capability 9.0",
+)
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_pdl_on_and_off_identical(tmp_path, monkeypatch, eager):
+    """kernels/pdl.py: kernels that start before the previous one ends must still read its
+    finished output. At Qwen3-0.6B shapes (kernels long enough to overlap), decoding batches of 1
+    and 3 (the GEMV path) and 8 (cuBLAS between the PDL kernels), bf16 logprobs and greedy tokens
+    are bit for bit those of ordinary launches: a read of a half-written input would move them."""
+    from nanovllm.benchmark import write_random_qwen3
+    from nanovllm.kernels import pdl
+
+    path = write_random_qwen3(str(tmp_path / "qwen3-0.6b"))
+    lengths = (5, 300, 77, 1, 9, 16, 2, 40)
+    prompts = [[(31 * i + 7 * j) % 150000 for j in range(n)] for i, n in enumerate(lengths)]
+    sp = SamplingParams(temperature=0, max_tokens=48, ignore_eos=True, logprobs=1)
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(pdl, "_enabled", lambda index, on=on: on)
+        with LLM(path, skip_tokenizer_init=True, max_model_len=1024, num_kvcache_blocks=64,
+                 enforce_eager=eager) as llm:  # fmt: skip
+            runs[on] = [
+                [(o["token_ids"], o["logprobs"]) for o in llm.generate(batch, sp, use_tqdm=False)]
+                for batch in (prompts[:1], prompts[1:4], prompts)
+            ]
+    assert runs[True] == runs[False]
