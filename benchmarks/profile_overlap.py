@@ -85,7 +85,9 @@ def main() -> None:
     path = write_random_qwen3(args.ckpt_dir)
     for mode in (True, False):
         label = "async" if mode else "sync"
-        with LLM(path, skip_tokenizer_init=True, max_model_len=1024, async_scheduling=mode) as llm:
+        # two engines, one after the other, in one process: each sizes its cache to half the card
+        kw = dict(skip_tokenizer_init=True, max_model_len=1024, gpu_memory_utilization=0.45)
+        with LLM(path, async_scheduling=mode, **kw) as llm:
             for batch in args.batch:
                 result = measure(llm, batch, args.steps, args.trace, label, args.table and mode)
                 print(json.dumps(result), flush=True)

@@ -111,8 +111,10 @@ def run_steps(llm, prompts, params) -> list:
         engine.add_request(None, p, sp)
     stats = []
     while engine.has_unfinished_requests():
+        before = engine.last_step
         engine.step()
-        stats.append(engine.last_step)
+        if engine.last_step is not before:  # a call that only launched (async scheduling) finished no step
+            stats.append(engine.last_step)
     return stats
 
 
