@@ -161,13 +161,15 @@ class Config:
             if self.device == "cpu":
                 from nanovllm.utils.cpu import has_native_bf16
 
-                # bfloat16 only where the CPU multiplies it natively; emulated, it is slower than float32
-                self.dtype = "bfloat16" if has_native_bf16() else "float32"
-                logger.info(
-                    "dtype %s (%s)",
-                    self.dtype,
-                    "the CPU has AVX512-BF16/AMX" if has_native_bf16() else "no native bfloat16 on this CPU",
-                )
+                # Packed GGUF weights: the layers around them (and the C kernels) work in float32.
+                # Otherwise bfloat16 only where the CPU multiplies it natively; emulated, it is slower.
+                if self.quantization == "gguf":
+                    self.dtype, why = "float32", "packed GGUF weights: float32 between the quantised matmuls"
+                elif has_native_bf16():
+                    self.dtype, why = "bfloat16", "the CPU has AVX512-BF16/AMX"
+                else:
+                    self.dtype, why = "float32", "no native bfloat16 on this CPU"
+                logger.info("dtype %s (%s)", self.dtype, why)
             else:
                 ckpt = getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)
                 ckpt = str(ckpt).removeprefix("torch.") if ckpt is not None else "bfloat16"

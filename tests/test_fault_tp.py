@@ -18,7 +18,7 @@ from tests.faults import ExplodesInWorker, greedy_tokens, run_with_timeout
 from tests.tiny import hf_model
 
 pytestmark = pytest.mark.slow  # each test starts a worker process
-ENGINE = dict(kvcache_block_size=16, max_model_len=256, max_num_seqs=8)
+ENGINE = dict(kvcache_block_size=16, max_model_len=256, max_num_seqs=8, dtype="float32")
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 PROMPT = [random.Random(7).randrange(3, 384) for _ in range(70)]
 

@@ -7,7 +7,7 @@ import torch
 
 from nanovllm import LLM, SamplingParams
 
-ENGINE = dict(kvcache_block_size=16, max_model_len=256)
+ENGINE = dict(kvcache_block_size=16, max_model_len=256, dtype="float32")  # the same on every CPU
 GREEDY = SamplingParams(temperature=0, max_tokens=16, logprobs=0)
 
 
@@ -46,9 +46,8 @@ def test_fp8_cache_counts_one_byte_per_element(tiny_ckpt):
     sizes = {}
     for dtype in ("float32", "bfloat16"):
         for kv in ("auto", "fp8"):
-            with LLM(
-                tiny_ckpt("qwen3"), dtype=dtype, kv_cache_dtype=kv, num_kvcache_blocks=32, **ENGINE
-            ) as llm:
+            engine = ENGINE | dict(dtype=dtype, kv_cache_dtype=kv, num_kvcache_blocks=32)
+            with LLM(tiny_ckpt("qwen3"), **engine) as llm:
                 runner = llm.engine.executor
                 sizes[dtype, kv] = runner.block_bytes
                 assert runner.kv_cache.dtype == (
@@ -85,7 +84,7 @@ def test_fp8_prefix_cache_hits_and_preemption_give_the_same_tokens(tiny_ckpt, fp
         again = generate(llm)  # prefix-cache hits: cached fp8 blocks are read back
     assert any(o["num_cached_tokens"] > 0 for o in again)
     assert [o["token_ids"] for o in again] == fp8_tokens
-    tight = dict(kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=9)
+    tight = dict(kvcache_block_size=16, max_model_len=128, num_kvcache_blocks=9, dtype="float32")
     with LLM(tiny_ckpt("qwen3"), kv_cache_dtype="fp8", **tight) as llm:
         out = generate(llm)
         assert llm.engine.scheduler.num_preemptions > 0

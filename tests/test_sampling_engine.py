@@ -11,7 +11,7 @@ PROMPT = [5, 17, 42, 99, 7, 250, 31, 8, 64, 3]
 
 @pytest.fixture(scope="module")
 def llm(tiny_ckpt):
-    with LLM(tiny_ckpt("qwen3"), kvcache_block_size=16, max_model_len=256) as llm:
+    with LLM(tiny_ckpt("qwen3"), dtype="float32", kvcache_block_size=16, max_model_len=256) as llm:
         yield llm
 
 

@@ -133,7 +133,8 @@ def lean_forward(model, input_ids: torch.Tensor, positions: torch.Tensor) -> tor
     ctx = get_context()
     k_cache = first.k_cache
     plan = torch_paged.step_plan(ctx, k_cache.shape[1], k_cache.shape[2])
-    if getattr(model, "lean_embed", None) is not None and k_cache.dtype in ops.KV_TYPE_IDS:
+    c_ready = model.norm.weight.dtype == torch.float32  # the C kernels take float32 weights and rows
+    if getattr(model, "lean_embed", None) is not None and k_cache.dtype in ops.KV_TYPE_IDS and c_ready:
         return _forward_c(model, input_ids, positions, ctx, plan)
     n = input_ids.shape[0]
     cos, sin = _cos_sin(model.layers[0].self_attn.rotary_emb, positions)

@@ -19,7 +19,7 @@ from nanovllm.config import check_tensor_parallel
 from tests.tiny import hf_greedy, hf_model
 
 MAX_NEW = 16
-ENGINE = dict(kvcache_block_size=16, max_model_len=256)
+ENGINE = dict(kvcache_block_size=16, max_model_len=256, dtype="float32")  # HF's float32 is the reference
 GREEDY = SamplingParams(temperature=0, max_tokens=MAX_NEW)
 
 

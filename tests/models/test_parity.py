@@ -29,7 +29,7 @@ def arch_setup(request, tiny_ckpt):
 
 def test_prefill_logits_match_hf(arch_setup):
     _, path, model, prompts, _ = arch_setup
-    with LLM(path, kvcache_block_size=16, max_model_len=512) as llm:
+    with LLM(path, dtype="float32", kvcache_block_size=16, max_model_len=512) as llm:
         logits = prefill_logits(llm, prompts)
     for p, row in zip(prompts, logits, strict=False):
         with torch.no_grad():
@@ -41,7 +41,7 @@ def test_prefill_logits_match_hf(arch_setup):
 @pytest.mark.parametrize("block_size", [16, 256])
 def test_greedy_generation_matches_hf(arch_setup, block_size):
     arch, path, _, prompts, refs = arch_setup
-    with LLM(path, kvcache_block_size=block_size, max_model_len=512) as llm:
+    with LLM(path, dtype="float32", kvcache_block_size=block_size, max_model_len=512) as llm:
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
     for out, ref in zip(outs, refs, strict=False):
         assert out["token_ids"] == ref
@@ -56,7 +56,7 @@ def test_prefix_cache_hits_keep_parity(arch_setup):
     prompts = [shared + [rng.randrange(3, 384) for _ in range(k)] for k in (1, 5, 20, 40)]
     refs = [hf_greedy(model, p, MAX_NEW, eos_token_id=None) for p in prompts]
     params = SamplingParams(temperature=0, max_tokens=MAX_NEW, ignore_eos=True)
-    with LLM(path, kvcache_block_size=16, max_model_len=512) as llm:
+    with LLM(path, dtype="float32", kvcache_block_size=16, max_model_len=512) as llm:
         first = llm.generate(prompts, params, use_tqdm=False)
         second = llm.generate(prompts, params, use_tqdm=False)
     assert [o["token_ids"] for o in first] == refs
@@ -70,7 +70,7 @@ def test_preemption_keeps_parity(arch_setup):
     _, path, _, prompts, refs = arch_setup
     # 12 blocks of 16 tokens = 192 slots for 8 sequences that need up to 174 each: decode must
     # preempt, and the preempted sequences are recomputed (their prefix often from the cache).
-    with LLM(path, kvcache_block_size=16, max_model_len=192, num_kvcache_blocks=12) as llm:
+    with LLM(path, dtype="float32", kvcache_block_size=16, max_model_len=192, num_kvcache_blocks=12) as llm:
         outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=MAX_NEW), use_tqdm=False)
         assert llm.engine.scheduler.num_preemptions > 0
     assert [o["token_ids"] for o in outs] == refs

@@ -25,7 +25,7 @@ MAX_NEW = 32
 @pytest.fixture(scope="module")
 def llm():
     # quantization=None: weights dequantised to float32, the path that matches HF exactly
-    with LLM(SMOLLM2, max_model_len=512, kvcache_block_size=16, quantization=None) as llm:
+    with LLM(SMOLLM2, max_model_len=512, kvcache_block_size=16, quantization=None, dtype="float32") as llm:
         yield llm
 
 

@@ -17,8 +17,12 @@ pytest.importorskip("openai")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 API_KEY = "test-key"
 # Small on purpose: 64 blocks of 16 tokens, and prompts + outputs up to 256 tokens.
-ENGINE_ARGS = dict(
-    max_model_len=256, kvcache_block_size=16, num_kvcache_blocks=64, max_num_batched_tokens=512
+ENGINE_ARGS = dict(  # float32 on every CPU: logprobs are checked against HF's float32
+    max_model_len=256,
+    kvcache_block_size=16,
+    num_kvcache_blocks=64,
+    max_num_batched_tokens=512,
+    dtype="float32",
 )
 CHAT_TEMPLATE = (
     "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>{% endfor %}"
