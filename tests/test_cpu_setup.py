@@ -22,6 +22,27 @@ def test_safetensors_model_is_not_packed_and_cpu_dtype_follows_the_cpu(tiny_ckpt
     assert config.dtype == ("bfloat16" if has_native_bf16() else "float32")
 
 
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_packed_gguf_runs_in_float32_whatever_the_cpu(monkeypatch, native_bf16):
+    """The C kernels take float32 rows and weights: with native bfloat16 the default once became
+    bfloat16 and the bundled model failed at its first step. An explicit bfloat16 still runs (the
+    lean torch path), with the same greedy reply to a short prompt."""
+    from nanovllm import LLM, SamplingParams
+    from nanovllm.utils import cpu
+    from tests.models.smollm2 import SMOLLM2
+
+    if SMOLLM2 is None:
+        pytest.skip("the bundled SmolLM2 is not installed")
+    monkeypatch.setattr(cpu, "has_native_bf16", lambda: native_bf16)
+    assert Config.from_kwargs(SMOLLM2, device="cpu").dtype == "float32"
+    sp = SamplingParams(temperature=0, max_tokens=6)
+    replies = []
+    for dtype in ("auto", "bfloat16"):
+        with LLM(SMOLLM2, dtype=dtype, max_model_len=256) as llm:
+            replies.append(llm.generate(["The capital of France is"], sp, use_tqdm=False)[0]["token_ids"])
+    assert replies[0] == replies[1]
+
+
 def test_physical_cores_is_within_the_logical_count():
     import os
 
