@@ -121,10 +121,9 @@ def test_fp8_with_cuda_graphs_matches_eager(tiny_ckpt):
     """Decode replayed from CUDA graphs reads the same fp8 cache and (calibrated) scale tensors."""
     results = []
     for eager in (True, False):
-        with LLM(
-            tiny_ckpt("qwen3"), dtype="bfloat16", enforce_eager=eager, kv_cache_dtype="fp8",
-            calculate_kv_scales=True, num_kvcache_blocks=64, **ENGINE,
-        ) as llm:  # fmt: skip
+        engine = ENGINE | dict(dtype="bfloat16", enforce_eager=eager, kv_cache_dtype="fp8",
+                               calculate_kv_scales=True, num_kvcache_blocks=64)  # fmt: skip
+        with LLM(tiny_ckpt("qwen3"), **engine) as llm:
             assert bool(llm.engine.executor.graphs) is not eager
             assert llm.engine.executor.backend.name == "triton"
             results.append([o["token_ids"] for o in generate(llm)])
