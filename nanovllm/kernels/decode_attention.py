@@ -15,11 +15,16 @@ the kernel is bound by memory bandwidth and the design follows from keeping ever
   from memory once. The group is padded to 16 rows so ``tl.dot`` can use the tensor cores.
 * Splitting the context fills the GPU when ``batch * num_kv_heads`` alone is too few programs
   (batch 1 has 8). Each split keeps a running max and sum (online softmax) and writes its normalised
-  partial output and log-sum-exp; a second small kernel merges the splits, weighting each by
-  ``exp(lse_split - lse_total)``. With a single split the first kernel writes the output directly.
+  partial output and log-sum-exp. The splits of a (sequence, KV head) count their arrivals on an
+  atomic counter, and the last to arrive merges them all, weighting each by
+  ``exp(lse_split - lse_total)``, in split order (deterministic): no second kernel, which took
+  ~2.4 us of each ~25 us layer at batch 1 (H200 trace). A sequence with one split writes its output
+  directly. Batch-1 decode went from 0.838 to 0.790 ms a step with this and a GEMV block size
+  (~0.02 ms of it; bench_decode_variants.py, H200).
 * ``num_splits`` is a function of shapes only (batch, heads and ``max_context_len``), never of the
   values in ``context_lens``, so the call never waits for the GPU and can be captured in a CUDA
-  graph. Inside the kernel each sequence divides its own context evenly over the splits.
+  graph. Inside the kernel each sequence divides its own context evenly over the splits in whole
+  tiles; the splits past a short context exit at once.
 * An fp8 cache (float8_e4m3fn, see ``reference.py``) halves the bytes read. Each tile is upcast to
   fp16 (exact: every e4m3 value is an fp16 value) and multiplied on the tensor cores with fp32
   accumulation; bf16 queries are converted to fp16 too, with the softmax scale and ``k_scale``
@@ -78,8 +83,10 @@ def _decode_split_kernel(
     v_cache_ptr,
     block_tables_ptr,  # [batch, max_blocks]
     context_lens_ptr,  # [batch]
-    out_ptr,  # one split: [batch, num_heads, head_dim]; else [batch, num_heads, num_splits, head_dim] fp32
-    lse_ptr,  # [batch, num_heads, num_splits] fp32 (unused with ONE_SPLIT)
+    out_ptr,  # [batch, num_heads, head_dim]
+    partial_ptr,  # [batch, num_heads, num_splits, head_dim] fp32 (not ONE_SPLIT)
+    lse_ptr,  # [batch, num_heads, num_splits] fp32 (not ONE_SPLIT)
+    counters_ptr,  # [>= batch * num_kv_heads] int32, all 0 between launches (not ONE_SPLIT)
     k_scale_ptr,  # [1] fp32 (fp8 caches only)
     v_scale_ptr,
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
@@ -92,7 +99,6 @@ def _decode_split_kernel(
     stride_bt,
     stride_ob,
     stride_oh,
-    stride_os,
     num_heads,
     num_splits,
     GROUP: tl.constexpr,  # query heads per KV head
@@ -105,6 +111,9 @@ def _decode_split_kernel(
     FP8: tl.constexpr,  # the cache is float8_e4m3fn, dequantised with k_scale / v_scale
     FP16_DOT: tl.constexpr,  # fp8 cache, bf16 queries: both go to fp16, not bf16 (see above)
     V_STAGED: tl.constexpr,  # FP8_V_STAGED
+    MERGE_G: tl.constexpr,  # GROUP rounded up to a power of two
+    MERGE_CHUNK: tl.constexpr,  # splits the merge reads at a time
+    SPLITS_PAD: tl.constexpr,  # MAX_SPLITS
     PDL: tl.constexpr,  # launched early (kernels/pdl.py)
 ):
     wait_for_previous(PDL)  # q and this step's K/V come from the kernel just before
@@ -112,102 +121,117 @@ def _decode_split_kernel(
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
+    # Each sequence divides its context over the splits in whole tiles; `used` of them hold keys.
     context_len = tl.load(context_lens_ptr + seq)
     keys_per_split = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
+    used = tl.cdiv(context_len, tl.maximum(keys_per_split, 1))
     start = split * keys_per_split
     end = tl.minimum(start + keys_per_split, context_len)
-
-    rows = tl.arange(0, GROUP_PAD)  # query heads of this group (padding rows masked)
-    dims = tl.arange(0, HEAD_DIM)
-    row_mask = rows < GROUP
-    heads = kv_head * GROUP + rows
-    q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=row_mask[:, None])
-    if FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr)
-    if FP16_DOT:  # fold the scale into q (keeps it far from fp16's range limit), then dot in fp16
-        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
-        qk_scale = 1.0
-
-    m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
-    acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    kv_head_off = kv_head * stride_ch
-    for tile_start in range(start, end, BLOCK_N):
-        pos = tile_start + tl.arange(0, BLOCK_N)
-        key_mask = pos < end
-        # Only entries of blocks that hold keys are read: padding in the table is never touched.
-        if BLOCK_SIZE % BLOCK_N == 0:  # tiles start at multiples of BLOCK_N: one block per tile
-            block_id = tl.load(table + tile_start // BLOCK_SIZE).to(tl.int64)
-            kv_off = block_id * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
-        else:
-            block_ids = tl.load(table + pos // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
-            kv_off = block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
-        k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
+    if split < tl.maximum(used, 1):  # split 0 always runs: it writes zeros for an empty sequence
+        rows = tl.arange(0, GROUP_PAD)  # query heads of this group (padding rows masked)
+        dims = tl.arange(0, HEAD_DIM)
+        row_mask = rows < GROUP
+        heads = kv_head * GROUP + rows
+        q_offs = seq * stride_qb + heads[:, None] * stride_qh + dims[None, :]
+        q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0)
         if FP8:
-            k, v = k.to(q.dtype), v.to(q.dtype)
-            if V_STAGED:  # see FP8_V_STAGED
-                v = v * tl.full([], v_unit, q.dtype)
+            qk_scale = qk_scale * tl.load(k_scale_ptr)
+        if FP16_DOT:  # fold the scale into q (keeps it far from fp16's range limit), then dot in fp16
+            q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+            qk_scale = 1.0
 
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N]
-        if not FP16_DOT:
-            s = s * qk_scale
-        s = tl.where(key_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
+        acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
 
-    # l_i >= 1 once a split has seen a key (its max contributes exp2(0)); an empty split (start >= end)
-    # has l_i = 0 and m_i = -inf, so it writes zeros with lse = -inf and weighs nothing in the merge.
-    l_i = tl.maximum(l_i, 1.0)
-    out = acc / l_i[:, None]
-    if FP8:
-        out = out * tl.load(v_scale_ptr)
-    out_offs = seq * stride_ob + heads[:, None] * stride_oh + dims[None, :]
-    if ONE_SPLIT:
-        tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
-    else:
-        tl.store(out_ptr + out_offs + split * stride_os, out, mask=row_mask[:, None])
-        lse = m_i + tl.log2(l_i)  # base 2
-        tl.store(lse_ptr + (seq * num_heads + heads) * num_splits + split, lse, mask=row_mask)
+        table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+        kv_head_off = kv_head * stride_ch
+        for tile_start in range(start, end, BLOCK_N):
+            pos = tile_start + tl.arange(0, BLOCK_N)
+            key_mask = pos < end
+            # Only entries of blocks that hold keys are read: padding in the table is never touched.
+            if BLOCK_SIZE % BLOCK_N == 0:  # tiles start at multiples of BLOCK_N: one block per tile
+                block_id = tl.load(table + tile_start // BLOCK_SIZE).to(tl.int64)
+                kv_off = block_id * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
+            else:
+                block_ids = tl.load(table + pos // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+                kv_off = block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
+            k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
+            v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
+            if FP8:
+                k, v = k.to(q.dtype), v.to(q.dtype)
+                if V_STAGED:  # see FP8_V_STAGED
+                    v = v * tl.full([], v_unit, q.dtype)
+
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N]
+            if not FP16_DOT:
+                s = s * qk_scale
+            s = tl.where(key_mask[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+            m_i = m_new
+
+        # l_i >= 1 once a split has seen a key (its max contributes exp2(0)); an empty sequence has
+        # l_i = 0 and writes zeros.
+        l_i = tl.maximum(l_i, 1.0)
+        out = acc / l_i[:, None]
+        if FP8:
+            out = out * tl.load(v_scale_ptr)
+        out_offs = seq * stride_ob + heads[:, None] * stride_oh + dims[None, :]
+        if ONE_SPLIT:
+            tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+        elif used <= 1:  # the only split with keys: nothing to merge
+            tl.store(out_ptr + out_offs, out.to(out_ptr.dtype.element_ty), mask=row_mask[:, None])
+        else:
+            part = (seq * num_heads + heads) * num_splits + split  # [GROUP_PAD] rows of lse / partial
+            tl.store(partial_ptr + part[:, None] * HEAD_DIM + dims[None, :], out, mask=row_mask[:, None])
+            tl.store(lse_ptr + part, m_i + tl.log2(l_i), mask=row_mask)  # base 2
+            # The last split of this (sequence, KV head) to arrive merges them all. The barrier puts
+            # every thread's stores before the counter's release; the last one's acquire makes the
+            # other splits' stores visible to it. It leaves the counter at 0 for the next launch.
+            tl.debug_barrier()
+            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == used - 1:
+                _merge_group(partial_ptr, lse_ptr, out_ptr, seq, kv_head, used, num_heads, num_splits,
+                             stride_ob, stride_oh, GROUP, HEAD_DIM, MERGE_G, MERGE_CHUNK,
+                             SPLITS_PAD)  # fmt: skip
+                tl.store(counter, 0)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
-def _merge_splits_kernel(
-    partial_ptr,  # [batch, num_heads, num_splits, head_dim] fp32
-    lse_ptr,  # [batch, num_heads, num_splits] fp32, base 2
-    out_ptr,  # [batch, num_heads, head_dim]
-    stride_ob,
-    stride_oh,
-    num_heads,
-    num_splits,
-    HEAD_DIM: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,  # MAX_SPLITS: one compiled kernel for every split count
-    PDL: tl.constexpr,
-):
-    wait_for_previous(PDL)
-    seq = tl.program_id(0)
-    head = tl.program_id(1)
-    row = seq * num_heads + head
-    splits = tl.arange(0, SPLITS_PAD)
+@triton.jit
+def _merge_group(partial_ptr, lse_ptr, out_ptr, seq, kv_head, used, num_heads, num_splits, stride_ob,
+                 stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, G: tl.constexpr,
+                 CHUNK: tl.constexpr, SPLITS_PAD: tl.constexpr):  # fmt: skip
+    """Merge the ``used`` splits' partial outputs of the group's heads into ``out``, each weighted by
+    ``exp(lse_split - lse_total)``, in split order, CHUNK splits at a time. ``G``: GROUP rounded up to a
+    power of two. Loads bypass L1 (.cg): other programs wrote them."""
+    g = tl.arange(0, G)
+    g_ok = g < GROUP
+    rows = seq * num_heads + kv_head * GROUP + g  # [G] rows of lse / partial
+    all_splits = tl.arange(0, SPLITS_PAD)
+    lse_mask = g_ok[:, None] & (all_splits < used)[None, :]
+    lse_all = tl.load(lse_ptr + rows[:, None] * num_splits + all_splits[None, :], mask=lse_mask,
+                      other=float("-inf"), cache_modifier=".cg")  # fmt: skip
+    top = tl.max(lse_all, axis=1)
+    total = tl.sum(tl.exp2(lse_all - top[:, None]), axis=1)  # >= 1: the top split weighs 1
     dims = tl.arange(0, HEAD_DIM)
-    split_mask = splits < num_splits
-
-    lse = tl.load(lse_ptr + row * num_splits + splits, mask=split_mask, other=float("-inf"))
-    weight = tl.exp2(lse - tl.max(lse, axis=0))  # empty splits weigh 0
-    weight = weight / tl.sum(weight, axis=0)
-    partial = tl.load(
-        partial_ptr + (row * num_splits + splits[:, None]) * HEAD_DIM + dims[None, :],
-        mask=split_mask[:, None],
-        other=0.0,
-    )
-    out = tl.sum(partial * weight[:, None], axis=0)
-    tl.store(out_ptr + seq * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
+    acc = tl.zeros([G, HEAD_DIM], dtype=tl.float32)
+    for first in range(0, used, CHUNK):
+        splits = first + tl.arange(0, CHUNK)
+        ok = g_ok[:, None] & (splits < used)[None, :]  # [G, CHUNK]
+        at = rows[:, None] * num_splits + splits[None, :]
+        lse = tl.load(lse_ptr + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
+        weight = tl.exp2(lse - top[:, None])
+        part = tl.load(partial_ptr + at[:, :, None] * HEAD_DIM + dims[None, None, :], mask=ok[:, :, None],
+                       other=0.0, cache_modifier=".cg")  # fmt: skip
+        acc += tl.sum(part * weight[:, :, None], axis=1)
+    out = acc / total[:, None]
+    heads = kv_head * GROUP + g
+    tl.store(out_ptr + seq * stride_ob + heads[:, None] * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])  # fmt: skip
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, block_n: int = 64) -> int:
@@ -223,6 +247,21 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, block
     want = math.ceil(target_programs / programs)
     most = max(1, max_context_len // (2 * block_n))
     return max(1, min(want, most, MAX_SPLITS))
+
+
+# The merge's arrival counters, one per (sequence, KV head), in one buffer per device: made once
+# (CUDA graphs keep its address) and never freed. Every launch leaves all of them at 0, so launches
+# on one stream share it; two streams must not run the kernel at once on one device (the engine runs
+# each device's forward on one stream).
+MAX_COUNTERS = 1 << 16
+_counters: dict[tuple[str, int | None], torch.Tensor] = {}
+
+
+def _counters_for(device: torch.device) -> torch.Tensor:
+    key = (device.type, device.index)
+    if key not in _counters:
+        _counters[key] = torch.zeros(MAX_COUNTERS, dtype=torch.int32, device=device)
+    return _counters[key]
 
 
 def paged_decode_attention(
@@ -260,19 +299,22 @@ def paged_decode_attention(
         out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
     assert out.shape == q.shape and out.stride(2) == 1
     if num_splits == 1:
-        partial, lse = out, out  # the split kernel writes the result directly
+        partial = lse = counters = out  # unread: the split kernel writes the result directly
     else:
+        assert batch * num_kv_heads <= MAX_COUNTERS, f"split decode: {MAX_COUNTERS} sequence-heads at most"
         partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+        counters = _counters_for(q.device)
+    merge_g = triton.next_power_of_2(group)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, partial, lse,
+        q, k_cache, v_cache, block_tables, context_lens, out, partial, lse, counters,
         k_scale if fp8 else q, v_scale if fp8 else q,  # unread unless fp8
         scale * math.log2(math.e),
         1.0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
-        partial.stride(0), partial.stride(1), partial.stride(2) if num_splits > 1 else 0,
+        out.stride(0), out.stride(1),
         num_heads,
         num_splits,
         GROUP=group,
@@ -285,19 +327,12 @@ def paged_decode_attention(
         FP8=fp8,
         FP16_DOT=fp8 and q.dtype == torch.bfloat16,
         V_STAGED=fp8 and FP8_V_STAGED,
+        MERGE_G=merge_g,
+        MERGE_CHUNK=max(1, 4096 // (merge_g * head_dim)),  # 32 float32 registers a thread at 4 warps
+        SPLITS_PAD=MAX_SPLITS,
         # Measured on H200 (bf16, head_dim 128): 64-key tiles, 4 warps and 3 stages in flight read
         # K/V at ~95% of copy bandwidth; 32-key tiles fall to ~80%, 128-key tiles or 8 warps are no better.
         **({"num_warps": 4, "num_stages": 3} | (launch or {})),
         **pdl.launch_options(q),
     )  # fmt: skip
-    if num_splits > 1:
-        _merge_splits_kernel[(batch, num_heads)](
-            partial, lse, out,
-            out.stride(0), out.stride(1),
-            num_heads,
-            num_splits,
-            HEAD_DIM=head_dim,
-            SPLITS_PAD=MAX_SPLITS,
-            **pdl.launch_options(q),
-        )  # fmt: skip
     return out

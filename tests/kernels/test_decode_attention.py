@@ -55,8 +55,20 @@ def test_decode(block_size, group, dtype):
 
 
 @pytest.mark.parametrize("num_splits", [1, 2, 5, 16])  # 16 > tiles of the short sequences: empty splits
-def test_decode_splits(num_splits):
-    check([1, 17, 100, 300], 4, 2, 64, 32, torch.float32, num_splits=num_splits)
+@pytest.mark.parametrize("block_n", [16, 64])  # 16: every sequence but the first spans several splits
+def test_decode_splits(num_splits, block_n):
+    check([1, 17, 100, 300], 4, 2, 64, 32, torch.float32, num_splits=num_splits, block_n=block_n)
+
+
+def test_merge_leaves_every_counter_at_zero():
+    """The splits of a (sequence, KV head) count their arrivals; the last merges and resets the count, so
+    the next launch (the next layer, the next graph replay) starts from zero. A count left behind would
+    make a later launch merge before its splits are done, or never."""
+    from nanovllm.kernels import decode_attention
+
+    for splits in (3, 7):
+        check([40, 300, 129, 1], 8, 4, 32, 16, torch.float32, num_splits=splits, block_n=16)
+        assert int(decode_attention._counters_for(torch.device(device())).abs().sum()) == 0
 
 
 @pytest.mark.parametrize("block_size", [16, 256])

@@ -35,8 +35,15 @@ def ptx(fn, pointers, floats, consts, div16=(), num_warps=4):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).asm["ptx"]
 
 bf16 = "*bf16"
+fp8 = "*fp8e4nv"
 g = dict(x_ptr=bf16, w_ptr=bf16, bias_ptr=bf16, out_ptr=bf16, res_ptr=bf16, res_out_ptr=bf16, norm_w_ptr=bf16)
 gk = dict(EVEN_K=True, SPLIT=False, SILU_MUL=False, HAS_BIAS=False, NORM=False, HAS_RES=False, BLOCK_M=1)
+dec = dict(q_ptr=bf16, k_cache_ptr=bf16, v_cache_ptr=bf16, block_tables_ptr="*i32", context_lens_ptr="*i32",
+           out_ptr=bf16, partial_ptr="*fp32", lse_ptr="*fp32", counters_ptr="*i32", k_scale_ptr="*fp32",
+           v_scale_ptr="*fp32")
+dk = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=256, BLOCK_N=64, DOT_PRECISION="tf32", FP8=False,
+          FP16_DOT=False, V_STAGED=False, MERGE_G=2, MERGE_CHUNK=16, SPLITS_PAD=64)
+dec_div16 = ("stride_qb", "stride_qh", "stride_cb", "stride_cs", "stride_ch")
 out = {
     "gemv_rms_norm": ptx(gemv._gemv_kernel, g, {"eps"},
                          gk | dict(BLOCK_N=4, BLOCK_K=1024, NORM=True, HAS_RES=True)),
@@ -51,17 +58,14 @@ out = {
                          slot_mapping_ptr="*i64", k_scale_ptr="*fp32", v_scale_ptr="*fp32"),
                     {"eps"}, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, ROWS=32, BLOCK_SIZE=256,
                                   QK_NORM=True, FP8=False)),
-    "decode_split": ptx(decode_attention._decode_split_kernel,
-                        dict(q_ptr=bf16, k_cache_ptr=bf16, v_cache_ptr=bf16, block_tables_ptr="*i32",
-                             context_lens_ptr="*i32", out_ptr=bf16, lse_ptr="*fp32", k_scale_ptr="*fp32",
-                             v_scale_ptr="*fp32"),
-                        {"qk_scale", "v_unit"},
-                        dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=256, BLOCK_N=64, ONE_SPLIT=True,
-                             DOT_PRECISION="tf32", FP8=False, FP16_DOT=False, V_STAGED=False),
-                        div16=("stride_qb", "stride_qh", "stride_cb", "stride_cs", "stride_ch")),
-    "merge_splits": ptx(decode_attention._merge_splits_kernel,
-                        dict(partial_ptr="*fp32", lse_ptr="*fp32", out_ptr=bf16), set(),
-                        dict(HEAD_DIM=128, SPLITS_PAD=64)),
+    "decode_split": ptx(decode_attention._decode_split_kernel, dec, {"qk_scale", "v_unit"},
+                        dk | dict(ONE_SPLIT=True), div16=dec_div16),
+    "decode_split_merge": ptx(decode_attention._decode_split_kernel, dec, {"qk_scale", "v_unit"},
+                              dk | dict(ONE_SPLIT=False), div16=dec_div16),
+    "decode_split_fp8": ptx(decode_attention._decode_split_kernel,
+                            dec | dict(k_cache_ptr=fp8, v_cache_ptr=fp8), {"qk_scale", "v_unit"},
+                            dk | dict(ONE_SPLIT=False, FP8=True, FP16_DOT=True, V_STAGED=True, BLOCK_N=128),
+                            div16=dec_div16),
 }
 json.dump(out, sys.stdout)
 """
@@ -74,8 +78,11 @@ DEPENDENT = {
     "gemv_silu_mul": ("_gemv_kernel", {0, 3, 4, 5}),
     "split_k_reduce": ("_split_k_reduce_kernel", {0, 2}),
     "qkv_prep": ("_qkv_prep_kernel", {0, 1, 5, 6, 7, 8}),  # qkv, positions, q out, caches, slots
-    "decode_split": ("_decode_split_kernel", {0, 1, 2, 3, 4, 5, 6}),
-    "merge_splits": ("_merge_splits_kernel", {0, 1, 2}),
+    # q, caches, block tables, lengths, out, partial, lse, counters
+    **{
+        name: ("_decode_split_kernel", {0, 1, 2, 3, 4, 5, 6, 7, 8})
+        for name in ("decode_split", "decode_split_merge", "decode_split_fp8")
+    },
 }
 WEIGHT_PREFETCH = {"gemv_rms_norm", "gemv", "gemv_silu_mul"}
 
