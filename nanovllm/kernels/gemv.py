@@ -93,7 +93,11 @@ GEMV_CONFIGS: dict[tuple[int, ...], GemvConfig | None] = {
     (6144, 1024): GemvConfig(2, 1024),  # gate_up_proj
     (6144, 1024, 2): None,
     (6144, 1024, 4): None,
-    (1024, 3072): GemvConfig(2, 4096),  # down_proj (one masked 4096-wide tile)
+    # down_proj, one masked 4096-wide tile. At M = 1 BLOCK_N 4 (256 programs) beat 2 in the engine's
+    # own decode step (PDL, bench_decode_variants.py on an H200, 2026-12-04: batch 1 0.861 against
+    # 0.880 ms a step; 1 row a program: 0.914), though alone bench_gemv preferred 2.
+    (1024, 3072): GemvConfig(4, 4096),
+    (1024, 3072, 2): GemvConfig(2, 4096),
     (1024, 3072, 4): GemvConfig(4, 4096),
     (151936, 1024): GemvConfig(2, 1024),  # lm_head
     (151936, 1024, 2): GemvConfig(16, 256),
