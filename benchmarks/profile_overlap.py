@@ -41,7 +41,7 @@ def gpu_busy_us(prof) -> tuple[float, float]:
     return spans[-1][1] - spans[0][0], busy
 
 
-def measure(llm, batch: int, steps: int, trace: str | None, label: str, table: bool) -> dict:
+def measure(llm, batch: int, steps: int, trace: str | None, label: str, table: int) -> dict:
     engine = llm.engine
     rng = random.Random(batch)
     params = SamplingParams(temperature=0.6, max_tokens=steps + 20, ignore_eos=True)
@@ -61,7 +61,10 @@ def measure(llm, batch: int, steps: int, trace: str | None, label: str, table: b
         engine.step()
     span, busy = gpu_busy_us(prof)
     if table:  # where the GPU time goes, per kernel
-        print(prof.key_averages().table(sort_by="device_time_total", row_limit=14, max_name_column_width=60))
+        print(f"batch {batch}, {steps} steps:")
+        print(
+            prof.key_averages().table(sort_by="device_time_total", row_limit=table, max_name_column_width=60)
+        )
     if trace:
         prof.export_chrome_trace(os.path.join(trace, f"trace_{label}_bs{batch}.json"))
     return {
@@ -80,16 +83,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--ckpt-dir", default="/tmp/nanovllm-qwen3-0.6b-random")
     parser.add_argument("--trace", default=None)
-    parser.add_argument("--table", action="store_true", help="print the top kernels (async run)")
+    parser.add_argument(
+        "--table", type=int, default=0, metavar="ROWS", help="print the top kernels (async run)"
+    )
+    parser.add_argument("--modes", nargs="+", default=["async", "sync"], choices=["async", "sync"])
     args = parser.parse_args()
     path = write_random_qwen3(args.ckpt_dir)
-    for mode in (True, False):
-        label = "async" if mode else "sync"
+    for label in args.modes:
+        mode = label == "async"
         # two engines, one after the other, in one process: each sizes its cache to half the card
         kw = dict(skip_tokenizer_init=True, max_model_len=1024, gpu_memory_utilization=0.45)
         with LLM(path, async_scheduling=mode, **kw) as llm:
             for batch in args.batch:
-                result = measure(llm, batch, args.steps, args.trace, label, args.table and mode)
+                result = measure(llm, batch, args.steps, args.trace, label, args.table if mode else 0)
                 print(json.dumps(result), flush=True)
 
 

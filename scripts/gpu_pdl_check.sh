@@ -3,7 +3,7 @@
 # Logs and result lines go to $OUT.
 # Usage on the GPU machine: OUT=/some/dir NANOVLLM_COMMIT=<sha> bash scripts/gpu_pdl_check.sh PART...
 #   sweep    benchmarks/bench_kernels.py --fp8-sweep: fp8 decode variants against bf16, each checked   ~2 min
-#   latency  benchmarks/bench_pdl.py: decode latency at batch 1 / 8 / 64, PDL on / off / trigger-first
+#   latency  benchmarks/bench_decode_variants.py: decode latency at batch 1 / 8 / 64, PDL on / off
 #            alternating, graphs captured again for each                                           ~2 min
 #   profile  benchmarks/profile_overlap.py at batch 1 and 64: GPU busy and idle per decode step       ~1 min
 #   tests    the GPU tests of the kernels PDL touches and of the engine (PDL on against off)        ~3 min
@@ -19,9 +19,9 @@ for part in "$@"; do
         || echo "fp8 sweep exited $?"
       grep '^sweep' "$OUT/fp8_sweep.log" || tail -20 "$OUT/fp8_sweep.log" ;;
     latency)
-      timeout 240 "$PY" benchmarks/bench_pdl.py --results "$OUT/results.jsonl" > "$OUT/pdl.log" 2>&1 \
-        || echo "bench_pdl exited $?"
-      grep '^pdl' "$OUT/pdl.log" || tail -20 "$OUT/pdl.log" ;;
+      timeout 240 "$PY" benchmarks/bench_decode_variants.py --rounds 3 --results "$OUT/results.jsonl" \
+        > "$OUT/pdl.log" 2>&1 || echo "bench_decode_variants exited $?"
+      grep '^variant' "$OUT/pdl.log" || tail -20 "$OUT/pdl.log" ;;
     profile)
       timeout 150 "$PY" benchmarks/profile_overlap.py --batch 1 64 --steps 50 > "$OUT/profile.log" 2>&1 \
         || echo "profile_overlap exited $?"
