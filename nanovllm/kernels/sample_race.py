@@ -37,7 +37,8 @@ def _log2(x, FAST: tl.constexpr):
     """log2 of float32 x > 0. FAST: the GPU's ``lg2.approx`` (one special-function instruction,
     relative error ~2^-22); else ``tl.log2``, libdevice's ~30-instruction polynomial (also what the
     interpreter runs). With two of those per logit the kernel was bound by arithmetic, not memory:
-    ~110 us a step at 256 rows of 151,936 on an H200 (a bf16 read of them takes ~18 us)."""
+    race_sample took 135 us at 256 rows of 151,936 on an H200, where reading the bf16 logits takes
+    ~20 us; 74 us with lg2.approx (benchmarks/bench_race.py)."""
     if FAST:
         return tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32,
                                          is_pure=True, pack=1)  # fmt: skip
@@ -79,9 +80,14 @@ def _race_chunk_kernel(
         bits = bits ^ (bits >> 15)
         bits = (bits * 0x846CA68B).to(tl.uint32)
         bits = bits ^ (bits >> 16)
-        u = ((bits >> 8).to(tl.float32) + 0.5) * (1.0 / 16777216.0)  # in (0, 1): no infinities
+        # 23 bits: (b + 0.5) / 2**23 <= 1 - 2**-24, a float32 below 1 (with 24 bits the top value
+        # rounded to 1.0, whose noise is +inf: that token won whatever its logit)
+        u = ((bits >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+        # -log2 u >= 2**-24 (its least true value is 2**-23.5): lg2.approx is off by up to ~2**-22.6
+        # near 1, where it could give 0 (noise +inf) or a positive log (noise NaN)
+        neg_log2_u = tl.maximum(-_log2(u, FAST_LOG), 5.9604645e-08)
         # l/T - ln(-ln u) = ln 2 * (l / (T ln 2) - log2(-log2 u)) + a constant: the same argmax
-        score = logits * (1.0 / (temperature * LN2)) - _log2(-_log2(u, FAST_LOG), FAST_LOG)
+        score = logits * (1.0 / (temperature * LN2)) - _log2(neg_log2_u, FAST_LOG)
     score = tl.where(inside, score, -float("inf"))
     best = tl.argmax(score, axis=0, tie_break_left=True)
     tl.store(best_score_ptr + row * num_chunks + chunk, tl.max(score, axis=0))

@@ -81,3 +81,14 @@ def test_reference_has_the_same_distribution():
     assert (freq - torch.softmax(row / 0.5, dim=0)).abs().max() < 0.04
     greedy = race_sample_ref(row.expand(2, 4), torch.zeros(2), uniform[:2])
     assert greedy.tolist() == [3, 3]
+
+
+def test_no_noise_is_infinite_so_no_draw_is_certain():
+    """The uniforms came from 24 hash bits, and (b + 0.5) / 2**24 rounds to exactly 1.0 in float32 for
+    the top value b = 2**24 - 1 (once in 16.8M logits: about twice a step at 256 rows of 151,936),
+    whose noise -log(-log 1) is +inf: that token won whatever its logit. With seed 2175, token 282 of
+    a one-row call hashes to that value (found by inverting the hash); the kernel now takes 23 bits."""
+    logits = torch.zeros(1, 1000)
+    logits[0, 282] = -1e4  # never the draw of a sane sampler
+    got = race_sample(logits.to(device()), torch.ones(1, device=device()), seed=2175)
+    assert got.item() != 282
