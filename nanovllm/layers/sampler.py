@@ -54,14 +54,15 @@ def seeded_exponentials(seeds: torch.Tensor, steps: torch.Tensor, vocab_size: in
     ``seeds`` is ``[S, 2]`` int64 (low and high 32 bits of each 64-bit seed), ``steps`` is
     ``[S]`` int64 (tokens generated so far). Each row gets a 32-bit key from its seed and step,
     each token id a 32-bit hash, and each element one mixing round of (key xor token hash): the
-    only per-element integer work, since seeded rows pay it on every step. The top 24 bits give
-    ``u`` in (0, 1) exactly representable in float32, and ``-log(u)`` is Exp(1).
+    only per-element integer work, since seeded rows pay it on every step. The top 23 bits give
+    ``u = (b + 0.5) / 2**23`` in (0, 1), exact in float32, and ``-log(u)`` is Exp(1). (With 24 bits
+    the top value rounded to u = 1: noise -0.0, and p / -0.0 = -inf kept that token from being drawn.)
     """
     key = _mix32(seeds[:, 0] ^ _mix32(seeds[:, 1] ^ _mix32(steps + 0x9E3779B9)))  # [S]
     token = torch.arange(vocab_size, device=seeds.device, dtype=torch.int64)  # [V]
     token_hash = _mix32(_mix32(token) ^ 0x85EBCA6B)  # [V]
     bits = _mix32(token_hash[None, :] ^ key[:, None])  # [S, V]
-    u = ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
+    u = ((bits >> 9).to(torch.float32) + 0.5) * (1.0 / (1 << 23))
     return -torch.log(u)
 
 

@@ -180,6 +180,20 @@ def test_seeded_noise_depends_on_seed_step_and_token_only():
     assert abs(e.mean().item() - 1.0) < 0.05  # Exp(1): mean 1, sd 1, 16k samples
 
 
+def test_seeded_noise_is_never_zero():
+    """The noise of a seeded row came from 24 hash bits, and (b + 0.5) / 2**24 rounds to exactly 1.0
+    in float32 for the top value (once in 16.8M: about 1% of steps of a 151,936-token vocabulary):
+    -log(1) = -0.0, and p / -0.0 = -inf, so that token could not be drawn even at probability ~1.
+    Seed 20170 at its first step hashes token 404 of a 1,000-token vocabulary to that value (found
+    by searching the hash)."""
+    e = seeded_exponentials(torch.tensor([[20170, 0]]), torch.tensor([0]), 1000)
+    assert (e > 0).all()
+    logits = torch.zeros(1, 1000)
+    logits[0, 404] = 30.0  # probability ~1 - 1e-10
+    seq = make_seq(SamplingParams(seed=20170, temperature=1.0))
+    assert sample(logits, [seq]).token_ids.item() == 404
+
+
 def test_min_tokens_suppresses_eos_and_stop_ids():
     logits = torch.zeros(4, VOCAB)
     logits[:, 5] = 10.0  # EOS
