@@ -130,6 +130,9 @@ def race_sample(
     best_score = torch.empty(rows, num_chunks, dtype=torch.float32, device=logits.device)
     best_id = torch.empty(rows, num_chunks, dtype=torch.int64, device=logits.device)
     has_greedy = greedy_mask is not None
+    # lg2.approx is PTX inline assembly: NVIDIA GPUs only (not ROCm, not the interpreter)
+    nvidia = logits.is_cuda and torch.version.hip is None and os.environ.get("TRITON_INTERPRET") != "1"
+    fast_log = FAST_LOG and nvidia
     _race_chunk_kernel[(rows, num_chunks)](
         logits,
         temperatures,
@@ -142,7 +145,7 @@ def race_sample(
         num_chunks,
         HAS_GREEDY=has_greedy,
         BLOCK=block,
-        FAST_LOG=FAST_LOG and logits.is_cuda and os.environ.get("TRITON_INTERPRET") != "1",
+        FAST_LOG=fast_log,
         num_warps=8 if block >= 4096 else 4,
     )
     chunk = best_score.argmax(dim=1, keepdim=True)
