@@ -10,7 +10,6 @@ Ends with one JSON line (also appended to ``--results``).
 """
 
 import argparse
-import json
 import statistics
 import sys
 from datetime import datetime, timezone
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanovllm import LLM, SamplingParams  # noqa: E402
-from nanovllm.benchmark import decode_latency_ms, git_commit, write_random_qwen3  # noqa: E402
+from nanovllm.benchmark import _record, decode_latency_ms, git_commit, write_random_qwen3  # noqa: E402
 from nanovllm.engine.cuda_graphs import DecodeGraphs  # noqa: E402
 from nanovllm.kernels import gemv, pdl  # noqa: E402
 
@@ -100,11 +99,7 @@ def main() -> None:
             name: {c: round(statistics.median(v), 3) for c, v in f.items()} for name, f in figures.items()
         },
     }
-    line = json.dumps(result)
-    print(line)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write(line + "\n")
+    _record(result, args.results)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ each. Also the time a copy of the logits takes (the memory bound). One JSON line
 """
 
 import argparse
-import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanovllm.benchmark import git_commit  # noqa: E402
+from nanovllm.benchmark import _record, git_commit  # noqa: E402
 from nanovllm.kernels import sample_race  # noqa: E402
 
 VOCAB = 151936
@@ -58,7 +57,7 @@ def main() -> None:
                 figures[name][rows] = round(min(us, figures[name].get(rows, us)), 2)
         sample_race.FAST_LOG = True
         print(f"rows {rows}: " + ", ".join(f"{k} {v[rows]} us" for k, v in figures.items()), flush=True)
-    line = json.dumps(
+    _record(
         {
             "bench": "race_sample_kernel",
             "device": torch.cuda.get_device_name(),
@@ -67,12 +66,9 @@ def main() -> None:
             "workload": f"race_sample, [rows, {VOCAB}] bf16 logits, T 0.6, CUDA graph x100, best of 3",
             "baseline": "libdevice log2 (FAST_LOG off), alternating; copy: half a copy of the logits",
             "us": figures,
-        }
+        },
+        args.results,
     )
-    print(line)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write(line + "\n")
 
 
 if __name__ == "__main__":
