@@ -21,7 +21,7 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from nanovllm.benchmark import git_commit  # noqa: E402
+from nanovllm.benchmark import _record, git_commit  # noqa: E402
 from nanovllm.kernels import decode_attention  # noqa: E402
 from nanovllm.kernels.decode_attention import choose_num_splits, paged_decode_attention  # noqa: E402
 from nanovllm.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
@@ -157,8 +157,57 @@ def fp8_sweep(copy_gbs: float) -> list[dict]:
     return rows
 
 
+def balance_sweep(copy_gbs: float) -> list[dict]:
+    """Decode batches whose context lengths spread as the reference workload's do (uniform in
+    100..2048 keys): the shipped split count and more splits, each with the rows in batch order and
+    longest first (``order``); every variant checked against the float32 reference."""
+    rows = []
+    for seed, batch in enumerate((256, 128, 64, 32)):
+        gen = torch.Generator().manual_seed(100 + seed)
+        lens = torch.randint(100, 2049, (batch,), generator=gen).tolist()
+        base = choose_num_splits(batch, NUM_KV_HEADS, 4096)
+        for cache_dtype in (DTYPE, torch.float8_e4m3fn):
+            k_cache, v_cache, table, ctx = paged_cache(lens, gen, cache_dtype)
+            q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+            scales = torch.tensor([0.5], device="cuda"), torch.tensor([0.25], device="cuda")
+            ref = paged_decode_attention_ref(q, k_cache, v_cache, table, ctx, HEAD_DIM**-0.5, *scales).float()
+            by_len = sorted(range(batch), key=lambda i: -lens[i])
+            by_len = torch.tensor(by_len, dtype=torch.int32, device="cuda")
+            for splits in sorted({base, 2 * base, 4 * base, 8 * base}):
+                for order in (None, by_len):
+                    args = (q, k_cache, v_cache, table, ctx, HEAD_DIM**-0.5, 4096, splits, *scales)
+                    run = lambda args=args, order=order: paged_decode_attention(*args, order=order)
+                    err = ((run().float() - ref).norm() / ref.norm()).item()
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        run()
+                    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=150)
+                    gbs = sum(lens) * NUM_KV_HEADS * HEAD_DIM * 2 * k_cache.element_size() / ms / 1e6
+                    row = {"kv_cache_dtype": str(cache_dtype).removeprefix("torch."), "batch": batch,
+                           "num_splits": splits, "shipped_splits": base, "longest_first": order is not None,
+                           "us": round(ms * 1e3, 1), "frac_of_copy_bw": round(gbs / copy_gbs, 3),
+                           "rel_err": round(err, 5)}  # fmt: skip
+                    print(f"balance {row}")
+                    rows.append(row)
+    return rows
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "the kernel benchmark needs a CUDA device"
+    if "--balance-sweep" in sys.argv:
+        copy_gbs = copy_bandwidth_gbs()
+        _record({
+            "bench": "decode_balance_sweep",
+            "device": torch.cuda.get_device_name(),
+            "commit": git_commit(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "workload": "Qwen3-0.6B decode attention, one layer, CUDA-graph replay; context lengths "
+            "uniform in 100..2048; bound 4096",
+            "baseline": "the shipped split count, rows in batch order, same run",
+            "copy_gbs": round(copy_gbs, 1),
+            "rows": balance_sweep(copy_gbs),
+        }, sys.argv[-1] if sys.argv[-1].endswith(".jsonl") else None)  # fmt: skip
+        return
     if "--fp8-sweep" in sys.argv:
         sys.argv.remove("--fp8-sweep")
         copy_gbs = copy_bandwidth_gbs()

@@ -36,6 +36,8 @@ class DecodeGraphs:
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int64, device=device)
         self.context_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
+        self.rows = torch.arange(max_bs, dtype=torch.int32, device=device)
+        self.decode_order = self.rows.clone()  # a padded row keeps its own place, after the batch's
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -57,6 +59,7 @@ class DecodeGraphs:
             max_context_len=self.max_model_len,
             block_tables=self.block_tables[:bs],
             slot_mapping=self.slot_mapping[:bs],
+            decode_order=self.decode_order[:bs],
         )
 
     def _forward(self, bs: int) -> None:
@@ -75,6 +78,11 @@ class DecodeGraphs:
         self.slot_mapping[:batch] = context.slot_mapping
         self.context_lens.fill_(1)
         self.context_lens[:batch] = context.context_lens
+        if context.decode_order is None:
+            self.decode_order[:bs] = self.rows[:bs]
+        else:
+            self.decode_order[:batch] = context.decode_order
+            self.decode_order[batch:bs] = self.rows[batch:bs]
         self.block_tables[:batch, : context.block_tables.shape[1]] = context.block_tables
         self.graphs[bs].replay()
         return self.hidden[:batch]

@@ -3,10 +3,10 @@
 Every integer the forward needs goes into one int64 and one int32 host buffer, laid out as::
 
     int64: input_ids[T] | positions[T] | slot_mapping[T] | logits_indices[S] | fix_at[F] | fix_from[F]
-    int32: cu_seqlens_q[B + 1] | context_lens[B] | block_tables[B, W]
+    int32: cu_seqlens_q[B + 1] | context_lens[B] | decode_order[D] | block_tables[B, W]
 
-(T new tokens, B sequences, S of them sampling, F placeholder inputs, W = blocks of the longest
-sequence the engine allows). On a GPU the buffers are pinned and reused, two sets used in turn:
+(T new tokens, B sequences, S of them sampling, F placeholder inputs, D decodes, W = blocks of the
+longest sequence the engine allows). On a GPU the buffers are pinned and reused, two sets used in turn:
 with async scheduling step N+1 is packed while step N's copies may still be queued behind step N-1.
 
 A *placeholder* input is a token sampled by the previous step whose value the host does not know
@@ -16,6 +16,7 @@ yet (async scheduling). It is packed as 0 and patched on the device:
 
 import math
 
+import numpy as np
 import torch
 
 from nanovllm.engine.step import SchedulerOutput
@@ -30,7 +31,7 @@ class InputBatch:
         self.width = math.ceil(max_model_len / block_size)  # block-table columns
         pin = device.type == "cuda"
         n64 = 3 * max_num_tokens + 3 * max_num_seqs
-        n32 = 2 * max_num_seqs + 1 + max_num_seqs * self.width
+        n32 = 3 * max_num_seqs + 1 + max_num_seqs * self.width
         self._sets = [
             (
                 torch.zeros(n64, dtype=torch.int64, pin_memory=pin),
@@ -95,23 +96,28 @@ class InputBatch:
         a64[o : o + s] = logits_indices
         a64[o + s : o + s + f], a64[o + s + f : o + s + 2 * f] = fix_at, fix_from
         a32[: b + 1], a32[b + 1 : 2 * b + 1] = cu, context_lens
-        bt = a32[2 * b + 1 : 2 * b + 1 + b * w].reshape(b, w)
+        max_seqlen_q = max(sched.num_scheduled_tokens.values())
+        d = b if max_seqlen_q == 1 else num_decodes
+        # Longest context first (stable: ties keep row order).
+        a32[2 * b + 1 : 2 * b + 1 + d] = np.argsort(-a32[b + 1 : b + 1 + d], kind="stable")
+        o32 = 2 * b + 1 + d
+        bt = a32[o32 : o32 + b * w].reshape(b, w)
         bt.fill(0)  # entries past a sequence's blocks: block 0 (references read whole rows)
         for row, table in zip(bt, tables, strict=True):
             row[: len(table)] = table
         d64 = self._to_device(h64[: o + s + 2 * f])
-        d32 = self._to_device(h32[: 2 * b + 1 + b * w])
+        d32 = self._to_device(h32[: o32 + b * w])
 
-        max_seqlen_q = max(sched.num_scheduled_tokens.values())
         context = Context(
             cu_seqlens_q=d32[: b + 1],
             max_seqlen_q=max_seqlen_q,
             context_lens=d32[b + 1 : 2 * b + 1],
             max_context_len=pad_context_to if max_seqlen_q == 1 and pad_context_to else max(context_lens),
-            block_tables=d32[2 * b + 1 :].view(b, w),
+            block_tables=d32[o32:].view(b, w),
             slot_mapping=d64[2 * t : 3 * t],
             logits_indices=None if s == t else d64[o : o + s],
             num_decodes=0 if max_seqlen_q == 1 else num_decodes,
+            decode_order=d32[2 * b + 1 : o32] if d else None,
         )
         fix = (d64[o + s : o + s + f], d64[o + s + f :]) if f else None
         return d64[:t], d64[t : 2 * t], context, sample_ids, fix

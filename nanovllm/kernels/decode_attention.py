@@ -3,7 +3,7 @@
 A decode step has one query token per sequence, so the work is reading each sequence's K and V once;
 the kernel is bound by memory bandwidth and the design follows from keeping every SM busy reading::
 
-    grid = (batch, num_kv_heads, num_splits)
+    grid = (num_kv_heads, batch, num_splits)
 
     sequence b, kv head h:   keys 0 ............................................. context_len
                              |-- split 0 --|-- split 1 --|-- split 2 --|-- split 3 --|
@@ -76,13 +76,14 @@ FP8_V_STAGED = True
 # that start at its first decode or prefill row, and each alignment was a variant of its own, first
 # built inside a run (benchmarks/triton_builds.py: 3 decode and 1 prefill variant, ~0.6-1.1 s each
 # with a cold cache on an H200). Their loads are scalar, so the hint bought nothing.
-@triton.jit(do_not_specialize=["num_splits", "block_tables_ptr", "context_lens_ptr"])
+@triton.jit(do_not_specialize=["num_splits", "block_tables_ptr", "context_lens_ptr", "order_ptr"])
 def _decode_split_kernel(
     q_ptr,  # [batch, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]
     v_cache_ptr,
     block_tables_ptr,  # [batch, max_blocks]
     context_lens_ptr,  # [batch]
+    order_ptr,  # [batch] int32, the rows longest context first (ORDERED)
     out_ptr,  # [batch, num_heads, head_dim]
     partial_ptr,  # [batch, num_heads, num_splits, head_dim] fp32 (not ONE_SPLIT)
     lse_ptr,  # [batch, num_heads, num_splits] fp32 (not ONE_SPLIT)
@@ -114,12 +115,15 @@ def _decode_split_kernel(
     MERGE_G: tl.constexpr,  # GROUP rounded up to a power of two
     MERGE_CHUNK: tl.constexpr,  # splits the merge reads at a time
     SPLITS_PAD: tl.constexpr,  # MAX_SPLITS
+    ORDERED: tl.constexpr,  # take the rows in order_ptr's order
     PDL: tl.constexpr,  # launched early (kernels/pdl.py)
 ):
     wait_for_previous(PDL)  # q and this step's K/V come from the kernel just before
-    seq = tl.program_id(0)
-    kv_head = tl.program_id(1)
+    kv_head = tl.program_id(0)
+    seq = tl.program_id(1)
     split = tl.program_id(2)
+    if ORDERED:
+        seq = tl.load(order_ptr + seq)
 
     # Each sequence divides its context over the splits in whole tiles; `used` of them hold keys.
     context_len = tl.load(context_lens_ptr + seq)
@@ -193,7 +197,7 @@ def _decode_split_kernel(
             # every thread's stores before the counter's release; the last one's acquire makes the
             # other splits' stores visible to it. It leaves the counter at 0 for the next launch.
             tl.debug_barrier()
-            counter = counters_ptr + seq * tl.num_programs(1) + kv_head
+            counter = counters_ptr + seq * tl.num_programs(0) + kv_head
             if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == used - 1:
                 _merge_group(partial_ptr, lse_ptr, out_ptr, seq, kv_head, used, num_heads, num_splits,
                              stride_ob, stride_oh, GROUP, HEAD_DIM, MERGE_G, MERGE_CHUNK,
@@ -278,6 +282,7 @@ def paged_decode_attention(
     block_n: int | None = None,  # keys per tile: 64, or 128 for fp8 (the split heuristic assumes 64)
     out: torch.Tensor | None = None,  # [batch, num_heads, head_dim] to write into (a view is fine)
     launch: dict | None = None,  # num_warps / num_stages in place of 4 / 3 (benchmark sweeps)
+    order: torch.Tensor | None = None,  # [batch] int32: the rows, longest context first (see above)
 ) -> torch.Tensor:  # [batch, num_heads, head_dim]
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -306,8 +311,10 @@ def paged_decode_attention(
         lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
         counters = _counters_for(q.device)
     merge_g = triton.next_power_of_2(group)
-    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, context_lens, out, partial, lse, counters,
+    assert order is None or order.shape == (batch,), "order must hold every row once"
+    _decode_split_kernel[(num_kv_heads, batch, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, context_lens if order is None else order, out,
+        partial, lse, counters,
         k_scale if fp8 else q, v_scale if fp8 else q,  # unread unless fp8
         scale * math.log2(math.e),
         1.0,
@@ -330,6 +337,7 @@ def paged_decode_attention(
         MERGE_G=merge_g,
         MERGE_CHUNK=max(1, 4096 // (merge_g * head_dim)),  # 32 float32 registers a thread at 4 warps
         SPLITS_PAD=MAX_SPLITS,
+        ORDERED=order is not None,
         # Measured on H200 (bf16, head_dim 128): 64-key tiles, 4 warps and 3 stages in flight read
         # K/V at ~95% of copy bandwidth; 32-key tiles fall to ~80%, 128-key tiles or 8 warps are no better.
         **({"num_warps": 4, "num_stages": 3} | (launch or {})),

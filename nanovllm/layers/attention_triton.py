@@ -38,7 +38,7 @@ class TritonBackend:
         )  # fmt: skip
         paged_decode_attention(
             q[:d], k_cache, v_cache, ctx.block_tables[:d], ctx.context_lens[:d], scale, ctx.max_context_len,
-            k_scale=k_scale, v_scale=v_scale, out=out[:d],
+            k_scale=k_scale, v_scale=v_scale, out=out[:d], order=ctx.decode_order,
         )  # fmt: skip
         return out
 
@@ -49,5 +49,5 @@ class TritonBackend:
         splits = choose_num_splits(decode_batch_bucket(q.shape[0]), k_cache.shape[2], ctx.max_context_len)
         return paged_decode_attention(
             q, k_cache, v_cache, ctx.block_tables, ctx.context_lens, scale, ctx.max_context_len, splits,
-            k_scale, v_scale,
+            k_scale, v_scale, order=ctx.decode_order,
         )  # fmt: skip

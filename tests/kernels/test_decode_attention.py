@@ -60,6 +60,15 @@ def test_decode_splits(num_splits, block_n):
     check([1, 17, 100, 300], 4, 2, 64, 32, torch.float32, num_splits=num_splits, block_n=block_n)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_longest_first(num_splits):
+    """``order`` only changes which program takes which row (the engine passes the rows longest
+    context first): every row's output is still its own."""
+    lens = [5, 300, 17, 129, 1, 64]
+    order = torch.tensor(sorted(range(len(lens)), key=lambda i: -lens[i]), dtype=torch.int32, device=device())
+    check(lens, 4, 2, 32, 16, torch.float32, num_splits=num_splits, block_n=16, order=order)
+
+
 def test_merge_leaves_every_counter_at_zero():
     """The splits of a (sequence, KV head) count their arrivals; the last merges and resets the count, so
     the next launch (the next layer, the next graph replay) starts from zero. A count left behind would

@@ -39,10 +39,10 @@ fp8 = "*fp8e4nv"
 g = dict(x_ptr=bf16, w_ptr=bf16, bias_ptr=bf16, out_ptr=bf16, res_ptr=bf16, res_out_ptr=bf16, norm_w_ptr=bf16)
 gk = dict(EVEN_K=True, SPLIT=False, SILU_MUL=False, HAS_BIAS=False, NORM=False, HAS_RES=False, BLOCK_M=1)
 dec = dict(q_ptr=bf16, k_cache_ptr=bf16, v_cache_ptr=bf16, block_tables_ptr="*i32", context_lens_ptr="*i32",
-           out_ptr=bf16, partial_ptr="*fp32", lse_ptr="*fp32", counters_ptr="*i32", k_scale_ptr="*fp32",
-           v_scale_ptr="*fp32")
+           order_ptr="*i32", out_ptr=bf16, partial_ptr="*fp32", lse_ptr="*fp32", counters_ptr="*i32",
+           k_scale_ptr="*fp32", v_scale_ptr="*fp32")
 dk = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=256, BLOCK_N=64, DOT_PRECISION="tf32", FP8=False,
-          FP16_DOT=False, V_STAGED=False, MERGE_G=2, MERGE_CHUNK=16, SPLITS_PAD=64)
+          FP16_DOT=False, V_STAGED=False, MERGE_G=2, MERGE_CHUNK=16, SPLITS_PAD=64, ORDERED=True)
 dec_div16 = ("stride_qb", "stride_qh", "stride_cb", "stride_cs", "stride_ch")
 out = {
     "gemv_rms_norm": ptx(gemv._gemv_kernel, g, {"eps"},
@@ -80,7 +80,7 @@ DEPENDENT = {
     "qkv_prep": ("_qkv_prep_kernel", {0, 1, 5, 6, 7, 8}),  # qkv, positions, q out, caches, slots
     # q, caches, block tables, lengths, out, partial, lse, counters
     **{
-        name: ("_decode_split_kernel", {0, 1, 2, 3, 4, 5, 6, 7, 8})
+        name: ("_decode_split_kernel", {0, 1, 2, 3, 4, 5, 6, 7, 8, 9})
         for name in ("decode_split", "decode_split_merge", "decode_split_fp8")
     },
 }
