@@ -172,7 +172,7 @@ def balance_sweep(copy_gbs: float) -> list[dict]:
             scales = torch.tensor([0.5], device="cuda"), torch.tensor([0.25], device="cuda")
             ref = paged_decode_attention_ref(q, k_cache, v_cache, table, ctx, HEAD_DIM**-0.5, *scales).float()
             by_len = sorted(range(batch), key=lambda i: -lens[i])
-            by_len = torch.tensor(by_len, dtype=torch.int32, device="cuda")
+            by_len = torch.tensor([by_len, [lens[i] for i in by_len]], dtype=torch.int32, device="cuda")
             for splits in sorted({base, 2 * base, 4 * base, 8 * base}):
                 for order in (None, by_len):
                     args = (q, k_cache, v_cache, table, ctx, HEAD_DIM**-0.5, 4096, splits, *scales)

@@ -9,7 +9,7 @@ import math
 import torch
 
 from nanovllm.config import Config
-from nanovllm.utils.buckets import graph_batch_sizes
+from nanovllm.utils.buckets import graph_batch_sizes, orders_decode
 from nanovllm.utils.context import Context, forward_context
 
 
@@ -36,8 +36,11 @@ class DecodeGraphs:
         self.positions = torch.zeros(max_bs, dtype=torch.int64, device=device)
         self.slot_mapping = torch.full((max_bs,), -1, dtype=torch.int64, device=device)
         self.context_lens = torch.ones(max_bs, dtype=torch.int32, device=device)
-        self.rows = torch.arange(max_bs, dtype=torch.int32, device=device)
-        self.decode_order = self.rows.clone()  # a padded row keeps its own place, after the batch's
+        # Context.decode_order of the graphs from the 16-row bucket on. A padded row keeps its own
+        # place, after the batch's, with its length of 1: ``padding`` holds those columns.
+        self.padding = torch.stack([torch.arange(max_bs), torch.ones(max_bs, dtype=torch.int64)])
+        self.padding = self.padding.to(device=device, dtype=torch.int32)
+        self.decode_order = self.padding.clone()
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
         self.hidden = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -59,7 +62,7 @@ class DecodeGraphs:
             max_context_len=self.max_model_len,
             block_tables=self.block_tables[:bs],
             slot_mapping=self.slot_mapping[:bs],
-            decode_order=self.decode_order[:bs],
+            decode_order=self.decode_order[:, :bs] if orders_decode(bs) else None,
         )
 
     def _forward(self, bs: int) -> None:
@@ -78,11 +81,10 @@ class DecodeGraphs:
         self.slot_mapping[:batch] = context.slot_mapping
         self.context_lens.fill_(1)
         self.context_lens[:batch] = context.context_lens
-        if context.decode_order is None:
-            self.decode_order[:bs] = self.rows[:bs]
-        else:
-            self.decode_order[:batch] = context.decode_order
-            self.decode_order[batch:bs] = self.rows[batch:bs]
+        if orders_decode(bs):  # then orders_decode(batch) too: the same bucket
+            self.decode_order[:, :batch] = context.decode_order
+            if batch < bs:
+                self.decode_order[:, batch:bs] = self.padding[:, batch:bs]
         self.block_tables[:batch, : context.block_tables.shape[1]] = context.block_tables
         self.graphs[bs].replay()
         return self.hidden[:batch]

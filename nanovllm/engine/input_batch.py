@@ -3,11 +3,12 @@
 Every integer the forward needs goes into one int64 and one int32 host buffer, laid out as::
 
     int64: input_ids[T] | positions[T] | slot_mapping[T] | logits_indices[S] | fix_at[F] | fix_from[F]
-    int32: cu_seqlens_q[B + 1] | context_lens[B] | decode_order[D] | block_tables[B, W]
+    int32: cu_seqlens_q[B + 1] | context_lens[B] | decode_order[2, D] | block_tables[B, W]
 
-(T new tokens, B sequences, S of them sampling, F placeholder inputs, D decodes, W = blocks of the
-longest sequence the engine allows). On a GPU the buffers are pinned and reused, two sets used in turn:
-with async scheduling step N+1 is packed while step N's copies may still be queued behind step N-1.
+(T new tokens, B sequences, S of them sampling, F placeholder inputs, D decodes given an order, else
+0, W = blocks of the longest sequence the engine allows). On a GPU the buffers are pinned and
+reused, two sets used in turn: with async scheduling step N+1 is packed while step N's copies may
+still be queued behind step N-1.
 
 A *placeholder* input is a token sampled by the previous step whose value the host does not know
 yet (async scheduling). It is packed as 0 and patched on the device:
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from nanovllm.engine.step import SchedulerOutput
+from nanovllm.utils.buckets import orders_decode
 from nanovllm.utils.context import Context
 
 
@@ -31,7 +33,7 @@ class InputBatch:
         self.width = math.ceil(max_model_len / block_size)  # block-table columns
         pin = device.type == "cuda"
         n64 = 3 * max_num_tokens + 3 * max_num_seqs
-        n32 = 3 * max_num_seqs + 1 + max_num_seqs * self.width
+        n32 = 4 * max_num_seqs + 1 + max_num_seqs * self.width
         self._sets = [
             (
                 torch.zeros(n64, dtype=torch.int64, pin_memory=pin),
@@ -98,9 +100,12 @@ class InputBatch:
         a32[: b + 1], a32[b + 1 : 2 * b + 1] = cu, context_lens
         max_seqlen_q = max(sched.num_scheduled_tokens.values())
         d = b if max_seqlen_q == 1 else num_decodes
-        # Longest context first (stable: ties keep row order).
-        a32[2 * b + 1 : 2 * b + 1 + d] = np.argsort(-a32[b + 1 : b + 1 + d], kind="stable")
-        o32 = 2 * b + 1 + d
+        d = d if orders_decode(d) else 0
+        if d:  # longest context first (stable: ties keep row order), then those rows' lengths
+            lens = a32[b + 1 : b + 1 + d]
+            order = np.argsort(-lens, kind="stable")
+            a32[2 * b + 1 : 2 * b + 1 + d], a32[2 * b + 1 + d : 2 * b + 1 + 2 * d] = order, lens[order]
+        o32 = 2 * b + 1 + 2 * d
         bt = a32[o32 : o32 + b * w].reshape(b, w)
         bt.fill(0)  # entries past a sequence's blocks: block 0 (references read whole rows)
         for row, table in zip(bt, tables, strict=True):
@@ -117,7 +122,7 @@ class InputBatch:
             slot_mapping=d64[2 * t : 3 * t],
             logits_indices=None if s == t else d64[o : o + s],
             num_decodes=0 if max_seqlen_q == 1 else num_decodes,
-            decode_order=d32[2 * b + 1 : o32] if d else None,
+            decode_order=d32[2 * b + 1 : o32].view(2, d) if d else None,
         )
         fix = (d64[o + s : o + s + f], d64[o + s + f :]) if f else None
         return d64[:t], d64[t : 2 * t], context, sample_ids, fix

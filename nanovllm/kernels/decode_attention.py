@@ -21,6 +21,15 @@ the kernel is bound by memory bandwidth and the design follows from keeping ever
   ~2.4 us of each ~25 us layer at batch 1 (H200 trace). A sequence with one split writes its output
   directly. Batch-1 decode went from 0.838 to 0.790 ms a step with this and a GEMV block size
   (~0.02 ms of it; bench_decode_variants.py, H200).
+* Rows longest context first (``order``, from the host: ``Context.decode_order``). A program is
+  one (row, KV head, split), and the GPU starts programs in grid order as earlier ones finish; in
+  row order a long sequence that starts near the end runs on alone while the SMs around it idle.
+  The grid is (KV heads, rows, splits) so that one row's heads start together, and the host passes
+  the rows sorted with their lengths (two independent loads, so the order adds no step to the
+  kernel's chain of dependent loads). H200, one layer, context lengths uniform in 100..2048
+  (bench_kernels.py --balance-sweep): bf16 batch 256 275.8 -> 255.2 us, batch 128 160.6 -> 143.1;
+  fp8 batch 256 212.7 -> 194.0, batch 128 127.1 -> 108.9, batch 32 55.4 -> 46.2. More splits did
+  not help at these batches. Small batches (< 9 rows) keep row order.
 * ``num_splits`` is a function of shapes only (batch, heads and ``max_context_len``), never of the
   values in ``context_lens``, so the call never waits for the GPU and can be captured in a CUDA
   graph. Inside the kernel each sequence divides its own context evenly over the splits in whole
@@ -83,7 +92,7 @@ def _decode_split_kernel(
     v_cache_ptr,
     block_tables_ptr,  # [batch, max_blocks]
     context_lens_ptr,  # [batch]
-    order_ptr,  # [batch] int32, the rows longest context first (ORDERED)
+    order_ptr,  # [2, batch] int32: the rows longest context first, and their lengths (ORDERED)
     out_ptr,  # [batch, num_heads, head_dim]
     partial_ptr,  # [batch, num_heads, num_splits, head_dim] fp32 (not ONE_SPLIT)
     lse_ptr,  # [batch, num_heads, num_splits] fp32 (not ONE_SPLIT)
@@ -98,6 +107,7 @@ def _decode_split_kernel(
     stride_cs,
     stride_ch,
     stride_bt,
+    stride_order,
     stride_ob,
     stride_oh,
     num_heads,
@@ -120,13 +130,16 @@ def _decode_split_kernel(
 ):
     wait_for_previous(PDL)  # q and this step's K/V come from the kernel just before
     kv_head = tl.program_id(0)
-    seq = tl.program_id(1)
+    row = tl.program_id(1)
     split = tl.program_id(2)
-    if ORDERED:
-        seq = tl.load(order_ptr + seq)
+    if ORDERED:  # both loads at once: the length does not wait for the row
+        seq = tl.load(order_ptr + row)
+        context_len = tl.load(order_ptr + stride_order + row)
+    else:
+        seq = row
+        context_len = tl.load(context_lens_ptr + seq)
 
     # Each sequence divides its context over the splits in whole tiles; `used` of them hold keys.
-    context_len = tl.load(context_lens_ptr + seq)
     keys_per_split = tl.cdiv(tl.cdiv(context_len, num_splits), BLOCK_N) * BLOCK_N
     used = tl.cdiv(context_len, tl.maximum(keys_per_split, 1))
     start = split * keys_per_split
@@ -282,7 +295,7 @@ def paged_decode_attention(
     block_n: int | None = None,  # keys per tile: 64, or 128 for fp8 (the split heuristic assumes 64)
     out: torch.Tensor | None = None,  # [batch, num_heads, head_dim] to write into (a view is fine)
     launch: dict | None = None,  # num_warps / num_stages in place of 4 / 3 (benchmark sweeps)
-    order: torch.Tensor | None = None,  # [batch] int32: the rows, longest context first (see above)
+    order: torch.Tensor | None = None,  # [2, batch] int32: rows longest context first, their lengths
 ) -> torch.Tensor:  # [batch, num_heads, head_dim]
     batch, num_heads, head_dim = q.shape
     _, block_size, num_kv_heads, _ = k_cache.shape
@@ -311,7 +324,7 @@ def paged_decode_attention(
         lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
         counters = _counters_for(q.device)
     merge_g = triton.next_power_of_2(group)
-    assert order is None or order.shape == (batch,), "order must hold every row once"
+    assert order is None or (order.shape == (2, batch) and order.stride(1) == 1), "order: [2, batch] int32"
     _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, context_lens if order is None else order, out,
         partial, lse, counters,
@@ -321,6 +334,7 @@ def paged_decode_attention(
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
+        0 if order is None else order.stride(0),
         out.stride(0), out.stride(1),
         num_heads,
         num_splits,

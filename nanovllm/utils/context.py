@@ -23,9 +23,10 @@ class Context:
     # In a step that also prefills: how many sequences at the front of the batch have one new token
     # (decodes). A backend may run them through its decode kernel and only the rest through prefill.
     num_decodes: int = 0
-    # The decode rows (all rows of a decode step, the leading ``num_decodes`` of a mixed one), longest
-    # context first: the decode kernel takes them in this order, so the long ones do not start last
-    # and run on alone (kernels/decode_attention.py). None: row order.
+    # [2, D] int32: the decode rows (all rows of a decode step, the leading ``num_decodes`` of a
+    # mixed one) longest context first, and below them their context lengths. The decode kernel
+    # takes its rows in this order, so the long ones do not start last and run on alone
+    # (kernels/decode_attention.py). None (small batches, see utils/buckets.py): row order.
     decode_order: torch.Tensor | None = None
 
     @property

@@ -16,7 +16,7 @@ def state(seq_id: int, num_tokens: int, num_computed: int) -> SeqState:
 
 
 def build(scheduled: dict[int, int], seqs: dict[int, SeqState]):
-    batch = InputBatch(64, 8, 64, 16, torch.device("cpu"))
+    batch = InputBatch(64, 16, 64, 16, torch.device("cpu"))
     return batch.build(SchedulerOutput(num_scheduled_tokens=scheduled), seqs, {}, None)[2]
 
 
@@ -35,13 +35,16 @@ def test_num_decodes_is_zero_when_the_step_starts_with_a_prefill_or_only_decodes
 
 
 def test_decode_order_is_the_decodes_longest_context_first():
-    """The decode kernel takes its rows in ``decode_order``: every decode row once, longest context
-    first (ties in row order); a mixed step's order covers its leading decodes only."""
-    seqs = {0: state(0, 9, 8), 1: state(1, 15, 14), 2: state(2, 5, 4), 3: state(3, 15, 14)}
-    ctx = build({0: 1, 1: 1, 2: 1, 3: 1}, seqs)
-    assert ctx.decode_order.tolist() == [1, 3, 0, 2]
-    assert ctx.block_tables[:, 0].tolist() == [0, 1, 2, 3]  # packed after the order, unchanged by it
-    mixed = {0: state(0, 9, 8), 1: state(1, 15, 14), 2: state(2, 12, 2)}
-    ctx = build({0: 1, 1: 1, 2: 10}, mixed)
-    assert ctx.decode_order.tolist() == [1, 0] and ctx.context_lens.tolist() == [9, 15, 12]
-    assert build({2: 10}, {2: state(2, 12, 2)}).decode_order is None
+    """The decode kernel takes its rows in ``decode_order`` (from 9 rows on, the 16-row bucket): every
+    decode row once, longest context first (ties in row order), then those rows' lengths; a mixed
+    step's order covers its leading decodes only."""
+    lens = [9, 15, 5, 15, 2, 3, 4, 6, 7, 8]
+    seqs = {i: state(i, n, n - 1) for i, n in enumerate(lens)}
+    ctx = build(dict.fromkeys(seqs, 1), seqs)
+    order = [1, 3, 0, 9, 8, 7, 2, 6, 5, 4]
+    assert ctx.decode_order.tolist() == [order, [lens[i] for i in order]]
+    assert ctx.block_tables[:, 0].tolist() == list(range(10))  # packed after the order, unchanged by it
+    assert build(dict.fromkeys(range(8), 1), seqs).decode_order is None  # 8 rows: row order
+    seqs[10] = state(10, 12, 2)
+    ctx = build(dict.fromkeys(seqs, 1) | {10: 10}, seqs)
+    assert ctx.decode_order.tolist() == [order, [lens[i] for i in order]] and ctx.num_decodes == 10

@@ -65,7 +65,8 @@ def test_decode_longest_first(num_splits):
     """``order`` only changes which program takes which row (the engine passes the rows longest
     context first): every row's output is still its own."""
     lens = [5, 300, 17, 129, 1, 64]
-    order = torch.tensor(sorted(range(len(lens)), key=lambda i: -lens[i]), dtype=torch.int32, device=device())
+    rows = sorted(range(len(lens)), key=lambda i: -lens[i])
+    order = torch.tensor([rows, [lens[i] for i in rows]], dtype=torch.int32, device=device())
     check(lens, 4, 2, 32, 16, torch.float32, num_splits=num_splits, block_n=16, order=order)
 
 
