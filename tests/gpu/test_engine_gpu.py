@@ -30,6 +30,22 @@ def test_greedy_float32_matches_hf(tiny_ckpt, arch):
     assert any(o["num_cached_tokens"] > 0 for o in again)
 
 
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+def test_batch_longest_first_matches_hf(tiny_ckpt, eager):
+    """13 sequences of very different lengths decode together: from 9 rows on the decode kernel takes
+    them longest context first (Context.decode_order), and in a graph the 3 padded rows go last.
+    Each sequence must still get its own greedy tokens, as HF gives them one at a time."""
+    path = tiny_ckpt("qwen3")
+    model = hf_model(path)
+    more = [[11 + (3 * i + j) % 250 for j in range(n)] for i, n in enumerate((300, 2, 64, 120, 33))]
+    prompts = PROMPTS + more
+    refs = [hf_greedy(model, p, 20, eos_token_id=None) for p in prompts]
+    with LLM(path, dtype="float32", enforce_eager=eager, **SMALL) as llm:
+        sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+    assert [o["token_ids"] for o in outs] == refs
+
+
 def test_eager_and_cuda_graphs_identical(tiny_ckpt):
     path = tiny_ckpt("qwen3")
     params = [
