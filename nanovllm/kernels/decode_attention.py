@@ -84,8 +84,11 @@ FP8_V_STAGED = True
 # Nor are the int32 metadata pointers specialised on 16-byte alignment: a mixed step passes views
 # that start at its first decode or prefill row, and each alignment was a variant of its own, first
 # built inside a run (benchmarks/triton_builds.py: 3 decode and 1 prefill variant, ~0.6-1.1 s each
-# with a cold cache on an H200). Their loads are scalar, so the hint bought nothing.
-@triton.jit(do_not_specialize=["num_splits", "block_tables_ptr", "context_lens_ptr", "order_ptr"])
+# with a cold cache on an H200). Their loads are scalar, so the hint bought nothing. Likewise the
+# order's row stride: a mixed step's order is [2, D] for any D, the graphs' one row of a wider buffer.
+@triton.jit(
+    do_not_specialize=["num_splits", "block_tables_ptr", "context_lens_ptr", "order_ptr", "stride_order"]
+)
 def _decode_split_kernel(
     q_ptr,  # [batch, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]

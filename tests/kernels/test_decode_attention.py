@@ -203,8 +203,9 @@ def test_decode_cuda_graph(cache_dtype):
 @pytest.mark.gpu
 def test_metadata_views_reuse_the_compiled_kernels():
     """A mixed step passes block-table and length views that start at a later row (not 16-byte
-    aligned): they must run the kernels already built for whole tensors, not build new variants in
-    the middle of a run (the pointers are not specialised on alignment)."""
+    aligned), and a decode order of its own width: they must run the kernels already built for whole
+    tensors and the graphs' order buffer, not build new variants in the middle of a run (the pointers
+    and the order's stride are not specialised)."""
     import triton
 
     from nanovllm.kernels.prefill_attention import paged_prefill_attention
@@ -220,6 +221,15 @@ def test_metadata_views_reuse_the_compiled_kernels():
         outs = [
             paged_decode_attention(q[first:], k_cache, v_cache, bt, cl, 0.125, num_splits=s) for s in (1, 3)
         ]
+        # longest first: the graphs pass [2, n] of a 16-wide buffer, a mixed step its own [2, n]
+        n = len(lens) - first
+        rows = sorted(range(n), key=lambda i: -lens[first + i])
+        order = torch.zeros(2, 16 if first == 0 else n, dtype=torch.int32, device="cuda")[:, :n]
+        order.copy_(torch.tensor([rows, [lens[first + i] for i in rows]]))
+        outs += [
+            paged_decode_attention(q[first:], k_cache, v_cache, bt, cl, 0.125, num_splits=s, order=order)
+            for s in (1, 3)
+        ]
         # as a mixed step calls it: q whole, the prefill rows' offsets into it a view of cu_seqlens
         prefill = paged_prefill_attention(
             q, k_cache, v_cache, cu[first:], cl, bt, 0.125, 1, out=torch.zeros_like(q)
@@ -231,13 +241,13 @@ def test_metadata_views_reuse_the_compiled_kernels():
     saved = triton.knobs.runtime.jit_cache_hook
     triton.knobs.runtime.jit_cache_hook = lambda **kw: built.append(kw["fn"].name) and False
     try:
-        decode_one, decode_split, prefill = run(1)  # views one int32 row in: 4-byte aligned only
+        *decodes, prefill = run(1)  # views one int32 row in: 4-byte aligned only
     finally:
         triton.knobs.runtime.jit_cache_hook = saved
     assert built == []
     bt, cl = block_tables[1:], context_lens[1:]
     want = paged_decode_attention_ref(q[1:], k_cache, v_cache, bt, cl, 0.125)
-    for got in (decode_one, decode_split):
+    for got in decodes:
         torch.testing.assert_close(got, want, **TOLERANCE[torch.bfloat16])
     want = paged_prefill_attention_ref(q[1:], k_cache, v_cache, cu[1:] - 1, cl, bt, 0.125)  # one query each
     torch.testing.assert_close(prefill, want, **TOLERANCE[torch.bfloat16])
