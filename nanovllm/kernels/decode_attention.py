@@ -38,13 +38,22 @@ the kernel is bound by memory bandwidth and the design follows from keeping ever
   fp16 (exact: every e4m3 value is an fp16 value) and multiplied on the tensor cores with fp32
   accumulation; bf16 queries are converted to fp16 too, with the softmax scale and ``k_scale``
   folded in first (so |q| stays far below fp16's 65504), because e4m3 -> fp16 is one instruction
-  per pair where e4m3 -> bf16 is several: measured on an H100, batch 256 x 1k keys, this and
-  128-key tiles (as many bytes per tile as bf16's 64) took the kernel from 282 to 241 us
-  (bf16 cache: 364 us). V converted before its transpose (``FP8_V_STAGED``) then took an H200 from
-  220.6 to 196.0 us (bf16: 252.0 us, 98% of copy bandwidth; fp8 63%). 8 warps are slower at every
-  shape; 64-key tiles with 2 stages win only at batch 64 x 4k keys (211.6 against 241.6 us).
-  Loading tile i + 1 into registers while tile i computes was 4x slower (H100). ``v_scale`` is
-  applied to the output.
+  per pair where e4m3 -> bf16 is several. ``v_scale`` is applied to the output.
+* The engine's fp8 V cache is key-major (``reference.key_major``): a tile of V is the B operand of
+  ``p @ v`` with the keys as its reduction axis, and key-major it goes to the tensor cores as it
+  lies, converted in registers like K. Slot-major it must be transposed on the way (see
+  ``FP8_V_STAGED``): converting, staging it through shared memory as fp16 and reading it back
+  transposed cost the loop a third of its instructions and held the kernel at 55-67% of copy
+  bandwidth. H200, one layer, 128-key tiles, sm_90 SASS of the loop 841 -> 673 instructions;
+  batch 256 x 1k keys 212.3 -> 159.4 us (bf16 259.0), lengths 100..2048 longest first 209.8 ->
+  169.3 (bf16 268.4), batch 64 x 4k 251.5 -> 182.4 (bf16 264.4): 58-63% -> 71-78% of copy
+  bandwidth, with 5 stages (two tiles in flight) where slot-major wanted 3
+  (bench_kernels.py --fp8-sweep). Its loads run along the keys, so a mask on them would split
+  the 16-key vectors into bytes: whole tiles are read unmasked (below), and the last, partial one
+  reads its block whole and zeroes the slots past the end.
+* Whole tiles are attended without masks, the last partial tile of a split with them
+  (``_attend_tile``'s MASKED); the mask costs the loop ~10% of its instructions (412 -> 372 for
+  bf16's 64-key tiles).
 """
 
 import math
@@ -68,8 +77,9 @@ wait_for_previous = pdl.wait_for_previous
 NUM_SMS = 132  # H100 SXM; a little more or less only shifts the split heuristic.
 MAX_SPLITS = 64
 
-# An fp8 V tile goes to the tensor cores as fp16, with the keys along the dot's reduction axis; in
-# the cache each key's row is contiguous, so the tile must be transposed on the way. Left alone,
+# A slot-major fp8 V cache (a caller's own; the engine's is key-major, see above): its tile goes to
+# the tensor cores as fp16, with the keys along the dot's reduction axis, while each key's row is
+# contiguous in the cache, so the tile must be transposed on the way. Left alone,
 # Triton transposes the 1-byte values (one shared-memory load per byte: 128 LDS.U8 per thread per
 # 128-key tile, 203 registers, 2 programs per SM) and converts after. A multiply by a run-time 1.0
 # after the conversion keeps the conversion first: the tile is converted in registers and
@@ -106,9 +116,13 @@ def _decode_split_kernel(
     v_unit,  # 1.0 (FP8_V_STAGED)
     stride_qb,
     stride_qh,
-    stride_cb,
+    stride_cb,  # the K cache's strides (its head_dim stride is 1)
     stride_cs,
     stride_ch,
+    stride_vb,  # the V cache's: slot-major like K, or key-major (stride_vs 1)
+    stride_vs,
+    stride_vh,
+    stride_vd,
     stride_bt,
     stride_order,
     stride_ob,
@@ -129,6 +143,7 @@ def _decode_split_kernel(
     MERGE_CHUNK: tl.constexpr,  # splits the merge reads at a time
     SPLITS_PAD: tl.constexpr,  # MAX_SPLITS
     ORDERED: tl.constexpr,  # take the rows in order_ptr's order
+    V_KEY_MAJOR: tl.constexpr,  # the V cache's slots are its contiguous axis (stride_vs == 1)
     PDL: tl.constexpr,  # launched early (kernels/pdl.py)
 ):
     wait_for_previous(PDL)  # q and this step's K/V come from the kernel just before
@@ -163,36 +178,24 @@ def _decode_split_kernel(
         m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
         acc = tl.zeros([GROUP_PAD, HEAD_DIM], dtype=tl.float32)
-
         table = block_tables_ptr + seq.to(tl.int64) * stride_bt
         kv_head_off = kv_head * stride_ch
-        for tile_start in range(start, end, BLOCK_N):
-            pos = tile_start + tl.arange(0, BLOCK_N)
-            key_mask = pos < end
-            # Only entries of blocks that hold keys are read: padding in the table is never touched.
-            if BLOCK_SIZE % BLOCK_N == 0:  # tiles start at multiples of BLOCK_N: one block per tile
-                block_id = tl.load(table + tile_start // BLOCK_SIZE).to(tl.int64)
-                kv_off = block_id * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
-            else:
-                block_ids = tl.load(table + pos // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
-                kv_off = block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
-            k = tl.load(k_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
-            v = tl.load(v_cache_ptr + kv_off[:, None] + dims[None, :], mask=key_mask[:, None], other=0.0)
-            if FP8:
-                k, v = k.to(q.dtype), v.to(q.dtype)
-                if V_STAGED:  # see FP8_V_STAGED
-                    v = v * tl.full([], v_unit, q.dtype)
-
-            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N]
-            if not FP16_DOT:
-                s = s * qk_scale
-            s = tl.where(key_mask[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-            m_i = m_new
+        v_head_off = kv_head * stride_vh
+        # Whole tiles first, unmasked; then the last, partial tile with its keys masked. (When a tile
+        # may span blocks, every tile is masked, so the table's padding is never read.)
+        full_end = start + (end - start) // BLOCK_N * BLOCK_N if BLOCK_SIZE % BLOCK_N == 0 else start
+        for tile_start in range(start, full_end, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(
+                m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, table, tile_start, end,
+                kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR,
+            )  # fmt: skip
+        for tile_start in tl.range(full_end, end, BLOCK_N, num_stages=1):  # not pipelined: no buffers
+            m_i, l_i, acc = _attend_tile(
+                m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, table, tile_start, end,
+                kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd,
+                HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR,
+            )  # fmt: skip
 
         # l_i >= 1 once a split has seen a key (its max contributes exp2(0)); an empty sequence has
         # l_i = 0 and writes zeros.
@@ -219,6 +222,80 @@ def _decode_split_kernel(
                              stride_ob, stride_oh, GROUP, HEAD_DIM, MERGE_G, MERGE_CHUNK,
                              SPLITS_PAD)  # fmt: skip
                 tl.store(counter, 0)
+
+
+@triton.jit
+def load_kv_tile(k_cache_ptr, v_cache_ptr, table, start, end, kv_head_off, v_head_off, stride_cb, stride_cs,
+                 stride_vb, stride_vs, stride_vd, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FP8: tl.constexpr,
+                 V_KEY_MAJOR: tl.constexpr):  # fmt: skip
+    """K and V of the keys ``start .. start + BLOCK_N`` of one sequence and KV head, [BLOCK_N,
+    HEAD_DIM] each (fp8 caches converted to ``dtype``), and the mask of the keys below ``end``.
+    MASKED: keys from ``end`` on read as zeros (else the whole tile is below ``end``). Only table
+    entries of blocks that hold keys are read: its padding is never touched. Shared with the
+    prefill kernel."""
+    dims = tl.arange(0, HEAD_DIM)
+    pos = start + tl.arange(0, BLOCK_N)
+    key_mask = pos < end
+    if BLOCK_SIZE % BLOCK_N == 0:  # tiles start at multiples of BLOCK_N: one block per tile
+        block_id = tl.load(table + start // BLOCK_SIZE).to(tl.int64)
+        slot = tl.multiple_of(start % BLOCK_SIZE, BLOCK_N) + tl.arange(0, BLOCK_N)
+        k_off = block_id * stride_cb + slot * stride_cs + kv_head_off
+        v_off = block_id * stride_vb + slot * stride_vs + v_head_off
+    else:
+        if MASKED:
+            block_ids = tl.load(table + pos // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
+        else:
+            block_ids = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
+        k_off = block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
+        v_off = block_ids * stride_vb + (pos % BLOCK_SIZE) * stride_vs + v_head_off
+    k_ptrs = k_cache_ptr + k_off[:, None] + dims[None, :]
+    v_ptrs = v_cache_ptr + v_off[:, None] + dims[None, :] * stride_vd
+    # Key-major V: a mask along the keys would split its 16-key vector loads into bytes. The tile
+    # lies in one block this sequence holds, so it is read whole and the slots past ``end`` zeroed.
+    V_WHOLE: tl.constexpr = MASKED and V_KEY_MAJOR and BLOCK_SIZE % BLOCK_N == 0
+    if MASKED:
+        k = tl.load(k_ptrs, mask=key_mask[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+    if MASKED and not V_WHOLE:
+        v = tl.load(v_ptrs, mask=key_mask[:, None], other=0.0)
+    else:
+        v = tl.load(v_ptrs)
+    if FP8:
+        k, v = k.to(dtype), v.to(dtype)
+    if V_WHOLE:  # a stale slot may hold anything, NaN included, and 0 * NaN is NaN
+        v = tl.where(key_mask[:, None], v, 0.0)
+    return k, v, key_mask
+
+
+@triton.jit
+def _attend_tile(m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, table, tile_start, end,
+                 kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd,
+                 HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
+                 FP16_DOT: tl.constexpr, V_STAGED: tl.constexpr, V_KEY_MAJOR: tl.constexpr):  # fmt: skip
+    """One tile of BLOCK_N keys from ``tile_start`` into the online softmax's running max ``m_i``,
+    sum ``l_i`` (base 2) and unnormalised output ``acc``. MASKED: keys from ``end`` on are not
+    attended (else the whole tile is below ``end``)."""
+    k, v, key_mask = load_kv_tile(
+        k_cache_ptr, v_cache_ptr, table, tile_start, end, kv_head_off, v_head_off, stride_cb, stride_cs,
+        stride_vb, stride_vs, stride_vd, q.dtype, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASKED, FP8, V_KEY_MAJOR,
+    )  # fmt: skip
+    if V_STAGED:  # see FP8_V_STAGED
+        v = v * tl.full([], v_unit, q.dtype)
+
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N]
+    if not FP16_DOT:
+        s = s * qk_scale
+    if MASKED:
+        s = tl.where(key_mask[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
 
 
 @triton.jit
@@ -304,7 +381,7 @@ def paged_decode_attention(
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
     assert head_dim in (16, 32, 64, 128, 256), "head_dim must be a power of two"
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
+    assert k_cache.shape == v_cache.shape and k_cache.stride(3) == 1 and q.stride(2) == 1
     group = num_heads // num_kv_heads
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size  # from shapes only: no host sync
@@ -336,6 +413,7 @@ def paged_decode_attention(
         1.0,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        *v_cache.stride(),
         block_tables.stride(0),
         0 if order is None else order.stride(0),
         out.stride(0), out.stride(1),
@@ -350,14 +428,16 @@ def paged_decode_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8=fp8,
         FP16_DOT=fp8 and q.dtype == torch.bfloat16,
-        V_STAGED=fp8 and FP8_V_STAGED,
+        V_STAGED=fp8 and FP8_V_STAGED and v_cache.stride(3) == 1,  # key-major V needs no transpose
         MERGE_G=merge_g,
         MERGE_CHUNK=max(1, 4096 // (merge_g * head_dim)),  # 32 float32 registers a thread at 4 warps
         SPLITS_PAD=MAX_SPLITS,
         ORDERED=order is not None,
+        V_KEY_MAJOR=v_cache.stride(1) == 1,
         # Measured on H200 (bf16, head_dim 128): 64-key tiles, 4 warps and 3 stages in flight read
         # K/V at ~95% of copy bandwidth; 32-key tiles fall to ~80%, 128-key tiles or 8 warps are no better.
-        **({"num_warps": 4, "num_stages": 3} | (launch or {})),
+        # A key-major fp8 V: 5 stages (two tiles in flight; bench_kernels.py --fp8-sweep).
+        **({"num_warps": 4, "num_stages": 5 if fp8 and v_cache.stride(1) == 1 else 3} | (launch or {})),
         **pdl.launch_options(q),
     )  # fmt: skip
     return out

@@ -17,7 +17,9 @@ GQA group, and the other groups of the same tile) run together and share them th
 
 An fp8 cache is read as in the decode kernel: tiles upcast exactly to fp16 (bf16 queries go to
 fp16 too, the scales folded in first), fp32 accumulation, ``v_scale`` applied to the output.
-Measured on an H100 at 8 x 1024 tokens: 223 -> 194 us against bf16's 165 us.
+Measured on an H100 at 8 x 1024 tokens: 223 -> 194 us against bf16's 165 us (V slot-major). The
+engine's fp8 V is key-major, read as the decode kernel reads it: each tile's block looked up once
+(block sizes that are multiples of the tile), masked tiles read whole with stale slots zeroed.
 """
 
 import math
@@ -25,6 +27,18 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+try:
+    from nanovllm.kernels.decode_attention import load_kv_tile
+except ModuleNotFoundError:  # loaded by path beside another package named nanovllm (the anchors' shim)
+    import importlib.util
+    import os
+
+    _path = os.path.join(os.path.dirname(__file__), "decode_attention.py")
+    _spec = importlib.util.spec_from_file_location("_nanovllm_decode_attention", _path)
+    _decode = importlib.util.module_from_spec(_spec)
+    _spec.loader.exec_module(_decode)
+    load_kv_tile = _decode.load_kv_tile
 
 
 @triton.jit
@@ -38,35 +52,29 @@ def _attend_tile(
     v_cache_ptr,
     table,
     kv_head_off,
+    v_head_off,
     start_n,
     seen_end,
     qk_scale,
     stride_cb,
     stride_cs,
+    stride_vb,
+    stride_vs,
+    stride_vd,
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,  # the tile crosses the diagonal or the end of the keys
     DOT_PRECISION: tl.constexpr,
     FP8: tl.constexpr,
+    V_KEY_MAJOR: tl.constexpr,
 ):
     """One step of online softmax over keys start_n .. start_n + BLOCK_N."""
     pos = start_n + tl.arange(0, BLOCK_N)
-    dims = tl.arange(0, HEAD_DIM)
-    if MASKED:
-        key_mask = pos < seen_end
-        block_ids = tl.load(table + pos // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
-    else:
-        block_ids = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
-    kv_offs = (block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off)[:, None] + dims[None, :]
-    if MASKED:
-        k = tl.load(k_cache_ptr + kv_offs, mask=key_mask[:, None], other=0.0)
-        v = tl.load(v_cache_ptr + kv_offs, mask=key_mask[:, None], other=0.0)
-    else:
-        k = tl.load(k_cache_ptr + kv_offs)
-        v = tl.load(v_cache_ptr + kv_offs)
-    if FP8:
-        k, v = k.to(q.dtype), v.to(q.dtype)
+    k, v, key_mask = load_kv_tile(
+        k_cache_ptr, v_cache_ptr, table, start_n, seen_end, kv_head_off, v_head_off, stride_cb, stride_cs,
+        stride_vb, stride_vs, stride_vd, q.dtype, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASKED, FP8, V_KEY_MAJOR,
+    )  # fmt: skip
 
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASKED:
@@ -94,9 +102,13 @@ def _prefill_kernel(
     qk_scale,  # softmax scale * log2(e): scores are kept in base 2
     stride_qt,
     stride_qh,
-    stride_cb,
+    stride_cb,  # the K cache's strides (head_dim stride 1)
     stride_cs,
     stride_ch,
+    stride_vb,  # the V cache's: slot-major like K, or key-major (stride_vs 1; see reference.py)
+    stride_vs,
+    stride_vh,
+    stride_vd,
     stride_bt,
     stride_ot,
     stride_oh,
@@ -108,6 +120,7 @@ def _prefill_kernel(
     DOT_PRECISION: tl.constexpr,
     FP8: tl.constexpr,  # the cache is float8_e4m3fn, dequantised with k_scale / v_scale
     FP16_DOT: tl.constexpr,  # fp8 cache, bf16 queries: both upcast to fp16 (see decode_attention.py)
+    V_KEY_MAJOR: tl.constexpr,  # stride_vs == 1
 ):
     head = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -137,18 +150,21 @@ def _prefill_kernel(
 
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_head_off = (head // GROUP) * stride_ch
+    v_head_off = (head // GROUP) * stride_vh
     # Keys below full_end are seen by every row of the tile; keys from seen_end on by none.
     full_end = (prefix + q_tile * BLOCK_M + 1) // BLOCK_N * BLOCK_N
     seen_end = tl.minimum(context_len, prefix + (q_tile + 1) * BLOCK_M)
     for start_n in range(0, full_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
-            q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head_off, start_n, seen_end,
-            qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, FP8,
+            q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head_off, v_head_off, start_n,
+            seen_end, qk_scale, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM, BLOCK_SIZE,
+            BLOCK_N, False, DOT_PRECISION, FP8, V_KEY_MAJOR,
         )  # fmt: skip
     for start_n in range(full_end, seen_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
-            q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head_off, start_n, seen_end,
-            qk_scale, stride_cb, stride_cs, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, FP8,
+            q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head_off, v_head_off, start_n,
+            seen_end, qk_scale, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM, BLOCK_SIZE,
+            BLOCK_N, True, DOT_PRECISION, FP8, V_KEY_MAJOR,
         )  # fmt: skip
 
     out = acc / l_i[:, None]
@@ -176,7 +192,7 @@ def paged_prefill_attention(
     batch = context_lens.shape[0]
     assert num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
     assert head_dim in (16, 32, 64, 128, 256), "head_dim must be a power of two"
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1 and q.stride(2) == 1
+    assert k_cache.shape == v_cache.shape and k_cache.stride(3) == 1 and q.stride(2) == 1
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     assert not fp8 or (k_scale is not None and v_scale is not None), "an fp8 KV cache needs its scales"
     if out is None:
@@ -197,7 +213,7 @@ def paged_prefill_attention(
         k_scale if fp8 else q, v_scale if fp8 else q,  # unread unless fp8
         scale * math.log2(math.e),
         q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads,
@@ -208,6 +224,7 @@ def paged_prefill_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         FP8=fp8,
         FP16_DOT=fp8 and q.dtype == torch.bfloat16,
+        V_KEY_MAJOR=v_cache.stride(1) == 1,
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip

@@ -42,13 +42,18 @@ def _qkv_prep_kernel(
     stride_cos,
     stride_ot,
     stride_oh,
-    stride_cb,
+    stride_cb,  # the K cache's strides (head_dim stride 1)
     stride_cs,
     stride_ch,
+    stride_vb,  # the V cache's (key-major for fp8 on the GPU: see reference.py)
+    stride_vs,
+    stride_vh,
+    stride_vd,
     NUM_HEADS: tl.constexpr,
     NUM_KV_HEADS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     ROWS: tl.constexpr,  # num_heads + 2 * num_kv_heads rounded up to a power of two
+    KV_ROWS: tl.constexpr,  # num_kv_heads rounded up to a power of two
     BLOCK_SIZE: tl.constexpr,
     QK_NORM: tl.constexpr,
     FP8: tl.constexpr,
@@ -61,14 +66,12 @@ def _qkv_prep_kernel(
     dims = tl.arange(0, half)
     is_q = rows < NUM_HEADS
     is_k = (rows >= NUM_HEADS) & (rows < NUM_HEADS + NUM_KV_HEADS)
-    is_v = (rows >= NUM_HEADS + NUM_KV_HEADS) & (rows < NUM_HEADS + 2 * NUM_KV_HEADS)
-    row_ok = (is_q | is_k | is_v)[:, None]
+    row_ok = (is_q | is_k)[:, None]  # V rows are read below, on their own
     dtype = qkv_ptr.dtype.element_ty
 
     src = qkv_ptr + token * stride_t + rows[:, None] * HEAD_DIM + dims[None, :]
     x1 = tl.load(src, mask=row_ok, other=0.0).to(tl.float32)
     x2 = tl.load(src + half, mask=row_ok, other=0.0).to(tl.float32)
-    v1, v2 = x1, x2  # v heads are stored as they are
 
     if QK_NORM:
         inv_rms = tl.rsqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM + eps)
@@ -93,24 +96,38 @@ def _qkv_prep_kernel(
 
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     if slot >= 0:
-        # K rows and V rows hold different halves of the result: pick per row, write per cache.
         # K is rounded to the model dtype first, as the unfused path stores it (fp8: then quantised).
-        out1 = tl.where(is_k[:, None], r1.to(dtype).to(tl.float32), v1)
-        out2 = tl.where(is_k[:, None], r2.to(dtype).to(tl.float32), v2)
+        k1, k2 = r1.to(dtype).to(tl.float32), r2.to(dtype).to(tl.float32)
         if FP8:  # div_rn (IEEE division, as torch's) takes operands of one shape
-            k_scale = tl.load(k_scale_ptr)
-            v_scale = tl.load(v_scale_ptr)
-            scale = tl.zeros([ROWS, half], dtype=tl.float32) + tl.where(is_k, k_scale, v_scale)[:, None]
-            out1 = tl.clamp(tl.math.div_rn(out1, scale), -448.0, 448.0)
-            out2 = tl.clamp(tl.math.div_rn(out2, scale), -448.0, 448.0)
-        kv_head = tl.where(is_k, rows - NUM_HEADS, rows - NUM_HEADS - NUM_KV_HEADS)
-        row = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
-        dst = row + kv_head[:, None] * stride_ch + dims[None, :]
+            k_scale = tl.zeros([ROWS, half], dtype=tl.float32) + tl.load(k_scale_ptr)
+            k1 = tl.clamp(tl.math.div_rn(k1, k_scale), -448.0, 448.0)
+            k2 = tl.clamp(tl.math.div_rn(k2, k_scale), -448.0, 448.0)
+        block, in_block = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+        k_dst = (
+            block * stride_cb + in_block * stride_cs + (rows - NUM_HEADS)[:, None] * stride_ch + dims[None, :]
+        )
         cache_dtype = k_cache_ptr.dtype.element_ty
-        tl.store(k_cache_ptr + dst, out1.to(cache_dtype), mask=is_k[:, None])
-        tl.store(k_cache_ptr + dst + half, out2.to(cache_dtype), mask=is_k[:, None])
-        tl.store(v_cache_ptr + dst, out1.to(cache_dtype), mask=is_v[:, None])
-        tl.store(v_cache_ptr + dst + half, out2.to(cache_dtype), mask=is_v[:, None])
+        tl.store(k_cache_ptr + k_dst, k1.to(cache_dtype), mask=is_k[:, None])
+        tl.store(k_cache_ptr + k_dst + half, k2.to(cache_dtype), mask=is_k[:, None])
+        # V is stored as it is, read again on its own (from L1): a chain apart from q and k lets
+        # Triton change its layout for the key-major V store on the loaded values. Sharing the
+        # rows above, the change fell on the fp8 tensor, and Triton 3.6 scrambled bytes converting
+        # it through stmatrix (H200: a third of the stored bytes wrong).
+        v_heads = tl.arange(0, KV_ROWS)
+        v_dims = tl.arange(0, HEAD_DIM)
+        v_ok = (v_heads < NUM_KV_HEADS)[:, None]
+        v_src = qkv_ptr + token * stride_t + (NUM_HEADS + NUM_KV_HEADS + v_heads)[:, None] * HEAD_DIM
+        v = tl.load(v_src + v_dims[None, :], mask=v_ok, other=0.0).to(tl.float32)
+        if FP8:
+            v_scale = tl.zeros([KV_ROWS, HEAD_DIM], dtype=tl.float32) + tl.load(v_scale_ptr)
+            v = tl.clamp(tl.math.div_rn(v, v_scale), -448.0, 448.0)
+        v_dst = (
+            block * stride_vb
+            + in_block * stride_vs
+            + v_heads[:, None] * stride_vh
+            + v_dims[None, :] * stride_vd
+        )
+        tl.store(v_cache_ptr + v_dst, v.to(cache_dtype), mask=v_ok)
 
 
 def qkv_prep(
@@ -133,7 +150,7 @@ def qkv_prep(
     rows = num_heads + 2 * num_kv_heads
     assert qkv.shape[1] == rows * head_dim and qkv.stride(1) == 1, "qkv: one contiguous row per token"
     assert cos_sin_cache.shape[1] == head_dim and cos_sin_cache.stride(1) == 1
-    assert k_cache.stride() == v_cache.stride() and k_cache.stride(3) == 1
+    assert k_cache.shape == v_cache.shape and k_cache.stride(3) == 1
     assert head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
     assert (q_norm_weight is None) == (k_norm_weight is None)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
@@ -149,11 +166,12 @@ def qkv_prep(
         k_scale if fp8 else qkv, v_scale if fp8 else qkv,  # unread unless fp8
         eps,
         qkv.stride(0), cos_sin_cache.stride(0), q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), *v_cache.stride(),
         NUM_HEADS=num_heads,
         NUM_KV_HEADS=num_kv_heads,
         HEAD_DIM=head_dim,
         ROWS=triton.next_power_of_2(rows),
+        KV_ROWS=triton.next_power_of_2(num_kv_heads),
         BLOCK_SIZE=k_cache.shape[1],
         QK_NORM=qk_norm,
         FP8=fp8,

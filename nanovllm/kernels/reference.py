@@ -16,6 +16,12 @@ Prefill attention is causal and bottom-right aligned: a sequence with ``context_
 the last ``q_len`` are new queries lets query ``i`` (0-based among the new ones) see keys
 ``0 .. context_len - q_len + i``. Prefix-cache hits (and chunked prefill) are this same case.
 
+The shape above is each cache's logical one; its memory may be laid out otherwise, and everything
+here indexes through it, never a ``view``. The Triton backend lays an fp8 V cache out key-major:
+``[num_blocks, num_kv_heads, head_dim, block_size]`` memory seen through a permuted view (see
+``key_major``), so that a tile of keys, the reduction axis of ``p @ v``, is contiguous and goes
+to the tensor cores untransposed (kernels/decode_attention.py).
+
 An fp8 cache (``torch.float8_e4m3fn``) holds ``x / scale`` saturated to +-448, with one float32
 scale per layer for K and one for V (1-element tensors, so a CUDA graph reads their current value).
 Reads dequantise (``x * scale``) and attention runs in float32. Caches of the model dtype ignore
@@ -48,6 +54,14 @@ def _to_cache(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor | None) 
     return x.to(cache.dtype)
 
 
+def key_major(cache: torch.Tensor) -> torch.Tensor:
+    """The memory of a contiguous [num_blocks, block_size, num_kv_heads, head_dim] cache read as
+    [num_blocks, num_kv_heads, head_dim, block_size], seen with the logical shape again: a key-major
+    V cache. Its contents are not carried over (allocate, then write)."""
+    num_blocks, block_size, num_kv_heads, head_dim = cache.shape
+    return cache.view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
+
+
 def store_kvcache_ref(
     key: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
     value: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
@@ -59,8 +73,9 @@ def store_kvcache_ref(
 ) -> None:
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    k_cache.view(-1, *k_cache.shape[2:])[slots] = _to_cache(key[keep], k_cache, k_scale)
-    v_cache.view(-1, *v_cache.shape[2:])[slots] = _to_cache(value[keep], v_cache, v_scale)
+    block_size = k_cache.shape[1]
+    k_cache[slots // block_size, slots % block_size] = _to_cache(key[keep], k_cache, k_scale)
+    v_cache[slots // block_size, slots % block_size] = _to_cache(value[keep], v_cache, v_scale)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -89,8 +104,8 @@ def paged_decode_attention_ref(
     blocks = block_tables[:, pos // block_size].long().clamp(min=0)  # [batch, max_len]
     slots = blocks * block_size + pos % block_size
     # [batch, max_len, num_kv_heads, head_dim]
-    k = dequantize_ref(k_cache.view(-1, num_kv_heads, head_dim)[slots], k_scale)
-    v = dequantize_ref(v_cache.view(-1, num_kv_heads, head_dim)[slots], v_scale)
+    k = dequantize_ref(k_cache[slots // block_size, slots % block_size], k_scale)
+    v = dequantize_ref(v_cache[slots // block_size, slots % block_size], v_scale)
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
     pad = torch.arange(max_len, device=q.device)[None, :] >= context_lens[:, None].to(q.device)

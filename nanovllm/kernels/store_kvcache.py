@@ -30,10 +30,14 @@ def _store_kvcache_kernel(
     stride_vt,
     stride_vh,
     stride_vd,
-    stride_cb,  # K and V caches share one layout
+    stride_cb,  # the K cache's strides
     stride_cs,
     stride_ch,
     stride_cd,
+    stride_cvb,  # the V cache's (key-major for fp8 on the GPU: see reference.py)
+    stride_cvs,
+    stride_cvh,
+    stride_cvd,
     num_kv_heads,
     BLOCK_SIZE: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -60,10 +64,13 @@ def _store_kvcache_kernel(
         key = tl.clamp(tl.math.div_rn(key.to(tl.float32), k_scale), -448.0, 448.0)
         value = tl.clamp(tl.math.div_rn(value.to(tl.float32), v_scale), -448.0, 448.0)
     # int64: block_id * stride_cb overflows int32 on caches of more than 2 G elements.
-    row = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs
-    dst = row + heads[:, None] * stride_ch + dims[None, :] * stride_cd
-    tl.store(k_cache_ptr + dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    block, in_block = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    k_dst = block * stride_cb + in_block * stride_cs + heads[:, None] * stride_ch + dims[None, :] * stride_cd
+    v_dst = (
+        block * stride_cvb + in_block * stride_cvs + heads[:, None] * stride_cvh + dims[None, :] * stride_cvd
+    )
+    tl.store(k_cache_ptr + k_dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + v_dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
 
 def store_kvcache(
@@ -78,7 +85,6 @@ def store_kvcache(
     num_tokens, num_kv_heads, head_dim = key.shape
     assert value.shape == key.shape and slot_mapping.shape == (num_tokens,)
     assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (num_kv_heads, head_dim)
-    assert k_cache.stride() == v_cache.stride()
     assert head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     assert not fp8 or (k_scale is not None and v_scale is not None), "an fp8 KV cache needs its scales"
@@ -87,7 +93,7 @@ def store_kvcache(
     _store_kvcache_kernel[(num_tokens,)](
         key, value, k_cache, v_cache, slot_mapping,
         k_scale if fp8 else slot_mapping, v_scale if fp8 else slot_mapping,  # unread unless fp8
-        *key.stride(), *value.stride(), *k_cache.stride(),
+        *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
         num_kv_heads,
         BLOCK_SIZE=k_cache.shape[1],
         HEAD_DIM=head_dim,

@@ -2,7 +2,7 @@
 
 import torch
 
-from nanovllm.kernels.reference import FP8_DTYPE, quantize_fp8_ref
+from nanovllm.kernels.reference import FP8_DTYPE, key_major, quantize_fp8_ref
 
 POISON = 1e4  # fills blocks no sequence owns: reading one by mistake shows up in the output
 
@@ -20,6 +20,8 @@ def make_paged_kv(
     pad: str = "poison",  # what fills block tables past each sequence's blocks: "poison", "-1" or "0"
     seed: int = 0,
     kv_scales: tuple[float, float] = (1.0, 1.0),  # an fp8 cache holds x / scale (poison saturates)
+    v_key_major: bool = False,  # V laid out key-major (reference.key_major), as the GPU's fp8 cache
+    stale: float = POISON,  # what fills V's slots past each sequence's end in its last block
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """k_cache, v_cache, block_tables, context_lens; each sequence owns random, non-adjacent blocks."""
     gen = torch.Generator().manual_seed(seed)
@@ -39,16 +41,19 @@ def make_paged_kv(
         # Rows past context_len inside the last block stay poisoned too.
         k = torch.randn(nb * block_size, num_kv_heads, head_dim, generator=gen)
         v = torch.randn(nb * block_size, num_kv_heads, head_dim, generator=gen)
-        k[n:], v[n:] = POISON, POISON
+        k[n:], v[n:] = POISON, stale
         k_cache[rows] = k.view(nb, block_size, num_kv_heads, head_dim)
         v_cache[rows] = v.view(nb, block_size, num_kv_heads, head_dim)
     dev = device()
     if dtype == FP8_DTYPE:
         k_cache = quantize_fp8_ref(k_cache, torch.tensor([kv_scales[0]]))
         v_cache = quantize_fp8_ref(v_cache, torch.tensor([kv_scales[1]]))
+    v_cache = v_cache.to(dtype)
+    if v_key_major:
+        v_cache = key_major(torch.empty_like(v_cache)).copy_(v_cache)
     return (
         k_cache.to(dtype).to(dev),
-        v_cache.to(dtype).to(dev),
+        v_cache.to(dev),
         block_tables.to(dev),
         torch.tensor(context_lens, dtype=torch.int32, device=dev),
     )

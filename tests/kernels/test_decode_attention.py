@@ -23,12 +23,17 @@ KV_SCALES = [(1.0, 1.0), (0.05, 0.02)]  # unit (many subnormals) and calibrated-
 
 def check(
     context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, pad="poison",
-    cache_dtype=None, kv_scales=(1.0, 1.0), **kwargs,
+    cache_dtype=None, kv_scales=(1.0, 1.0), v_key_major=False, **kwargs,
 ):  # fmt: skip
-    k_cache, v_cache, block_tables, lens = make_paged_kv(
+    """The kernel against the reference on one cache. A key-major V cache also holds NaN in the
+    stale slots past each sequence's end (the kernel reads them whole and must zero them); the
+    reference reads a copy with finite ones."""
+    cache = lambda **kw: make_paged_kv(
         context_lens, num_kv_heads, head_dim, block_size, cache_dtype or dtype, pad=pad,
-        seed=len(context_lens), kv_scales=kv_scales,
+        seed=len(context_lens), kv_scales=kv_scales, **kw,
     )  # fmt: skip
+    k_cache, v_cache, block_tables, lens = cache()
+    v_read = cache(v_key_major=True, stale=float("nan"))[1] if v_key_major else v_cache
     k_scale, v_scale = (torch.tensor([s], device=device()) for s in kv_scales)
     gen = torch.Generator().manual_seed(1)
     # q as a view into a wider projection output: a stride on dim 0.
@@ -36,7 +41,7 @@ def check(
     q = q_wide[:, :num_heads]
     scale = head_dim**-0.5
     out = paged_decode_attention(
-        q, k_cache, v_cache, block_tables, lens, scale, k_scale=k_scale, v_scale=v_scale, **kwargs
+        q, k_cache, v_read, block_tables, lens, scale, k_scale=k_scale, v_scale=v_scale, **kwargs
     )
     ref = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, lens, scale, k_scale, v_scale)
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
@@ -84,25 +89,29 @@ def test_merge_leaves_every_counter_at_zero():
 @pytest.mark.parametrize("block_size", [16, 256])
 @pytest.mark.parametrize("dtype,group", [(torch.float32, 4), (torch.float16, 1)])
 @pytest.mark.parametrize("kv_scales", KV_SCALES)
-def test_decode_fp8(block_size, dtype, group, kv_scales):
+@pytest.mark.parametrize("v_key_major", [False, True])
+def test_decode_fp8(block_size, dtype, group, kv_scales, v_key_major):
     check(
-        lens_around(block_size),
-        2 * group,
-        2,
-        32,
-        block_size,
-        dtype,
-        cache_dtype=FP8_DTYPE,
-        kv_scales=kv_scales,
-    )
+        lens_around(block_size), 2 * group, 2, 32, block_size, dtype, cache_dtype=FP8_DTYPE,
+        kv_scales=kv_scales, v_key_major=v_key_major,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_decode_fp8_splits(num_splits):  # v_scale is applied to each split's partial before the merge
+@pytest.mark.parametrize("v_key_major", [False, True])
+def test_decode_fp8_splits(num_splits, v_key_major):  # v_scale is applied to each split's partial first
     check(
         [1, 17, 100, 300], 4, 2, 64, 32, torch.float32, cache_dtype=FP8_DTYPE, kv_scales=(0.1, 0.03),
-        num_splits=num_splits,
+        num_splits=num_splits, v_key_major=v_key_major,
     )  # fmt: skip
+
+
+@pytest.mark.parametrize("block_n", [16, 32])  # 32: the whole-tile path (tiles inside a block)
+def test_decode_fp8_key_major_tiles(block_n):
+    """Key-major V with tiles of one block and of several, split or not, NaN in the stale slots."""
+    for splits in (1, 4):
+        check([1, 31, 32, 33, 95, 200], 4, 2, 32, 32, torch.float32, cache_dtype=FP8_DTYPE,
+              v_key_major=True, num_splits=splits, block_n=block_n)  # fmt: skip
 
 
 @pytest.mark.parametrize("pad", ["-1", "0"])
@@ -134,8 +143,9 @@ def test_decode_gpu_heads(head_dim, num_heads, num_kv_heads, batch, max_len):
 @pytest.mark.parametrize("block_size", [16, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("batch,max_len", [(1, 4096), (7, 1000), (256, 1024), (64, 4096)])
-def test_decode_fp8_gpu(block_size, dtype, batch, max_len):
-    check_random_batch(batch, max_len, *QWEN3_0_6B, block_size, dtype, FP8_DTYPE, (0.04, 0.01))
+@pytest.mark.parametrize("v_key_major", [False, True])
+def test_decode_fp8_gpu(block_size, dtype, batch, max_len, v_key_major):
+    check_random_batch(batch, max_len, *QWEN3_0_6B, block_size, dtype, FP8_DTYPE, (0.04, 0.01), v_key_major)
 
 
 def check_random_batch(
@@ -148,13 +158,14 @@ def check_random_batch(
     dtype,
     cache_dtype=None,
     kv_scales=(1.0, 1.0),
+    v_key_major=False,
 ):
     gen = torch.Generator().manual_seed(batch)
     lens = torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
     lens[0] = max_len
     check(
         lens, num_heads, num_kv_heads, head_dim, block_size, dtype, cache_dtype=cache_dtype,
-        kv_scales=kv_scales, max_context_len=max_len,
+        kv_scales=kv_scales, max_context_len=max_len, v_key_major=v_key_major,
     )  # fmt: skip
 
 
@@ -166,8 +177,9 @@ def test_decode_cuda_graph(cache_dtype):
     num_heads, num_kv_heads, head_dim, block_size, max_len = 16, 8, 128, 256, 4096
     batch = 4
     k_cache, v_cache, block_tables, lens = make_paged_kv(
-        [max_len] * batch, num_kv_heads, head_dim, block_size, cache_dtype, kv_scales=(0.05, 0.02)
-    )
+        [max_len] * batch, num_kv_heads, head_dim, block_size, cache_dtype, kv_scales=(0.05, 0.02),
+        v_key_major=cache_dtype == FP8_DTYPE,  # as the engine lays out an fp8 cache
+    )  # fmt: skip
     k_scale = torch.tensor([0.05], device="cuda")
     v_scale = torch.tensor([0.02], device="cuda")
     q = torch.randn(batch, num_heads, head_dim, device="cuda", dtype=torch.bfloat16)

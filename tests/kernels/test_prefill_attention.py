@@ -33,11 +33,14 @@ def check(
     cache_dtype=None,
     kv_scales=(1.0, 1.0),
     num_decodes=None,  # run through the Triton backend, its first num_decodes sequences by decode
+    v_key_major=False,  # the kernels read V key-major, NaN in its stale slots (as in the decode tests)
 ):
-    k_cache, v_cache, block_tables, lens = make_paged_kv(
+    cache = lambda **kw: make_paged_kv(
         context_lens, num_kv_heads, head_dim, block_size, cache_dtype or dtype, pad=pad, seed=sum(q_lens),
-        kv_scales=kv_scales,
+        kv_scales=kv_scales, **kw,
     )  # fmt: skip
+    k_cache, v_cache, block_tables, lens = cache()
+    v_read = cache(v_key_major=True, stale=float("nan"))[1] if v_key_major else v_cache
     k_scale, v_scale = (torch.tensor([s], device=device()) for s in kv_scales)
     gen = torch.Generator().manual_seed(2)
     num_tokens = sum(q_lens)
@@ -50,7 +53,7 @@ def check(
     scale = head_dim**-0.5
     if num_decodes is None:
         out = paged_prefill_attention(
-            q, k_cache, v_cache, cu, lens, block_tables, scale, max_seqlen_q, k_scale, v_scale
+            q, k_cache, v_read, cu, lens, block_tables, scale, max_seqlen_q, k_scale, v_scale
         )
     else:
         assert q_lens[:num_decodes] == [1] * num_decodes
@@ -58,7 +61,7 @@ def check(
             cu_seqlens_q=cu, max_seqlen_q=max(q_lens), context_lens=lens, max_context_len=max(context_lens),
             block_tables=block_tables, num_decodes=num_decodes,
         )  # fmt: skip
-        out = TritonBackend.prefill(q, k_cache, v_cache, ctx, scale, k_scale, v_scale)
+        out = TritonBackend.prefill(q, k_cache, v_read, ctx, scale, k_scale, v_scale)
     ref = paged_prefill_attention_ref(q, k_cache, v_cache, cu, lens, block_tables, scale, k_scale, v_scale)
     torch.testing.assert_close(out, ref, **TOLERANCE[dtype])
 
@@ -84,13 +87,15 @@ def test_prefill_prefix_cached(block_size, dtype):
 @pytest.mark.parametrize("block_size", [16, 256])
 @pytest.mark.parametrize("dtype,group", [(torch.float32, 4), (torch.float16, 1)])
 @pytest.mark.parametrize("kv_scales", [(1.0, 1.0), (0.05, 0.02)])
-def test_prefill_fp8(block_size, dtype, group, kv_scales):
+@pytest.mark.parametrize("v_key_major", [False, True])
+def test_prefill_fp8(block_size, dtype, group, kv_scales, v_key_major):
     # Mixed batch as the engine's chunked prefill builds it: a fresh prompt, a decode (one query
     # behind a cached context), and a chunk continuing a partly cached prompt.
     q_lens, context_lens = [17, 1, 20], [17, block_size + 24, block_size + 20]
     check(
-        q_lens, context_lens, 2 * group, 2, 32, block_size, dtype, cache_dtype=FP8_DTYPE, kv_scales=kv_scales
-    )
+        q_lens, context_lens, 2 * group, 2, 32, block_size, dtype, cache_dtype=FP8_DTYPE, kv_scales=kv_scales,
+        v_key_major=v_key_major,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize("block_size", [16, 256])
@@ -103,7 +108,7 @@ def test_mixed_step_decodes_by_the_decode_kernel(block_size, dtype, cache_dtype)
     q_lens = [1, 1, 1, 17, 20, 1]
     context_lens = [40, block_size + 17, 5, 17, block_size + 20, 3]
     check(q_lens, context_lens, 4, 2, 32, block_size, dtype, cache_dtype=cache_dtype, kv_scales=(0.5, 0.25),
-          num_decodes=3)  # fmt: skip
+          num_decodes=3, v_key_major=cache_dtype == FP8_DTYPE)  # fmt: skip
 
 
 @pytest.mark.parametrize("pad", ["-1", "0"])
@@ -139,10 +144,12 @@ def test_mixed_batch_gpu(block_size):
 @pytest.mark.gpu
 @pytest.mark.parametrize("block_size", [16, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_prefill_fp8_gpu(block_size, dtype):
+@pytest.mark.parametrize("v_key_major", [False, True])
+def test_prefill_fp8_gpu(block_size, dtype, v_key_major):
     # Qwen3-0.6B shapes; a mixed batch: long prompts, chunks behind cached prefixes, decodes (q_len 1).
     gen = torch.Generator().manual_seed(block_size)
     q_lens = [1, 1, 1, 127, 1000, 2048] + torch.randint(1, 600, (10,), generator=gen).tolist()
     cached = [3000, 17, 256, 3, 1024, 0] + torch.randint(0, 1000, (10,), generator=gen).tolist()
     context_lens = [q + c for q, c in zip(q_lens, cached, strict=True)]
-    check(q_lens, context_lens, 16, 8, 128, block_size, dtype, cache_dtype=FP8_DTYPE, kv_scales=(0.04, 0.01))
+    check(q_lens, context_lens, 16, 8, 128, block_size, dtype, cache_dtype=FP8_DTYPE, kv_scales=(0.04, 0.01),
+          v_key_major=v_key_major)  # fmt: skip

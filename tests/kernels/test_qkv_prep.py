@@ -9,7 +9,7 @@ from tests.kernels.paged_kv import device
 pytest.importorskip("triton")
 
 from nanovllm.kernels.qkv_prep import qkv_prep  # noqa: E402
-from nanovllm.kernels.reference import FP8_DTYPE, qkv_prep_ref, store_kvcache_ref  # noqa: E402
+from nanovllm.kernels.reference import FP8_DTYPE, key_major, qkv_prep_ref, store_kvcache_ref  # noqa: E402
 from nanovllm.layers.layernorm import RMSNorm  # noqa: E402
 from nanovllm.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
 
@@ -33,11 +33,23 @@ def make_case(num_tokens, num_heads, num_kv_heads, head_dim, block_size, dtype, 
     return qkv, positions, rope, k_cache, v_cache, slots.to(dev), weights
 
 
-def run_both(num_heads, num_kv_heads, head_dim, block_size, dtype, cache_dtype, qk_norm, kv_scales=(1, 1)):
+def run_both(
+    num_heads,
+    num_kv_heads,
+    head_dim,
+    block_size,
+    dtype,
+    cache_dtype,
+    qk_norm,
+    kv_scales=(1, 1),
+    v_key_major=False,
+):
     qkv, positions, rope, k_cache, v_cache, slots, (q_w, k_w) = make_case(
         19, num_heads, num_kv_heads, head_dim, block_size, dtype, cache_dtype, qk_norm, seed=block_size
     )
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    if v_key_major:  # the kernel writes a key-major V (reference.key_major), the reference a plain one
+        v_cache = key_major(torch.empty_like(v_cache)).copy_(v_cache)
     scales = [torch.tensor([s], device=qkv.device) for s in kv_scales]
     args = (qkv, positions, rope.cos_sin_cache, num_heads, num_kv_heads)
     q = qkv_prep(*args, k_cache, v_cache, slots, q_w, k_w, 1e-6, *scales)
@@ -48,8 +60,9 @@ def run_both(num_heads, num_kv_heads, head_dim, block_size, dtype, cache_dtype, 
 @pytest.mark.parametrize("qk_norm", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (3, 1)])  # 3 + 2 rows: padding rows
-def test_qkv_prep(qk_norm, dtype, num_heads, num_kv_heads):
-    got, want = run_both(num_heads, num_kv_heads, 32, 16, dtype, dtype, qk_norm)
+@pytest.mark.parametrize("v_key_major", [False, True])
+def test_qkv_prep(qk_norm, dtype, num_heads, num_kv_heads, v_key_major):
+    got, want = run_both(num_heads, num_kv_heads, 32, 16, dtype, dtype, qk_norm, v_key_major=v_key_major)
     # float32: the same arithmetic up to fused multiply-adds; float16: at most one rounding step apart
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-3)
     for g, w in zip(got, want, strict=True):
@@ -82,8 +95,9 @@ def test_qkv_prep_ref_is_the_model_layers():
 @pytest.mark.parametrize("cache_dtype", [torch.bfloat16, FP8_DTYPE])
 def test_qkv_prep_gpu(qk_norm, head_dim, num_heads, num_kv_heads, cache_dtype):
     got, want = run_both(
-        num_heads, num_kv_heads, head_dim, 256, torch.bfloat16, cache_dtype, qk_norm, kv_scales=(0.5, 0.25)
-    )
+        num_heads, num_kv_heads, head_dim, 256, torch.bfloat16, cache_dtype, qk_norm, kv_scales=(0.5, 0.25),
+        v_key_major=cache_dtype == FP8_DTYPE,  # as the engine lays out an fp8 cache
+    )  # fmt: skip
     # bf16 results may sit one rounding step apart (fused multiply-adds change the last bit)
     for g, w in zip(got, want, strict=True):
         if g.dtype != FP8_DTYPE:

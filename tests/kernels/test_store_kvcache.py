@@ -5,7 +5,7 @@ from tests.kernels.paged_kv import device
 
 pytest.importorskip("triton")
 
-from nanovllm.kernels.reference import FP8_DTYPE, quantize_fp8_ref, store_kvcache_ref  # noqa: E402
+from nanovllm.kernels.reference import FP8_DTYPE, key_major, quantize_fp8_ref, store_kvcache_ref  # noqa: E402
 from nanovllm.kernels.store_kvcache import store_kvcache  # noqa: E402
 
 
@@ -19,6 +19,7 @@ def run_case(
     cache_dtype,
     seed=0,
     kv_scales=(1.0, 1.0),
+    v_key_major=False,  # V laid out key-major, as the GPU's fp8 cache (reference.key_major)
 ):
     gen = torch.Generator().manual_seed(seed)
     num_blocks = (num_tokens + block_size - 1) // block_size + 3
@@ -34,7 +35,9 @@ def run_case(
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.randn(shape, generator=gen).to(cache_dtype).to(device())
     v_cache = torch.randn(shape, generator=gen).to(cache_dtype).to(device())
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    if v_key_major:
+        v_cache = key_major(torch.empty_like(v_cache)).copy_(v_cache)
+    k_ref, v_ref = k_cache.clone(), v_cache.contiguous()
     k_scale, v_scale = (torch.tensor([s], device=device()) for s in kv_scales)
     store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
     store_kvcache_ref(key, value, k_ref, v_ref, slot_mapping, k_scale, v_scale)
@@ -51,10 +54,12 @@ def run_case(
     [(torch.float32, torch.float32), (torch.float16, torch.float16), (torch.float32, torch.float16)],
 )
 @pytest.mark.parametrize("num_kv_heads", [1, 3])  # 3: a head count that is not a power of two
-def test_store_kvcache(block_size, dtype, cache_dtype, num_kv_heads):
+@pytest.mark.parametrize("v_key_major", [False, True])
+def test_store_kvcache(block_size, dtype, cache_dtype, num_kv_heads, v_key_major):
     run_case(
-        37, 2 * num_kv_heads, num_kv_heads, 32, block_size, dtype, cache_dtype, seed=block_size + num_kv_heads
-    )
+        37, 2 * num_kv_heads, num_kv_heads, 32, block_size, dtype, cache_dtype,
+        seed=block_size + num_kv_heads, v_key_major=v_key_major,
+    )  # fmt: skip
 
 
 @pytest.mark.gpu
@@ -69,8 +74,10 @@ def test_store_kvcache_gpu(block_size, dtype, head_dim):
 @pytest.mark.parametrize("block_size", [16, 256])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("kv_scales", [(1.0, 1.0), (0.05, 0.002)])  # 0.002: many values saturate
-def test_store_kvcache_fp8_gpu(block_size, dtype, kv_scales):
-    run_case(4096, 16, 8, 128, block_size, dtype, FP8_DTYPE, seed=block_size, kv_scales=kv_scales)
+@pytest.mark.parametrize("v_key_major", [False, True])
+def test_store_kvcache_fp8_gpu(block_size, dtype, kv_scales, v_key_major):
+    run_case(4096, 16, 8, 128, block_size, dtype, FP8_DTYPE, seed=block_size, kv_scales=kv_scales,
+             v_key_major=v_key_major)  # fmt: skip
 
 
 def test_quantize_fp8_saturates_and_rounds_to_nearest():
