@@ -126,5 +126,7 @@ def test_fp8_with_cuda_graphs_matches_eager(tiny_ckpt):
         with LLM(tiny_ckpt("qwen3"), **engine) as llm:
             assert bool(llm.engine.executor.graphs) is not eager
             assert llm.engine.executor.backend.name == "triton"
+            v_cache = llm.engine.executor.attention_layers[0].v_cache
+            assert v_cache.stride(1) == 1  # V key-major: what the Triton kernels read fastest
             results.append([o["token_ids"] for o in generate(llm)])
     assert results[0] == results[1]

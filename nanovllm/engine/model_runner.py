@@ -14,6 +14,7 @@ from nanovllm.engine.cuda_graphs import DecodeGraphs
 from nanovllm.engine.input_batch import InputBatch
 from nanovllm.engine.sequence import TokenCounts
 from nanovllm.engine.step import ModelRunnerOutput, NewSeq, SchedulerOutput
+from nanovllm.kernels.reference import key_major
 from nanovllm.layers.attention import Attention, get_backend
 from nanovllm.layers.kv_quant import kv_cache_torch_dtype
 from nanovllm.layers.sampler import Sampler, SamplingMetadata, logprobs_to_lists
@@ -148,7 +149,8 @@ class ModelRunner:
         """Size and allocate the cache; returns the number of blocks.
 
         Layout: one tensor [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]; layer i
-        reads ``kv_cache[0, i]`` (K) and ``kv_cache[1, i]`` (V).
+        reads ``kv_cache[0, i]`` (K) and ``kv_cache[1, i]`` (V), V key-major where the backend asks
+        (``v_key_major``: the Triton kernels' fp8 cache; kernels/reference.py).
         """
         cfg = self.config
         if cfg.num_kvcache_blocks > 0:
@@ -174,8 +176,10 @@ class ModelRunner:
             self.kv_cache = lazily_zeroed_cpu_tensor(shape, self.kv_cache_dtype)
         else:
             self.kv_cache = torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device)
+        v_key_major = self.backend.v_key_major(self.kv_cache_dtype)
         for i, layer in enumerate(self.attention_layers):
-            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            v_cache = self.kv_cache[1, i]
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], key_major(v_cache) if v_key_major else v_cache
         gib = num_blocks * self.block_bytes / (1 << 30)
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens, %.2f GiB of %s",

@@ -24,6 +24,12 @@ class TorchBackend:
     qkv_prep = None  # no fused norm + rotary + store: the model's layers do it
 
     @staticmethod
+    def v_key_major(cache_dtype: torch.dtype) -> bool:
+        """Whether the V cache is laid out key-major (kernels/reference.py): not here (its gathers
+        read whole rows)."""
+        return False
+
+    @staticmethod
     def store(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
         ctx = get_context()
         if ctx.slot_mapping is not slot_mapping:  # called outside a step's forward

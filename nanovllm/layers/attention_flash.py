@@ -18,6 +18,10 @@ class FlashAttnBackend:
     qkv_prep = None
 
     @staticmethod
+    def v_key_major(cache_dtype: torch.dtype) -> bool:
+        return False  # flash-attn reads the slot-major layout (and no fp8 cache)
+
+    @staticmethod
     def store(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
         assert k_cache.dtype != torch.float8_e4m3fn, "flash-attn reads no fp8 KV cache (Config rejects it)"
         store_kvcache(key, value, k_cache, v_cache, slot_mapping)

@@ -14,6 +14,12 @@ class TritonBackend:
     qkv_prep = staticmethod(_qkv_prep)  # norms + rotary + store in one kernel (kernels/qkv_prep.py)
 
     @staticmethod
+    def v_key_major(cache_dtype: torch.dtype) -> bool:
+        """An fp8 V cache is laid out key-major: the decode kernel's ``p @ v`` then reads its tiles
+        untransposed (kernels/decode_attention.py, where the measurements are)."""
+        return cache_dtype == torch.float8_e4m3fn
+
+    @staticmethod
     def store(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
         store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
 
