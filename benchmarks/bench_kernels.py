@@ -2,8 +2,9 @@
 
 Decode is bound by memory: it is reported as GB/s of K/V read and as a fraction of the bandwidth of
 a large device-to-device copy measured here, for a bf16 cache and, beside it, an fp8 (float8_e4m3fn)
-cache at the same shapes (half the bytes: at the same GB/s it is twice as fast). fp8 is also timed
-with 128-key tiles, which keep as many bytes in flight per tile as bf16's 64. Prefill is reported in
+cache at the same shapes (half the bytes: at the same GB/s it is twice as fast), its V key-major as
+the engine lays it out. fp8 is also timed with 128-key tiles, which keep as many bytes in flight per
+tile as bf16's 64. Prefill is reported in
 TFLOP/s (causal: half of the dense 4 * q_len * context_len * head_dim flops per head).
 
     python benchmarks/bench_kernels.py [results.jsonl]   # Qwen3-0.6B attention shapes, one layer
@@ -22,10 +23,9 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanovllm.benchmark import _record, git_commit  # noqa: E402
-from nanovllm.kernels import decode_attention  # noqa: E402
 from nanovllm.kernels.decode_attention import choose_num_splits, paged_decode_attention  # noqa: E402
 from nanovllm.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
-from nanovllm.kernels.reference import paged_decode_attention_ref  # noqa: E402
+from nanovllm.kernels.reference import key_major, paged_decode_attention_ref  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 256
 DTYPE = torch.bfloat16
@@ -39,13 +39,18 @@ def copy_bandwidth_gbs() -> float:
     return 2 * src.numel() * src.element_size() / ms / 1e6
 
 
-def paged_cache(context_lens: list[int], gen: torch.Generator, cache_dtype: torch.dtype = DTYPE):
-    """A cache holding exactly these sequences, blocks shuffled; block table padded with -1."""
+def paged_cache(
+    context_lens: list[int], gen: torch.Generator, cache_dtype: torch.dtype = DTYPE, v_key_major: bool = False
+):
+    """A cache holding exactly these sequences, blocks shuffled; block table padded with -1.
+    v_key_major: V laid out as the engine's fp8 cache (reference.key_major)."""
     blocks = [math.ceil(n / BLOCK_SIZE) for n in context_lens]
     num_blocks = sum(blocks)
     shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
     k_cache = torch.randn(shape, dtype=DTYPE, device="cuda").to(cache_dtype)
     v_cache = torch.randn(shape, dtype=DTYPE, device="cuda").to(cache_dtype)
+    if v_key_major:
+        v_cache = key_major(torch.empty_like(v_cache)).copy_(v_cache)
     ids = torch.randperm(num_blocks, generator=gen).to(torch.int32)
     table = torch.full((len(context_lens), max(blocks)), -1, dtype=torch.int32)
     used = 0
@@ -58,18 +63,26 @@ def paged_cache(context_lens: list[int], gen: torch.Generator, cache_dtype: torc
 
 def bench_decode(
     batch: int,
-    context_len: int,
+    context_len: int | None,  # None: lengths uniform in 100..2048, rows longest first
     copy_gbs: float,
     seed: int,
     cache_dtype=DTYPE,
     block_n: int = 64,
     launch: dict | None = None,
     check: bool = False,
+    v_key_major: bool = False,
 ) -> dict:
     gen = torch.Generator().manual_seed(seed)  # the same lengths and block order for every cache dtype
-    jitter = torch.randint(-context_len // 8, context_len // 8 + 1, (batch,), generator=gen)
-    context_lens = (context_len + jitter).clamp(min=1).tolist()
-    k_cache, v_cache, table, lens = paged_cache(context_lens, gen, cache_dtype)
+    if context_len is None:  # spread as the reference workload's, taken longest first as the engine does
+        context_lens = torch.randint(100, 2049, (batch,), generator=gen).tolist()
+    else:
+        jitter = torch.randint(-context_len // 8, context_len // 8 + 1, (batch,), generator=gen)
+        context_lens = (context_len + jitter).clamp(min=1).tolist()
+    k_cache, v_cache, table, lens = paged_cache(context_lens, gen, cache_dtype, v_key_major)
+    order = None
+    if context_len is None:
+        rows = sorted(range(batch), key=lambda i: -context_lens[i])
+        order = torch.tensor([rows, [context_lens[i] for i in rows]], dtype=torch.int32, device="cuda")
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
     scales = torch.tensor([0.5], device="cuda"), torch.tensor([0.25], device="cuda")
     max_len = max(context_lens)
@@ -78,12 +91,14 @@ def bench_decode(
     # measuring Python launch overhead.
     run = lambda: paged_decode_attention(
         q, k_cache, v_cache, table, lens, HEAD_DIM**-0.5, max_len, splits, *scales, block_n=block_n,
-        launch=launch,
+        launch=launch, order=order,
     )  # fmt: skip
     out = run()
     err = None
     if check:  # against the float32 reference: a fast variant must compute the same function
-        ref = paged_decode_attention_ref(q, k_cache, v_cache, table, lens, HEAD_DIM**-0.5, *scales)
+        ref = paged_decode_attention_ref(
+            q, k_cache, v_cache.contiguous(), table, lens, HEAD_DIM**-0.5, *scales
+        )
         err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -94,6 +109,7 @@ def bench_decode(
     return {
         "kv_cache_dtype": str(cache_dtype).removeprefix("torch."),
         "block_n": block_n,
+        "v_layout": "key-major" if v_key_major else "slot-major",
         "batch": batch,
         "mean_context_len": sum(context_lens) / batch,
         "num_splits": splits,
@@ -128,31 +144,28 @@ def bench_prefill(batch: int, seq_len: int, gen: torch.Generator, cache_dtype=DT
 
 
 def fp8_sweep(copy_gbs: float) -> list[dict]:
-    """The fp8 decode kernel's variants: V transposed as bytes (FP8_V_STAGED off, the old code) and
-    staged through fp16 at each tile size, warp and stage count; every variant checked against the
-    float32 reference. The bf16 cache at the shipped launch first, as the yardstick."""
+    """The decode kernel's launch variants, bf16 and fp8 caches: tile, warps and stages. Triton's
+    loop pipeliner gives this loop one K/V buffer at 3 or 4 stages (the block-table load before the
+    tile's takes one of the stages), two at 5 or 6 and three at 7, so stages here count buffers in
+    flight. Shapes with jittered lengths and, last, the reference workload's spread (lengths uniform
+    in 100..2048, rows longest first); every variant checked against the float32 reference."""
     rows = []
-    configs = [(False, 128, 4, 3)] + [
-        (True, bn, w, st) for bn in (64, 128) for w in (4, 8) for st in (2, 3, 4)
+    f8 = torch.float8_e4m3fn
+    configs = [(DTYPE, 64, 4, 3, False), (f8, 128, 4, 3, False)] + [
+        (f8, bn, w, st, True) for bn, w in ((64, 4), (128, 4), (128, 8), (64, 8), (256, 8)) for st in (3, 5)
     ]  # fmt: skip
-    try:
-        for seed, (b, n) in enumerate([(256, 1000), (64, 4096), (8, 2048)]):
-            rows.append(bench_decode(b, n, copy_gbs, seed) | {"staged": None})
-            for staged, bn, w, st in configs:
-                decode_attention.FP8_V_STAGED = staged
-                launch = {"num_warps": w, "num_stages": st}
-                r = bench_decode(b, n, copy_gbs, seed, torch.float8_e4m3fn, bn, launch, check=True)
-                rows.append(r | {"staged": staged})
-    finally:
-        decode_attention.FP8_V_STAGED = True
+    shapes = [(256, 1000), (128, 1000), (64, 4096), (8, 2048), (1, 4096), (256, None), (64, None)]
+    for seed, (b, n) in enumerate(shapes):
+        for dtype, bn, w, st, km in configs:
+            launch = {"num_warps": w, "num_stages": st}
+            rows.append(bench_decode(b, n, copy_gbs, seed, dtype, bn, launch, check=True, v_key_major=km))
     for r in rows:
-        how = "bf16 (shipped launch)" if r["staged"] is None else f"fp8 staged={r['staged']!s:5}"
-        launch = r.get("launch", {})
+        launch = r["launch"]
         print(
-            f"sweep batch {r['batch']:>3} ctx ~{r['mean_context_len']:>5.0f} {how:<22} "
-            f"tile {r['block_n']:>3} warps {launch.get('num_warps', 4)} "
-            f"stages {launch.get('num_stages', 3)}: {r['us']:>7.1f} us "
-            f"{r['frac_of_copy_bw']:.0%} of copy  err {r.get('rel_err', '-')}"
+            f"sweep batch {r['batch']:>3} ctx ~{r['mean_context_len']:>5.0f} {r['kv_cache_dtype']:<13} "
+            f"{r['v_layout']:<10} tile {r['block_n']:>3} warps {launch['num_warps']} "
+            f"stages {launch['num_stages']}: "
+            f"{r['us']:>7.1f} us {r['frac_of_copy_bw']:.0%} of copy  err {r.get('rel_err', '-')}"
         )
     return rows
 
@@ -217,8 +230,8 @@ def main() -> None:
             "commit": git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "workload": "Qwen3-0.6B decode attention shapes, one layer, CUDA-graph replay; "
-            "fp8 scales 0.5 / 0.25",
-            "baseline": "the bf16 cache and the unstaged fp8 kernel, same run",
+            "fp8 scales 0.5 / 0.25; context None = lengths uniform in 100..2048, longest first",
+            "baseline": "the bf16 cache at the shipped launch (64-key tiles, 4 warps, 3 stages), same run",
             "copy_gbs": round(copy_gbs, 1),
             "rows": fp8_sweep(copy_gbs),
         }
@@ -240,7 +253,7 @@ def main() -> None:
         "baseline": "the bf16 cache at the same shapes, same run",
         "copy_gbs": round(copy_gbs, 1),
         "decode": [
-            bench_decode(b, n, copy_gbs, seed, dtype, block_n)
+            bench_decode(b, n, copy_gbs, seed, dtype, block_n, v_key_major=dtype != DTYPE)  # as the engine
             for seed, (b, n) in enumerate([(256, 1000), (64, 4096), (1, 4096), (8, 2048)])
             for dtype, block_n in [(DTYPE, 64), (torch.float8_e4m3fn, 64), (torch.float8_e4m3fn, 128)]
         ],
