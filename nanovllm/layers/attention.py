@@ -1,6 +1,6 @@
 """Attention over the paged KV cache, behind a backend chosen once at start-up.
 
-Every backend implements three calls on the same cache layout (see kernels/reference.py):
+Every backend implements three calls on the same logical cache layout (kernels/reference.py):
 ``store`` writes the step's new K/V through the slot mapping, ``prefill`` attends packed
 variable-length queries to their cached context (any mix of prefill chunks and decodes, a decode
 being a query of length 1), ``decode`` attends one query per sequence (steps where every sequence
