@@ -169,11 +169,7 @@ def _decode_split_kernel(
         heads = kv_head * GROUP + rows
         q_offs = seq * stride_qb + heads[:, None] * stride_qh + dims[None, :]
         q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0)
-        if FP8:
-            qk_scale = qk_scale * tl.load(k_scale_ptr)
-        if FP16_DOT:  # fold the scale into q (keeps it far from fp16's range limit), then dot in fp16
-            q = (q.to(tl.float32) * qk_scale).to(tl.float16)
-            qk_scale = 1.0
+        q, qk_scale = scale_queries(q, qk_scale, k_scale_ptr, FP8, FP16_DOT)
 
         m_i = tl.full([GROUP_PAD], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([GROUP_PAD], dtype=tl.float32)
@@ -222,6 +218,19 @@ def _decode_split_kernel(
                              stride_ob, stride_oh, GROUP, HEAD_DIM, MERGE_G, MERGE_CHUNK,
                              SPLITS_PAD)  # fmt: skip
                 tl.store(counter, 0)
+
+
+@triton.jit
+def scale_queries(q, qk_scale, k_scale_ptr, FP8: tl.constexpr, FP16_DOT: tl.constexpr):
+    """The queries and the scale left for the scores: an fp8 cache's ``k_scale`` joins the softmax
+    scale, and with FP16_DOT the scale is folded into q before it goes to fp16 (keeping |q| far from
+    fp16's range limit), leaving 1.0. Shared with the prefill kernel."""
+    if FP8:
+        qk_scale = qk_scale * tl.load(k_scale_ptr)
+    if FP16_DOT:
+        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
+        qk_scale = 1.0
+    return q, qk_scale
 
 
 @triton.jit

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 try:
-    from nanovllm.kernels.decode_attention import load_kv_tile
+    from nanovllm.kernels.decode_attention import load_kv_tile, scale_queries
 except ModuleNotFoundError:  # loaded by path beside another package named nanovllm (the anchors' shim)
     import importlib.util
     import os
@@ -38,7 +38,7 @@ except ModuleNotFoundError:  # loaded by path beside another package named nanov
     _spec = importlib.util.spec_from_file_location("_nanovllm_decode_attention", _path)
     _decode = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_decode)
-    load_kv_tile = _decode.load_kv_tile
+    load_kv_tile, scale_queries = _decode.load_kv_tile, _decode.scale_queries
 
 
 @triton.jit
@@ -138,11 +138,7 @@ def _prefill_kernel(
     q_offs = (q_start + rows).to(tl.int64)[:, None] * stride_qt + head * stride_qh + dims[None, :]
     q = tl.load(q_ptr + q_offs, mask=row_mask[:, None], other=0.0)
     q_pos = prefix + rows  # each query's position among the keys
-    if FP8:
-        qk_scale = qk_scale * tl.load(k_scale_ptr)
-    if FP16_DOT:  # as in the decode kernel: the scale folded into q, then dot in fp16
-        q = (q.to(tl.float32) * qk_scale).to(tl.float16)
-        qk_scale = 1.0
+    q, qk_scale = scale_queries(q, qk_scale, k_scale_ptr, FP8, FP16_DOT)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)

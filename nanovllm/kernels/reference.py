@@ -99,13 +99,13 @@ def paged_decode_attention_ref(
     block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     max_len = int(context_lens.max())
-    # Slot of every (sequence, position < max_len): gathers tokens, not whole blocks.
+    # Block and row of every (sequence, position < max_len): gathers tokens, not whole blocks.
     pos = torch.arange(max_len, device=q.device)
     blocks = block_tables[:, pos // block_size].long().clamp(min=0)  # [batch, max_len]
-    slots = blocks * block_size + pos % block_size
+    rows = pos % block_size
     # [batch, max_len, num_kv_heads, head_dim]
-    k = dequantize_ref(k_cache[slots // block_size, slots % block_size], k_scale)
-    v = dequantize_ref(v_cache[slots // block_size, slots % block_size], v_scale)
+    k = dequantize_ref(k_cache[blocks, rows], k_scale)
+    v = dequantize_ref(v_cache[blocks, rows], v_scale)
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
     pad = torch.arange(max_len, device=q.device)[None, :] >= context_lens[:, None].to(q.device)
