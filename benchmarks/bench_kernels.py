@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from nanovllm.benchmark import _record, git_commit  # noqa: E402
 from nanovllm.kernels.decode_attention import choose_num_splits, paged_decode_attention  # noqa: E402
 from nanovllm.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
+from nanovllm.kernels.qkv_prep import qkv_prep  # noqa: E402
 from nanovllm.kernels.reference import key_major, paged_decode_attention_ref  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 256
@@ -172,53 +173,91 @@ def fp8_sweep(copy_gbs: float) -> list[dict]:
 
 def balance_sweep(copy_gbs: float) -> list[dict]:
     """Decode batches whose context lengths spread as the reference workload's do (uniform in
-    100..2048 keys): the shipped split count and more splits, each with the rows in batch order and
-    longest first (``order``); every variant checked against the float32 reference."""
+    100..2048 keys; the run's tail is the small batches): the shipped split count against half, two
+    and four times it, each cache as the engine lays it out (fp8: V key-major, 128-key tiles), rows
+    longest first from 16 rows on as the engine orders them; every variant checked against the
+    float32 reference."""
     rows = []
-    for seed, batch in enumerate((256, 128, 64, 32)):
+    for seed, batch in enumerate((256, 128, 64, 32, 16, 8)):
         gen = torch.Generator().manual_seed(100 + seed)
         lens = torch.randint(100, 2049, (batch,), generator=gen).tolist()
         base = choose_num_splits(batch, NUM_KV_HEADS, 4096)
         for cache_dtype in (DTYPE, torch.float8_e4m3fn):
-            k_cache, v_cache, table, ctx = paged_cache(lens, gen, cache_dtype)
+            k_cache, v_cache, table, ctx = paged_cache(lens, gen, cache_dtype, cache_dtype != DTYPE)
             q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
             scales = torch.tensor([0.5], device="cuda"), torch.tensor([0.25], device="cuda")
             ref = paged_decode_attention_ref(q, k_cache, v_cache, table, ctx, HEAD_DIM**-0.5, *scales).float()
-            by_len = sorted(range(batch), key=lambda i: -lens[i])
-            by_len = torch.tensor([by_len, [lens[i] for i in by_len]], dtype=torch.int32, device="cuda")
-            for splits in sorted({base, 2 * base, 4 * base, 8 * base}):
-                for order in (None, by_len):
-                    args = (q, k_cache, v_cache, table, ctx, HEAD_DIM**-0.5, 4096, splits, *scales)
-                    run = lambda args=args, order=order: paged_decode_attention(*args, order=order)
-                    err = ((run().float() - ref).norm() / ref.norm()).item()
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        run()
-                    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=150)
-                    gbs = sum(lens) * NUM_KV_HEADS * HEAD_DIM * 2 * k_cache.element_size() / ms / 1e6
-                    row = {"kv_cache_dtype": str(cache_dtype).removeprefix("torch."), "batch": batch,
-                           "num_splits": splits, "shipped_splits": base, "longest_first": order is not None,
-                           "us": round(ms * 1e3, 1), "frac_of_copy_bw": round(gbs / copy_gbs, 3),
-                           "rel_err": round(err, 5)}  # fmt: skip
-                    print(f"balance {row}")
-                    rows.append(row)
+            order = None
+            if batch >= 16:
+                by_len = sorted(range(batch), key=lambda i: -lens[i])
+                order = torch.tensor([by_len, [lens[i] for i in by_len]], dtype=torch.int32, device="cuda")
+            for splits in sorted({max(1, base // 2), base, min(2 * base, 64), min(4 * base, 64)}):
+                args = (q, k_cache, v_cache, table, ctx, HEAD_DIM**-0.5, 4096, splits, *scales)
+                run = lambda args=args, order=order: paged_decode_attention(*args, order=order)
+                err = ((run().float() - ref).norm() / ref.norm()).item()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    run()
+                ms = triton.testing.do_bench(graph.replay, warmup=25, rep=150)
+                gbs = sum(lens) * NUM_KV_HEADS * HEAD_DIM * 2 * k_cache.element_size() / ms / 1e6
+                row = {"kv_cache_dtype": str(cache_dtype).removeprefix("torch."), "batch": batch,
+                       "num_splits": splits, "shipped_splits": base, "longest_first": order is not None,
+                       "us": round(ms * 1e3, 1), "frac_of_copy_bw": round(gbs / copy_gbs, 3),
+                       "rel_err": round(err, 5)}  # fmt: skip
+                print(f"balance {row}")
+                rows.append(row)
     return rows
+
+
+def bench_qkv_prep(batch: int, cache_dtype: torch.dtype, v_key_major: bool, num_blocks: int = 4500) -> dict:
+    """The fused norm + rotary + KV store of one decode step: one token per sequence, each in its own
+    block of a cache as large as the reference workload's, at a random slot."""
+    gen = torch.Generator().manual_seed(batch)
+    rows = NUM_HEADS + 2 * NUM_KV_HEADS
+    qkv = torch.randn(batch, rows * HEAD_DIM, generator=gen).to(DTYPE).cuda()
+    positions = torch.randint(0, 4000, (batch,), generator=gen).cuda()
+    cos_sin = torch.randn(4096, HEAD_DIM, generator=gen).cuda()
+    weights = (1 + 0.1 * torch.randn(2, HEAD_DIM, generator=gen)).to(DTYPE).cuda().unbind(0)
+    blocks = torch.randperm(num_blocks, generator=gen)[:batch]
+    slots = (blocks * BLOCK_SIZE + torch.randint(0, BLOCK_SIZE, (batch,), generator=gen)).cuda()
+    shape = (num_blocks, BLOCK_SIZE, NUM_KV_HEADS, HEAD_DIM)
+    k_cache = torch.zeros(shape, dtype=cache_dtype, device="cuda")
+    v_cache = key_major(torch.zeros_like(k_cache)) if v_key_major else torch.zeros_like(k_cache)
+    scales = torch.tensor([0.5], device="cuda"), torch.tensor([0.25], device="cuda")
+    run = lambda: qkv_prep(qkv, positions, cos_sin, NUM_HEADS, NUM_KV_HEADS, k_cache, v_cache, slots,
+                           *weights, 1e-6, *scales)  # fmt: skip
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        run()
+    ms = triton.testing.do_bench(graph.replay, warmup=25, rep=200)
+    return {"kv_cache_dtype": str(cache_dtype).removeprefix("torch."), "batch": batch,
+            "v_layout": "key-major" if v_key_major else "slot-major", "us": round(ms * 1e3, 2)}  # fmt: skip
 
 
 def main() -> None:
     assert torch.cuda.is_available(), "the kernel benchmark needs a CUDA device"
     if "--balance-sweep" in sys.argv:
         copy_gbs = copy_bandwidth_gbs()
+        qkv_rows = [
+            bench_qkv_prep(b, dtype, km)
+            for b in (256, 64, 8)
+            for dtype, km in ((DTYPE, False), (torch.float8_e4m3fn, False), (torch.float8_e4m3fn, True))
+        ]
+        for r in qkv_rows:
+            print(f"qkv_prep {r}")
         _record({
             "bench": "decode_balance_sweep",
             "device": torch.cuda.get_device_name(),
             "commit": git_commit(),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "workload": "Qwen3-0.6B decode attention, one layer, CUDA-graph replay; context lengths "
-            "uniform in 100..2048; bound 4096",
-            "baseline": "the shipped split count, rows in batch order, same run",
+            "uniform in 100..2048; bound 4096; fp8 V key-major. qkv_prep: one decode step, one token "
+            "a sequence in a 4,500-block cache",
+            "baseline": "the shipped split count, same run; qkv_prep: the bf16 cache, same run",
             "copy_gbs": round(copy_gbs, 1),
             "rows": balance_sweep(copy_gbs),
+            "qkv_prep": qkv_rows,
         }, sys.argv[-1] if sys.argv[-1].endswith(".jsonl") else None)  # fmt: skip
         return
     if "--fp8-sweep" in sys.argv:
