@@ -13,7 +13,7 @@ Each head is read as its two rotary halves, so the rotation pairs element ``i`` 
 without a shuffle. The rounding follows the unfused torch path (``reference.qkv_prep_ref``):
 normalised in float32, rounded to the model dtype, times the weight and rounded again, rotated in
 float32 and rounded once more. The cache write is ``store_kvcache``'s: slot -1 writes nothing, an
-fp8 cache gets ``x / scale`` saturated to +-448.
+fp8 cache gets ``x * (1 / scale)`` saturated to +-448.
 """
 
 import torch
@@ -22,6 +22,7 @@ import triton.language as tl
 
 from nanovllm.kernels import pdl
 from nanovllm.kernels.pdl import wait_for_previous
+from nanovllm.kernels.store_kvcache import quantize_fp8
 
 
 @triton.jit
@@ -98,10 +99,8 @@ def _qkv_prep_kernel(
     if slot >= 0:
         # K is rounded to the model dtype first, as the unfused path stores it (fp8: then quantised).
         k1, k2 = r1.to(dtype).to(tl.float32), r2.to(dtype).to(tl.float32)
-        if FP8:  # div_rn (IEEE division, as torch's) takes operands of one shape
-            k_scale = tl.zeros([ROWS, half], dtype=tl.float32) + tl.load(k_scale_ptr)
-            k1 = tl.clamp(tl.math.div_rn(k1, k_scale), -448.0, 448.0)
-            k2 = tl.clamp(tl.math.div_rn(k2, k_scale), -448.0, 448.0)
+        if FP8:
+            k1, k2 = quantize_fp8(k1, k_scale_ptr), quantize_fp8(k2, k_scale_ptr)
         block, in_block = slot // BLOCK_SIZE, slot % BLOCK_SIZE
         k_dst = (
             block * stride_cb + in_block * stride_cs + (rows - NUM_HEADS)[:, None] * stride_ch + dims[None, :]
@@ -119,8 +118,7 @@ def _qkv_prep_kernel(
         v_src = qkv_ptr + token * stride_t + (NUM_HEADS + NUM_KV_HEADS + v_heads)[:, None] * HEAD_DIM
         v = tl.load(v_src + v_dims[None, :], mask=v_ok, other=0.0).to(tl.float32)
         if FP8:
-            v_scale = tl.zeros([KV_ROWS, HEAD_DIM], dtype=tl.float32) + tl.load(v_scale_ptr)
-            v = tl.clamp(tl.math.div_rn(v, v_scale), -448.0, 448.0)
+            v = quantize_fp8(v, v_scale_ptr)
         v_dst = (
             block * stride_vb
             + in_block * stride_vs

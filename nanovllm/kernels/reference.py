@@ -35,8 +35,10 @@ FP8_MAX = 448.0  # the largest finite float8_e4m3fn; it has no inf, and casting 
 
 
 def quantize_fp8_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x / scale`` rounded to the nearest float8_e4m3fn, saturated to +-448: finite in, finite out."""
-    return (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    """``x * (1 / scale)`` rounded to the nearest float8_e4m3fn, saturated to +-448: finite in,
+    finite out. A multiply by the reciprocal, as vLLM's quantiser: it may differ from ``x / scale``
+    by one float32 ulp before the cast, and the kernels then need one division a program."""
+    return (x.float() * (1.0 / scale.float())).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def dequantize_ref(cache_rows: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
