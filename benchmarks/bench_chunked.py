@@ -39,7 +39,9 @@ def latency_under_load(llm, num_running=64, long_prompt=2000, every=4, steps=240
     engine, rng = llm.engine, random.Random(2)
     for i in range(num_running):
         prompt = [rng.randint(0, 10000) for _ in range(128)]
-        engine.add_request(f"bg-{i}", prompt, SamplingParams(max_tokens=steps + 50, ignore_eos=True), stream=True)
+        engine.add_request(
+            f"bg-{i}", prompt, SamplingParams(max_tokens=steps + 50, ignore_eos=True), stream=True
+        )
     while engine.stats().num_waiting:  # until every background sequence is running
         engine.step()
     gaps, last, arrivals = [], None, 0

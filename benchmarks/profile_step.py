@@ -19,7 +19,9 @@ from nanovllm.layers.sampler import SamplingMetadata
 def add_requests(engine, rng, batch: int, steps: int) -> None:
     for _ in range(batch):
         prompt = [rng.randint(0, 10000) for _ in range(512)]
-        engine.add_request(None, prompt, SamplingParams(temperature=0.6, max_tokens=steps + 2, ignore_eos=True))
+        engine.add_request(
+            None, prompt, SamplingParams(temperature=0.6, max_tokens=steps + 2, ignore_eos=True)
+        )
 
 
 def profile(llm, batch: int, steps: int = 40) -> dict:

@@ -9,8 +9,8 @@ llama.cpp's block formats (32 weights a block, the scales stored as float16):
 In Q4_0/Q4_1, byte i of ``qs`` holds weight i in its low nibble and weight i + 16 in its high one.
 
 With the C kernels (kernels/cpu/, AVX2): the block bytes are kept, regrouped eight rows at a time with
-their blocks interleaved (``ops.QMatmul``), and a matmul quantises its float32 activations to 16 bits per block
-of 32 and sums integer products (``ACT_DTYPE`` float32, output float32).
+their blocks interleaved (``ops.QMatmul``), and a matmul quantises its float32 activations to 16 bits
+per block of 32 and sums integer products (``ACT_DTYPE`` float32, output float32).
 
 Without them (no compiler, another CPU): torch's ``_weight_int4pack_mm_for_cpu`` computes ``x @ W.T``
 with ``W[n, k] = (q[n, k] - 8) * scale[g, n] + zero[g, n]`` for groups ``g = k // 32``, so both 4-bit
