@@ -23,8 +23,8 @@ here indexes through it, never a ``view``. The Triton backend lays an fp8 V cach
 to the tensor cores untransposed (kernels/decode_attention.py).
 
 An fp8 cache (``torch.float8_e4m3fn``) holds ``x / scale`` (computed ``x * (1 / scale)``, see
-``quantize_fp8_ref``) saturated to +-448, with one float32
-scale per layer for K and one for V (1-element tensors, so a CUDA graph reads their current value).
+``quantize_fp8_ref``) saturated to +-448, with one float32 scale per layer for K and one for V
+(1-element tensors, so a CUDA graph reads their current value).
 Reads dequantise (``x * scale``) and attention runs in float32. Caches of the model dtype ignore
 the scales (they may be ``None``).
 """

@@ -6,8 +6,9 @@ block ``slot // block_size``. See ``reference.py`` for the cache layout.
 
 An fp8 cache gets ``x * (1 / scale)`` saturated to +-448 (float8_e4m3fn has no inf: an unsaturated
 cast of a large value would be NaN), the reciprocal correctly rounded once a program so the result is
-bit-identical to ``reference.quantize_fp8_ref``. Triton 3.6's interpreter rounds float -> fp8 casts wrongly (a
-mantissa carry can halve the value, subnormals flush to zero), so the fp8 store is tested on a GPU.
+bit-identical to ``reference.quantize_fp8_ref``. Triton 3.6's interpreter rounds float -> fp8 casts
+wrongly (a mantissa carry can halve the value, subnormals flush to zero), so the fp8 store is tested
+on a GPU.
 """
 
 import torch
