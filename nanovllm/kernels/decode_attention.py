@@ -299,6 +299,13 @@ def _attend_tile(m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, t
         s = s * qk_scale
     if MASKED:
         s = tl.where(key_mask[None, :], s, float("-inf"))
+    return online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION)
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION: tl.constexpr):
+    """A tile's scores ``s`` (base 2, -inf where masked) and values ``v`` into the running max, sum
+    and unnormalised output. Shared with the prefill kernel."""
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     alpha = tl.exp2(m_i - m_new)
     p = tl.exp2(s - m_new[:, None])

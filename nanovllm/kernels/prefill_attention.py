@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 try:
-    from nanovllm.kernels.decode_attention import load_kv_tile, scale_queries
+    from nanovllm.kernels.decode_attention import load_kv_tile, online_softmax_step, scale_queries
 except ModuleNotFoundError:  # loaded by path beside another package named nanovllm (the anchors' shim)
     import importlib.util
     import os
@@ -38,7 +38,8 @@ except ModuleNotFoundError:  # loaded by path beside another package named nanov
     _spec = importlib.util.spec_from_file_location("_nanovllm_decode_attention", _path)
     _decode = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_decode)
-    load_kv_tile, scale_queries = _decode.load_kv_tile, _decode.scale_queries
+    load_kv_tile, online_softmax_step = _decode.load_kv_tile, _decode.online_softmax_step
+    scale_queries = _decode.scale_queries
 
 
 @triton.jit
@@ -79,13 +80,8 @@ def _attend_tile(
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
     if MASKED:
         s = tl.where((pos[None, :] <= q_pos[:, None]) & key_mask[None, :], s, float("-inf"))
-    # Every row sees key 0 in the first tile, so m_new is finite and no NaN can arise.
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-    return m_new, l_i, acc
+    # Every row sees key 0 in the first tile, so the running max is finite and no NaN can arise.
+    return online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION)
 
 
 @triton.jit(do_not_specialize=["cu_seqlens_q_ptr", "context_lens_ptr", "block_tables_ptr"])  # see decode
