@@ -49,11 +49,20 @@ the kernel is bound by memory bandwidth and the design follows from keeping ever
   169.3 (bf16 268.4), batch 64 x 4k 251.5 -> 182.4 (bf16 264.4): 58-63% -> 71-78% of copy
   bandwidth, with 5 stages (two tiles in flight) where slot-major wanted 3
   (bench_kernels.py --fp8-sweep). Its loads run along the keys, so a mask on them would split
-  the 16-key vectors into bytes: whole tiles are read unmasked (below), and the last, partial one
-  reads its block whole and zeroes the slots past the end.
+  the 16-key vectors into bytes: every tile reads its block whole, its scores past the end
+  masked (below).
 * Whole tiles are attended without masks, the last partial tile of a split with them
   (``_attend_tile``'s MASKED); the mask costs the loop ~10% of its instructions (412 -> 372 for
-  bf16's 64-key tiles).
+  bf16's 64-key tiles). That last tile runs in a loop of its own, unpipelined: its loads wait
+  alone. The engine's fp8 cache (key-major V, tiles inside one block) runs every tile masked in
+  the one pipelined loop instead (ONE_LOOP): K and V are read whole, the scores past ``end`` set to
+  -inf, and V's stale slots are not zeroed, because an fp8 cache never holds NaN (the quantiser maps
+  NaN to 0 and saturates, and the cache starts zeroed), so they meet weights of exactly 0. The
+  score mask adds 32 instructions to a loop of ~690 (sm_90 SASS); zeroing V there as well cost 128
+  selects and a third more shared memory (2 programs an SM, not 3) and was slower than two loops.
+  H200, lengths 100..2048 longest first, shipped splits: batch 256 166.1 -> 154.9 us, 128 97.2 ->
+  90.6, 64 58.1 -> 56.0, 8 25.1 -> 20.9; reference workload 32,075 -> 32,863 tok/s (medians of
+  three, same call; bf16 cache 25,618).
 """
 
 import math
@@ -145,6 +154,8 @@ def _decode_split_kernel(
     ORDERED: tl.constexpr,  # take the rows in order_ptr's order
     V_KEY_MAJOR: tl.constexpr,  # the V cache's slots are its contiguous axis (stride_vs == 1)
     PDL: tl.constexpr,  # launched early (kernels/pdl.py)
+    ONE_LOOP: tl.constexpr,  # every tile in the masked loop, pipelined (fp8 key-major V; see above)
+    MASKED_STAGES: tl.constexpr,  # the masked loop's num_stages: 1, or the launch's with ONE_LOOP
 ):
     wait_for_previous(PDL)  # q and this step's K/V come from the kernel just before
     kv_head = tl.program_id(0)
@@ -177,20 +188,25 @@ def _decode_split_kernel(
         table = block_tables_ptr + seq.to(tl.int64) * stride_bt
         kv_head_off = kv_head * stride_ch
         v_head_off = kv_head * stride_vh
-        # Whole tiles first, unmasked; then the last, partial tile with its keys masked. (When a tile
-        # may span blocks, every tile is masked, so the table's padding is never read.)
-        full_end = start + (end - start) // BLOCK_N * BLOCK_N if BLOCK_SIZE % BLOCK_N == 0 else start
+        # Whole tiles first, unmasked; then the last, partial tile with its keys masked, in a loop of
+        # its own, unpipelined (MASKED_STAGES 1: no buffers). When a tile may span blocks, every tile
+        # is masked, so the table's padding is never read. ONE_LOOP: every tile masked, pipelined, and
+        # stale V slots trusted to be finite (see above).
+        if ONE_LOOP or BLOCK_SIZE % BLOCK_N != 0:
+            full_end = start
+        else:
+            full_end = start + (end - start) // BLOCK_N * BLOCK_N
         for tile_start in range(start, full_end, BLOCK_N):
             m_i, l_i, acc = _attend_tile(
                 m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, table, tile_start, end,
-                kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd,
-                HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR,
+                kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM,
+                BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR, True,
             )  # fmt: skip
-        for tile_start in tl.range(full_end, end, BLOCK_N, num_stages=1):  # not pipelined: no buffers
+        for tile_start in tl.range(full_end, end, BLOCK_N, num_stages=MASKED_STAGES):
             m_i, l_i, acc = _attend_tile(
                 m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, table, tile_start, end,
-                kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd,
-                HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR,
+                kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM,
+                BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR, not ONE_LOOP,
             )  # fmt: skip
 
         # l_i >= 1 once a split has seen a key (its max contributes exp2(0)); an empty sequence has
@@ -237,12 +253,13 @@ def scale_queries(q, qk_scale, k_scale_ptr, FP8: tl.constexpr, FP16_DOT: tl.cons
 def load_kv_tile(k_cache_ptr, v_cache_ptr, table, start, end, kv_head_off, v_head_off, stride_cb, stride_cs,
                  stride_vb, stride_vs, stride_vd, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FP8: tl.constexpr,
-                 V_KEY_MAJOR: tl.constexpr):  # fmt: skip
+                 V_KEY_MAJOR: tl.constexpr, ZERO_STALE_V: tl.constexpr = True):  # fmt: skip
     """K and V of the keys ``start .. start + BLOCK_N`` of one sequence and KV head, [BLOCK_N,
     HEAD_DIM] each (fp8 caches converted to ``dtype``), and the mask of the keys below ``end``.
-    MASKED: keys from ``end`` on read as zeros (else the whole tile is below ``end``). Only table
-    entries of blocks that hold keys are read: its padding is never touched. Shared with the
-    prefill kernel."""
+    MASKED: the keys from ``end`` on are for the caller to mask; they read as zeros, except in a
+    tile inside one block of a key-major V cache: read whole there, V's zeroed if ZERO_STALE_V
+    (else the whole tile is below ``end``). Only table entries of blocks that hold keys are read:
+    its padding is never touched. Shared with the prefill kernel."""
     dims = tl.arange(0, HEAD_DIM)
     pos = start + tl.arange(0, BLOCK_N)
     key_mask = pos < end
@@ -261,9 +278,10 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, table, start, end, kv_head_off, v_hea
     k_ptrs = k_cache_ptr + k_off[:, None] + dims[None, :]
     v_ptrs = v_cache_ptr + v_off[:, None] + dims[None, :] * stride_vd
     # Key-major V: a mask along the keys would split its 16-key vector loads into bytes. The tile
-    # lies in one block this sequence holds, so it is read whole and the slots past ``end`` zeroed.
+    # lies in one block this sequence holds, so it is read whole, K too (the caller masks the
+    # scores), and V's slots past ``end`` zeroed (ZERO_STALE_V) unless the caller knows them finite.
     V_WHOLE: tl.constexpr = MASKED and V_KEY_MAJOR and BLOCK_SIZE % BLOCK_N == 0
-    if MASKED:
+    if MASKED and not V_WHOLE:
         k = tl.load(k_ptrs, mask=key_mask[:, None], other=0.0)
     else:
         k = tl.load(k_ptrs)
@@ -273,7 +291,7 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, table, start, end, kv_head_off, v_hea
         v = tl.load(v_ptrs)
     if FP8:
         k, v = k.to(dtype), v.to(dtype)
-    if V_WHOLE:  # a stale slot may hold anything, NaN included, and 0 * NaN is NaN
+    if V_WHOLE and ZERO_STALE_V:  # a stale slot may hold anything, NaN included, and 0 * NaN is NaN
         v = tl.where(key_mask[:, None], v, 0.0)
     return k, v, key_mask
 
@@ -283,13 +301,15 @@ def _attend_tile(m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, t
                  kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd,
                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                  MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
-                 FP16_DOT: tl.constexpr, V_STAGED: tl.constexpr, V_KEY_MAJOR: tl.constexpr):  # fmt: skip
+                 FP16_DOT: tl.constexpr, V_STAGED: tl.constexpr, V_KEY_MAJOR: tl.constexpr,
+                 ZERO_STALE_V: tl.constexpr):  # fmt: skip
     """One tile of BLOCK_N keys from ``tile_start`` into the online softmax's running max ``m_i``,
     sum ``l_i`` (base 2) and unnormalised output ``acc``. MASKED: keys from ``end`` on are not
     attended (else the whole tile is below ``end``)."""
     k, v, key_mask = load_kv_tile(
         k_cache_ptr, v_cache_ptr, table, tile_start, end, kv_head_off, v_head_off, stride_cb, stride_cs,
         stride_vb, stride_vs, stride_vd, q.dtype, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASKED, FP8, V_KEY_MAJOR,
+        ZERO_STALE_V,
     )  # fmt: skip
     if V_STAGED:  # see FP8_V_STAGED
         v = v * tl.full([], v_unit, q.dtype)
@@ -421,6 +441,14 @@ def paged_decode_attention(
         counters = _counters_for(q.device)
     merge_g = triton.next_power_of_2(group)
     assert order is None or (order.shape == (2, batch) and order.stride(1) == 1), "order: [2, batch] int32"
+    v_key_major = v_cache.stride(1) == 1
+    # Measured on H200 (bf16, head_dim 128): 64-key tiles, 4 warps and 3 stages in flight read
+    # K/V at ~95% of copy bandwidth; 32-key tiles fall to ~80%, 128-key tiles or 8 warps are no better.
+    # A key-major fp8 V: 128-key tiles, 5 stages (two tiles in flight; bench_kernels.py --fp8-sweep).
+    # With ONE_LOOP, 3 and 5 stages were within 7% of each other at batches 8-256, and 8 warps or
+    # 64- or 256-key tiles 5-40% slower (H200, lengths 100..2048).
+    launch = {"num_warps": 4, "num_stages": 5 if fp8 and v_key_major else 3} | (launch or {})
+    one_loop = fp8 and v_key_major and block_size % block_n == 0
     _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, context_lens if order is None else order, out,
         partial, lse, counters,
@@ -449,11 +477,10 @@ def paged_decode_attention(
         MERGE_CHUNK=max(1, 4096 // (merge_g * head_dim)),  # 32 float32 registers a thread at 4 warps
         SPLITS_PAD=MAX_SPLITS,
         ORDERED=order is not None,
-        V_KEY_MAJOR=v_cache.stride(1) == 1,
-        # Measured on H200 (bf16, head_dim 128): 64-key tiles, 4 warps and 3 stages in flight read
-        # K/V at ~95% of copy bandwidth; 32-key tiles fall to ~80%, 128-key tiles or 8 warps are no better.
-        # A key-major fp8 V: 5 stages (two tiles in flight; bench_kernels.py --fp8-sweep).
-        **({"num_warps": 4, "num_stages": 5 if fp8 and v_cache.stride(1) == 1 else 3} | (launch or {})),
+        V_KEY_MAJOR=v_key_major,
+        ONE_LOOP=one_loop,
+        MASKED_STAGES=launch["num_stages"] if one_loop else 1,
+        **launch,
         **pdl.launch_options(q),
     )  # fmt: skip
     return out

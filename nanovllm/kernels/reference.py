@@ -24,7 +24,8 @@ to the tensor cores untransposed (kernels/decode_attention.py).
 
 An fp8 cache (``torch.float8_e4m3fn``) holds ``x / scale`` (computed ``x * (1 / scale)``, see
 ``quantize_fp8_ref``) saturated to +-448, with one float32 scale per layer for K and one for V
-(1-element tensors, so a CUDA graph reads their current value).
+(1-element tensors, so a CUDA graph reads their current value). It never holds NaN: the
+quantisers store NaN as 0 and the engine allocates the cache zeroed.
 Reads dequantise (``x * scale``) and attention runs in float32. Caches of the model dtype ignore
 the scales (they may be ``None``).
 """
@@ -36,10 +37,11 @@ FP8_MAX = 448.0  # the largest finite float8_e4m3fn; it has no inf, and casting 
 
 
 def quantize_fp8_ref(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``x * (1 / scale)`` rounded to the nearest float8_e4m3fn, saturated to +-448: finite in,
-    finite out. A multiply by the reciprocal, as vLLM's quantiser: it may differ from ``x / scale``
-    by one float32 ulp before the cast, and the kernels then need one division a program."""
-    return (x.float() * (1.0 / scale.float())).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    """``x * (1 / scale)`` rounded to the nearest float8_e4m3fn, saturated to +-448, NaN as 0:
+    never NaN out, so stale cache slots are finite (the decode kernel relies on it). A multiply by
+    the reciprocal, as vLLM's quantiser: it may differ from ``x / scale`` by one float32 ulp before
+    the cast, and the kernels then need one division a program."""
+    return (x.float().nan_to_num(nan=0.0) * (1.0 / scale.float())).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
 
 
 def dequantize_ref(cache_rows: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:

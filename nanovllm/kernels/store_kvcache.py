@@ -5,10 +5,10 @@ program writes nothing) and copies all its KV heads, K and V, into row ``slot % 
 block ``slot // block_size``. See ``reference.py`` for the cache layout.
 
 An fp8 cache gets ``x * (1 / scale)`` saturated to +-448 (float8_e4m3fn has no inf: an unsaturated
-cast of a large value would be NaN), the reciprocal correctly rounded once a program so the result is
-bit-identical to ``reference.quantize_fp8_ref``. Triton 3.6's interpreter rounds float -> fp8 casts
-wrongly (a mantissa carry can halve the value, subnormals flush to zero), so the fp8 store is tested
-on a GPU.
+cast of a large value would be NaN), NaN stored as 0, so the cache never holds NaN; the reciprocal
+is correctly rounded once a program so the result is bit-identical to ``reference.quantize_fp8_ref``.
+Triton 3.6's interpreter rounds float -> fp8 casts wrongly (a mantissa carry can halve the value,
+subnormals flush to zero), so the fp8 store is tested on a GPU.
 """
 
 import torch
@@ -18,12 +18,14 @@ import triton.language as tl
 
 @triton.jit
 def quantize_fp8(x, scale_ptr):
-    """``x * (1 / scale)`` in float32, saturated to +-448: ready for the cast to float8_e4m3fn.
+    """``x * (1 / scale)`` in float32, saturated to +-448, NaN as 0: ready for the cast to
+    float8_e4m3fn, never NaN (the decode kernel relies on it: see decode_attention.py).
     One IEEE division a program: an IEEE division per element compiled to a branch and a slow-path
     call each, serialised (qkv_prep at batch 8 took 13 us where its bf16 twin took 7, H200)."""
     scale = tl.load(scale_ptr + tl.arange(0, 1))
     inv_scale = tl.math.div_rn(tl.full([1], 1.0, tl.float32), scale)
-    return tl.clamp(x.to(tl.float32) * inv_scale, -448.0, 448.0)
+    x = x.to(tl.float32)
+    return tl.clamp(tl.where(x == x, x, 0.0) * inv_scale, -448.0, 448.0)
 
 
 @triton.jit

@@ -25,15 +25,16 @@ def check(
     context_lens, num_heads, num_kv_heads, head_dim, block_size, dtype, pad="poison",
     cache_dtype=None, kv_scales=(1.0, 1.0), v_key_major=False, **kwargs,
 ):  # fmt: skip
-    """The kernel against the reference on one cache. A key-major V cache also holds NaN in the
-    stale slots past each sequence's end (the kernel reads them whole and must zero them); the
-    reference reads a copy with finite ones."""
+    """The kernel against the reference on one cache. A key-major V cache (fp8, as the engine's)
+    holds 448 / scale, the largest fp8 value, in the stale slots past each sequence's end: the
+    kernel reads them whole and must give them weight 0. (Never NaN: the quantiser stores NaN as
+    0, test_store_kvcache.py.) The reference reads the same values laid out slot-major."""
     cache = lambda **kw: make_paged_kv(
         context_lens, num_kv_heads, head_dim, block_size, cache_dtype or dtype, pad=pad,
         seed=len(context_lens), kv_scales=kv_scales, **kw,
     )  # fmt: skip
     k_cache, v_cache, block_tables, lens = cache()
-    v_read = cache(v_key_major=True, stale=float("nan"))[1] if v_key_major else v_cache
+    v_read = cache(v_key_major=True)[1] if v_key_major else v_cache
     k_scale, v_scale = (torch.tensor([s], device=device()) for s in kv_scales)
     gen = torch.Generator().manual_seed(1)
     # q as a view into a wider projection output: a stride on dim 0.
@@ -108,7 +109,8 @@ def test_decode_fp8_splits(num_splits, v_key_major):  # v_scale is applied to ea
 
 @pytest.mark.parametrize("block_n", [16, 32])  # 32: the whole-tile path (tiles inside a block)
 def test_decode_fp8_key_major_tiles(block_n):
-    """Key-major V with tiles of one block and of several, split or not, NaN in the stale slots."""
+    """Key-major V with tiles of one block (32: every tile in the one pipelined loop, masked) and
+    of several, split or not, the largest fp8 value in the stale slots."""
     for splits in (1, 4):
         check([1, 31, 32, 33, 95, 200], 4, 2, 32, 32, torch.float32, cache_dtype=FP8_DTYPE,
               v_key_major=True, num_splits=splits, block_n=block_n)  # fmt: skip

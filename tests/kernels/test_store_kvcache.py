@@ -80,9 +80,28 @@ def test_store_kvcache_fp8_gpu(block_size, dtype, kv_scales, v_key_major):
              v_key_major=v_key_major)  # fmt: skip
 
 
+@pytest.mark.parametrize("v_key_major", [False, True])
+def test_store_kvcache_fp8_never_writes_nan(v_key_major):
+    """NaN is stored as 0 and +-inf saturates: the decode kernel reads stale slots whole and relies
+    on a finite cache (decode_attention.py, ONE_LOOP). Exact values, so the interpreter runs it too."""
+    specials = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e30, -0.0, 2.0])
+    key = specials.repeat(2 * 16 // 6 + 1)[: 2 * 16].view(1, 2, 16).repeat(3, 1, 1).to(device())
+    value = key.flip(-1).contiguous()
+    shape = (2, 16, 2, 16)
+    k_cache = torch.zeros(shape, dtype=FP8_DTYPE, device=device())
+    v_cache = key_major(torch.zeros_like(k_cache)) if v_key_major else torch.zeros_like(k_cache)
+    scale = torch.tensor([0.5], device=device())
+    store_kvcache(key, value, k_cache, v_cache, torch.tensor([3, 17, 30], device=device()), scale, scale)
+    for cache, src in ((k_cache, key), (v_cache, value)):
+        got = cache.float().flatten(0, 1)[[3, 17, 30]]
+        want = torch.where(src.isnan(), 0.0, src * 2).clamp(-448, 448)
+        assert not cache.float().isnan().any()
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 def test_quantize_fp8_saturates_and_rounds_to_nearest():
     scale = torch.tensor([0.5])
-    x = torch.tensor([0.0, 1.0, -3.3, 224.0, 300.0, -1e6, float("inf"), float("-inf"), 1e-4])
+    x = torch.tensor([0.0, 1.0, -3.3, 224.0, 300.0, -1e6, float("inf"), float("-inf"), 1e-4, float("nan")])
     q = quantize_fp8_ref(x, scale).float()
     assert not q.isnan().any()
     assert q.tolist()[:8] == [
@@ -96,6 +115,7 @@ def test_quantize_fp8_saturates_and_rounds_to_nearest():
         -448.0,
     ]  # 6.6 -> 6.5 (3-bit mantissa)
     assert q[8] == 0.0  # 2e-4 is below half of the smallest subnormal (2^-9)
+    assert q[9] == 0.0  # NaN is stored as 0: a cache never holds NaN
     # Round-to-nearest: relative error at most 2^-4 over the normal range (mantissa of 3 bits).
     y = torch.randn(10_000, generator=torch.Generator().manual_seed(0)) * 5
     y = y[(y.abs() >= 2**-6 * 0.1) & (y.abs() <= 448 * 0.1)]  # normal e4m3 values after / 0.1
