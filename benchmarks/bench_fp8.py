@@ -10,6 +10,8 @@ built in this one process (imports and torch.compile paid once), one JSON line p
   scheduler's running count, and the whole sequences the KV blocks hold) and the throughput.
 * reference: the nano-vllm reference workload (nanovllm/benchmark.py) at Qwen3-0.6B shapes with
   random bf16 weights, auto and fp8 alternating, ``--runs`` each; the median tok/s of each dtype.
+  ``--v-sub-blocks 64 256`` runs fp8 once per key-major V block size (reference.V_SUB_BLOCK) in
+  each round: a layout A/B in one process.
 
 Each run's line is appended as soon as it finishes, so a run killed by a timeout keeps the lines
 before it; the summary line comes last.
@@ -38,6 +40,7 @@ from nanovllm.benchmark import (  # noqa: E402
     workload,
     write_random_qwen3,
 )
+from nanovllm.kernels import reference  # noqa: E402
 
 TINY = os.environ.get("NANOVLLM_FP8_TINY") == "1"
 # name: (num_seqs, min_input, max_input, min_output, max_output, max_model_len)
@@ -49,10 +52,15 @@ TINY_WORKLOADS = {"long": (4, 300, 300, 8, 8, 512), "reference": (8, 10, 60, 4, 
 TINY_MODEL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   head_dim=16, intermediate_size=128, vocab_size=10240)  # fmt: skip
 RESULTS = Path(__file__).with_name("results.jsonl")
+SHIPPED_V_SUB_BLOCK = reference.V_SUB_BLOCK
 
 
-def run_once(model: str, part: str, kv: str, run: int, copy_gbs: float | None) -> dict:
-    """One engine, one pass over the part's workload; the engine is gone (memory freed) on return."""
+def run_once(
+    model: str, part: str, kv: str, run: int, copy_gbs: float | None, v_sub_block: int | None = None
+) -> dict:
+    """One engine, one pass over the part's workload; the engine is gone (memory freed) on return.
+    ``v_sub_block``: the key-major V block size for this engine's cache (default the shipped one)."""
+    reference.V_SUB_BLOCK = v_sub_block or SHIPPED_V_SUB_BLOCK
     num_seqs, min_in, max_in, min_out, max_out, max_model_len = (TINY_WORKLOADS if TINY else WORKLOADS)[part]
     prompts, params = workload(num_seqs, max_in, max_out, min_input=min_in, min_output=min_out)
     sizes = {} if TINY else dict(max_num_batched_tokens=max(16384, max_model_len))
@@ -93,6 +101,7 @@ def run_once(model: str, part: str, kv: str, run: int, copy_gbs: float | None) -
         "attention_backend": runner.backend.name,
         "cuda_graphs": bool(runner.graphs),
         "kv_cache_dtype": str(runner.kv_cache.dtype).removeprefix("torch."),
+        **({"v_sub_block": reference.V_SUB_BLOCK} if kv == "fp8" else {}),
         "calculate_kv_scales": False,
         "engine_seconds": round(elapsed, 2),
         "engine_tok_s": round(out_tokens / elapsed, 1),  # output tokens, as bench.py counts
@@ -136,8 +145,13 @@ def summarize(rows: list[dict]) -> dict:
     out = {"bench": "kv_cache_fp8_summary", "date": rows[-1]["date"] if rows else None}
     for part in WORKLOADS:
         mine = {}
-        for kv in ("bfloat16", "float32", "float8_e4m3fn"):
+        sub_blocks = sorted({r["v_sub_block"] for r in rows if r.get("part") == part and "v_sub_block" in r})
+        for kv in ("bfloat16", "float32", "float8_e4m3fn") + tuple(f"fp8 v{n}" for n in sub_blocks[1:]):
             runs = [r for r in rows if r.get("part") == part and r.get("kv_cache_dtype") == kv]
+            if kv == "float8_e4m3fn" and len(sub_blocks) > 1:  # the first block size under this name
+                runs = [r for r in runs if r.get("v_sub_block") == sub_blocks[0]]
+            elif kv.startswith("fp8 v"):
+                runs = [r for r in rows if r.get("part") == part and r.get("v_sub_block") == int(kv[5:])]
             if runs:
                 mine[kv] = {
                     "engine_tok_s": [r["engine_tok_s"] for r in runs],
@@ -151,6 +165,12 @@ def summarize(rows: list[dict]) -> dict:
         auto = mine.get("bfloat16") or mine.get("float32")
         if auto and "float8_e4m3fn" in mine:
             mine["fp8_over_auto"] = round(mine["float8_e4m3fn"]["median_tok_s"] / auto["median_tok_s"], 3)
+            if len(sub_blocks) > 1:
+                mine["fp8_first_v_sub_block"] = sub_blocks[0]
+            for n in sub_blocks[1:]:
+                mine[f"fp8 v{n}_over_auto"] = round(
+                    mine[f"fp8 v{n}"]["median_tok_s"] / auto["median_tok_s"], 3
+                )
         if mine:
             out[part] = mine
     return out
@@ -164,6 +184,7 @@ def main() -> None:
     parser.add_argument("--note", default="")
     parser.add_argument("--ckpt-dir", default="/tmp/nanovllm-qwen3-0.6b-random")
     parser.add_argument("--summarize", metavar="PATH", help="only print the summary of PATH's lines")
+    parser.add_argument("--v-sub-blocks", type=int, nargs="+", default=[None], help="fp8 V layouts to A/B")
     args = parser.parse_args()
     if args.summarize:
         rows = [r for r in map(json.loads, open(args.summarize)) if r.get("bench") == "kv_cache_fp8_speed"]
@@ -178,9 +199,10 @@ def main() -> None:
     copy_gbs = copy_bandwidth_gbs() if torch.cuda.is_available() else None
     rows = []
     for part in args.parts:
-        order = ["auto", "fp8"] * (args.runs if part == "reference" else 1)
-        for i, kv in enumerate(order):
-            row = run_once(model, part, kv, i // 2 + 1, copy_gbs)
+        per_round = [("auto", None)] + [("fp8", n) for n in args.v_sub_blocks]
+        rounds = args.runs if part == "reference" else 1
+        for i, (kv, sub) in enumerate(per_round * rounds):
+            row = run_once(model, part, kv, i // len(per_round) + 1, copy_gbs, sub)
             if args.note:
                 row["note"] = args.note
             rows.append(row)

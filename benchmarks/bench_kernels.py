@@ -26,7 +26,7 @@ from nanovllm.benchmark import _record, git_commit  # noqa: E402
 from nanovllm.kernels.decode_attention import choose_num_splits, paged_decode_attention  # noqa: E402
 from nanovllm.kernels.prefill_attention import paged_prefill_attention  # noqa: E402
 from nanovllm.kernels.qkv_prep import qkv_prep  # noqa: E402
-from nanovllm.kernels.reference import key_major, paged_decode_attention_ref  # noqa: E402
+from nanovllm.kernels.reference import key_major, paged_decode_attention_ref, to_key_major  # noqa: E402
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 16, 8, 128, 256
 DTYPE = torch.bfloat16
@@ -51,7 +51,7 @@ def paged_cache(
     k_cache = torch.randn(shape, dtype=DTYPE, device="cuda").to(cache_dtype)
     v_cache = torch.randn(shape, dtype=DTYPE, device="cuda").to(cache_dtype)
     if v_key_major:
-        v_cache = key_major(torch.empty_like(v_cache)).copy_(v_cache)
+        v_cache = to_key_major(v_cache)
     ids = torch.randperm(num_blocks, generator=gen).to(torch.int32)
     table = torch.full((len(context_lens), max(blocks)), -1, dtype=torch.int32)
     used = 0

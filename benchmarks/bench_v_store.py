@@ -8,11 +8,13 @@ Each token writes its 8 KV heads x 128 dims (Qwen3-0.6B) to a random slot of its
 write finds its sector in L2. Layouts:
 
 * slot-major: [block, slot, head, dim], a token's head is 128 contiguous bytes;
-* key-major: [block, head, dim, slot] (the engine's fp8 V, ``reference.key_major``): 128 bytes 256
+* key-major: [block, head, dim, slot] (the engine's fp8 V until 16-slot blocks): 128 bytes 256
   apart, one 32-byte sector each;
 * chunk16: [block, head, slot / 16, dim, 16]: a token's head lands 16 bytes apart, two bytes a sector,
-  in 2 KB; the decode kernel would still read 16 keys of one dim as one vector. No torch view
-  expresses it with the cache's logical shape, so it is measured here only;
+  in 2 KB; the decode kernel would still read 16 keys of one dim as one vector;
+* key-major in 16-slot blocks: [block, slot / 16, head, dim, 16], the engine's fp8 V
+  (``reference.key_major``): as chunk16, a token's heads 2 KB apart in 16 KB; a torch view of a cache
+  of 16-slot blocks expresses it;
 * key-major with the store's cache hints (.cs, .wt, evict_last, evict_first).
 """
 
@@ -22,7 +24,7 @@ import triton.language as tl
 
 HEADS, DIM, BLOCK, NUM_BLOCKS, LAYERS = 8, 128, 256, 4500, 28
 LAYOUTS = ["slot-major", "key-major", "chunk16", "key-major .cs", "key-major .wt", "key-major evict_last",
-           "key-major evict_first"]  # fmt: skip
+           "key-major evict_first", "key-major 16-slot blocks"]  # fmt: skip
 
 
 @triton.jit
@@ -39,6 +41,8 @@ def _store_v(v_ptr, cache_ptr, slots_ptr, LAYOUT: tl.constexpr, HEADS: tl.conste
         off = base + s * HEADS * DIM + h * DIM + d
     elif LAYOUT == 2:
         off = base + h * DIM * BLOCK + (s // 16) * 16 * DIM + d * 16 + s % 16
+    elif LAYOUT == 7:
+        off = base + (s // 16) * 16 * HEADS * DIM + h * DIM * 16 + d * 16 + s % 16
     else:
         off = base + h * DIM * BLOCK + d * BLOCK + s
     if LAYOUT == 3:

@@ -142,6 +142,7 @@ def _decode_split_kernel(
     GROUP_PAD: tl.constexpr,  # >= 16, power of two
     HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,  # tokens per cache block
+    V_BLOCK: tl.constexpr,  # tokens per V cache block: BLOCK_SIZE, or fewer key-major (reference.key_major)
     BLOCK_N: tl.constexpr,  # keys per tile
     ONE_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -200,13 +201,15 @@ def _decode_split_kernel(
             m_i, l_i, acc = _attend_tile(
                 m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, table, tile_start, end,
                 kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM,
-                BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR, True,
+                BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR, V_BLOCK,
+                True,
             )  # fmt: skip
         for tile_start in tl.range(full_end, end, BLOCK_N, num_stages=MASKED_STAGES):
             m_i, l_i, acc = _attend_tile(
                 m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, table, tile_start, end,
                 kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM,
-                BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR, not ONE_LOOP,
+                BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR, V_BLOCK,
+                not ONE_LOOP,
             )  # fmt: skip
 
         # l_i >= 1 once a split has seen a key (its max contributes exp2(0)); an empty sequence has
@@ -253,7 +256,8 @@ def scale_queries(q, qk_scale, k_scale_ptr, FP8: tl.constexpr, FP16_DOT: tl.cons
 def load_kv_tile(k_cache_ptr, v_cache_ptr, table, start, end, kv_head_off, v_head_off, stride_cb, stride_cs,
                  stride_vb, stride_vs, stride_vd, dtype: tl.constexpr, HEAD_DIM: tl.constexpr,
                  BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FP8: tl.constexpr,
-                 V_KEY_MAJOR: tl.constexpr, ZERO_STALE_V: tl.constexpr = True):  # fmt: skip
+                 V_KEY_MAJOR: tl.constexpr, V_BLOCK: tl.constexpr,
+                 ZERO_STALE_V: tl.constexpr = True):  # fmt: skip
     """K and V of the keys ``start .. start + BLOCK_N`` of one sequence and KV head, [BLOCK_N,
     HEAD_DIM] each (fp8 caches converted to ``dtype``), and the mask of the keys below ``end``.
     MASKED: the keys from ``end`` on are for the caller to mask; they read as zeros, except in a
@@ -267,14 +271,15 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, table, start, end, kv_head_off, v_hea
         block_id = tl.load(table + start // BLOCK_SIZE).to(tl.int64)
         slot = tl.multiple_of(start % BLOCK_SIZE, BLOCK_N) + tl.arange(0, BLOCK_N)
         k_off = block_id * stride_cb + slot * stride_cs + kv_head_off
-        v_off = block_id * stride_vb + slot * stride_vs + v_head_off
+        v_off = _v_offsets(block_id, slot, stride_vb, stride_vs, BLOCK_SIZE, V_BLOCK) + v_head_off
     else:
         if MASKED:
             block_ids = tl.load(table + pos // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
         else:
             block_ids = tl.load(table + pos // BLOCK_SIZE).to(tl.int64)
         k_off = block_ids * stride_cb + (pos % BLOCK_SIZE) * stride_cs + kv_head_off
-        v_off = block_ids * stride_vb + (pos % BLOCK_SIZE) * stride_vs + v_head_off
+        v_off = _v_offsets(block_ids, pos % BLOCK_SIZE, stride_vb, stride_vs, BLOCK_SIZE, V_BLOCK)
+        v_off += v_head_off
     k_ptrs = k_cache_ptr + k_off[:, None] + dims[None, :]
     v_ptrs = v_cache_ptr + v_off[:, None] + dims[None, :] * stride_vd
     # Key-major V: a mask along the keys would split its 16-key vector loads into bytes. The tile
@@ -297,19 +302,28 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, table, start, end, kv_head_off, v_hea
 
 
 @triton.jit
+def _v_offsets(block_id, row, stride_vb, stride_vs, BLOCK_SIZE: tl.constexpr, V_BLOCK: tl.constexpr):
+    """Where row ``row`` of K block ``block_id`` lies in a V cache of V_BLOCK-slot blocks (a key-major
+    V's may be smaller, reference.key_major; else the same block and row)."""
+    if V_BLOCK == BLOCK_SIZE:
+        return block_id * stride_vb + row * stride_vs
+    return (block_id * (BLOCK_SIZE // V_BLOCK) + row // V_BLOCK) * stride_vb + (row % V_BLOCK) * stride_vs
+
+
+@triton.jit
 def _attend_tile(m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, table, tile_start, end,
                  kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd,
                  HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
                  MASKED: tl.constexpr, DOT_PRECISION: tl.constexpr, FP8: tl.constexpr,
                  FP16_DOT: tl.constexpr, V_STAGED: tl.constexpr, V_KEY_MAJOR: tl.constexpr,
-                 ZERO_STALE_V: tl.constexpr):  # fmt: skip
+                 V_BLOCK: tl.constexpr, ZERO_STALE_V: tl.constexpr):  # fmt: skip
     """One tile of BLOCK_N keys from ``tile_start`` into the online softmax's running max ``m_i``,
     sum ``l_i`` (base 2) and unnormalised output ``acc``. MASKED: keys from ``end`` on are not
     attended (else the whole tile is below ``end``)."""
     k, v, key_mask = load_kv_tile(
         k_cache_ptr, v_cache_ptr, table, tile_start, end, kv_head_off, v_head_off, stride_cb, stride_cs,
         stride_vb, stride_vs, stride_vd, q.dtype, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASKED, FP8, V_KEY_MAJOR,
-        ZERO_STALE_V,
+        V_BLOCK, ZERO_STALE_V,
     )  # fmt: skip
     if V_STAGED:  # see FP8_V_STAGED
         v = v * tl.full([], v_unit, q.dtype)
@@ -367,6 +381,16 @@ def _merge_group(partial_ptr, lse_ptr, out_ptr, seq, kv_head, used, num_heads, n
              out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None])  # fmt: skip
 
 
+def check_kv_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    """K and V hold the same slots, V perhaps in smaller blocks (reference.key_major); K's rows are
+    contiguous. Shared with the prefill, store and qkv_prep launchers."""
+    (num_blocks, block_size, *rest), (v_blocks, v_block, *v_rest) = k_cache.shape, v_cache.shape
+    assert rest == v_rest and block_size % v_block == 0 and num_blocks * block_size == v_blocks * v_block, (
+        f"K cache {tuple(k_cache.shape)} and V cache {tuple(v_cache.shape)} must hold the same slots"
+    )
+    assert k_cache.stride(3) == 1, "the K cache's head_dim must be contiguous"
+
+
 def choose_num_splits(batch: int, num_kv_heads: int, max_context_len: int, block_n: int = 64) -> int:
     """Enough programs to fill every SM a few times over, but no split shorter than two tiles.
 
@@ -417,7 +441,8 @@ def paged_decode_attention(
     _, block_size, num_kv_heads, _ = k_cache.shape
     assert num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
     assert head_dim in (16, 32, 64, 128, 256), "head_dim must be a power of two"
-    assert k_cache.shape == v_cache.shape and k_cache.stride(3) == 1 and q.stride(2) == 1
+    check_kv_caches(k_cache, v_cache)
+    assert q.stride(2) == 1
     group = num_heads // num_kv_heads
     if max_context_len is None:
         max_context_len = block_tables.shape[1] * block_size  # from shapes only: no host sync
@@ -467,6 +492,7 @@ def paged_decode_attention(
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim,
         BLOCK_SIZE=block_size,
+        V_BLOCK=v_cache.shape[1],
         BLOCK_N=block_n,
         ONE_SPLIT=num_splits == 1,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -29,7 +29,12 @@ import triton
 import triton.language as tl
 
 try:
-    from nanovllm.kernels.decode_attention import load_kv_tile, online_softmax_step, scale_queries
+    from nanovllm.kernels.decode_attention import (
+        check_kv_caches,
+        load_kv_tile,
+        online_softmax_step,
+        scale_queries,
+    )
 except ModuleNotFoundError:  # loaded by path beside another package named nanovllm (the anchors' shim)
     import importlib.util
     import os
@@ -39,7 +44,7 @@ except ModuleNotFoundError:  # loaded by path beside another package named nanov
     _decode = importlib.util.module_from_spec(_spec)
     _spec.loader.exec_module(_decode)
     load_kv_tile, online_softmax_step = _decode.load_kv_tile, _decode.online_softmax_step
-    scale_queries = _decode.scale_queries
+    scale_queries, check_kv_caches = _decode.scale_queries, _decode.check_kv_caches
 
 
 @triton.jit
@@ -69,12 +74,14 @@ def _attend_tile(
     DOT_PRECISION: tl.constexpr,
     FP8: tl.constexpr,
     V_KEY_MAJOR: tl.constexpr,
+    V_BLOCK: tl.constexpr,
 ):
     """One step of online softmax over keys start_n .. start_n + BLOCK_N."""
     pos = start_n + tl.arange(0, BLOCK_N)
     k, v, key_mask = load_kv_tile(
         k_cache_ptr, v_cache_ptr, table, start_n, seen_end, kv_head_off, v_head_off, stride_cb, stride_cs,
         stride_vb, stride_vs, stride_vd, q.dtype, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASKED, FP8, V_KEY_MAJOR,
+        V_BLOCK,
     )  # fmt: skip
 
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N]
@@ -117,6 +124,7 @@ def _prefill_kernel(
     FP8: tl.constexpr,  # the cache is float8_e4m3fn, dequantised with k_scale / v_scale
     FP16_DOT: tl.constexpr,  # fp8 cache, bf16 queries: both upcast to fp16 (see decode_attention.py)
     V_KEY_MAJOR: tl.constexpr,  # stride_vs == 1
+    V_BLOCK: tl.constexpr,  # tokens per V cache block: BLOCK_SIZE, or fewer key-major (reference.key_major)
 ):
     head = tl.program_id(0)
     q_tile = tl.program_id(1)
@@ -150,13 +158,13 @@ def _prefill_kernel(
         m_i, l_i, acc = _attend_tile(
             q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head_off, v_head_off, start_n,
             seen_end, qk_scale, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM, BLOCK_SIZE,
-            BLOCK_N, False, DOT_PRECISION, FP8, V_KEY_MAJOR,
+            BLOCK_N, False, DOT_PRECISION, FP8, V_KEY_MAJOR, V_BLOCK,
         )  # fmt: skip
     for start_n in range(full_end, seen_end, BLOCK_N):
         m_i, l_i, acc = _attend_tile(
             q, q_pos, m_i, l_i, acc, k_cache_ptr, v_cache_ptr, table, kv_head_off, v_head_off, start_n,
             seen_end, qk_scale, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM, BLOCK_SIZE,
-            BLOCK_N, True, DOT_PRECISION, FP8, V_KEY_MAJOR,
+            BLOCK_N, True, DOT_PRECISION, FP8, V_KEY_MAJOR, V_BLOCK,
         )  # fmt: skip
 
     out = acc / l_i[:, None]
@@ -184,7 +192,8 @@ def paged_prefill_attention(
     batch = context_lens.shape[0]
     assert num_heads % num_kv_heads == 0 and k_cache.shape[3] == head_dim
     assert head_dim in (16, 32, 64, 128, 256), "head_dim must be a power of two"
-    assert k_cache.shape == v_cache.shape and k_cache.stride(3) == 1 and q.stride(2) == 1
+    check_kv_caches(k_cache, v_cache)
+    assert q.stride(2) == 1
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     assert not fp8 or (k_scale is not None and v_scale is not None), "an fp8 KV cache needs its scales"
     if out is None:
@@ -217,6 +226,7 @@ def paged_prefill_attention(
         FP8=fp8,
         FP16_DOT=fp8 and q.dtype == torch.bfloat16,
         V_KEY_MAJOR=v_cache.stride(1) == 1,
+        V_BLOCK=v_cache.shape[1],
         num_warps=num_warps,
         num_stages=num_stages,
     )  # fmt: skip

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from nanovllm.kernels import pdl
+from nanovllm.kernels.decode_attention import check_kv_caches
 from nanovllm.kernels.pdl import wait_for_previous
 from nanovllm.kernels.store_kvcache import quantize_fp8
 
@@ -56,6 +57,7 @@ def _qkv_prep_kernel(
     ROWS: tl.constexpr,  # num_heads + 2 * num_kv_heads rounded up to a power of two
     KV_ROWS: tl.constexpr,  # num_kv_heads rounded up to a power of two
     BLOCK_SIZE: tl.constexpr,
+    V_BLOCK: tl.constexpr,  # the V cache's block: BLOCK_SIZE, or fewer key-major (reference.key_major)
     QK_NORM: tl.constexpr,
     FP8: tl.constexpr,
     PDL: tl.constexpr,  # launched early (kernels/pdl.py)
@@ -119,12 +121,9 @@ def _qkv_prep_kernel(
         v = tl.load(v_src + v_dims[None, :], mask=v_ok, other=0.0).to(tl.float32)
         if FP8:
             v = quantize_fp8(v, v_scale_ptr)
-        v_dst = (
-            block * stride_vb
-            + in_block * stride_vs
-            + v_heads[:, None] * stride_vh
-            + v_dims[None, :] * stride_vd
-        )
+        v_block, v_row = slot // V_BLOCK, slot % V_BLOCK  # V's blocks may be smaller (key-major)
+        v_dst = v_block * stride_vb + v_row * stride_vs + v_heads[:, None] * stride_vh
+        v_dst += v_dims[None, :] * stride_vd
         tl.store(v_cache_ptr + v_dst, v.to(cache_dtype), mask=v_ok)
 
 
@@ -148,7 +147,7 @@ def qkv_prep(
     rows = num_heads + 2 * num_kv_heads
     assert qkv.shape[1] == rows * head_dim and qkv.stride(1) == 1, "qkv: one contiguous row per token"
     assert cos_sin_cache.shape[1] == head_dim and cos_sin_cache.stride(1) == 1
-    assert k_cache.shape == v_cache.shape and k_cache.stride(3) == 1
+    check_kv_caches(k_cache, v_cache)
     assert head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
     assert (q_norm_weight is None) == (k_norm_weight is None)
     fp8 = k_cache.dtype == torch.float8_e4m3fn
@@ -171,6 +170,7 @@ def qkv_prep(
         ROWS=triton.next_power_of_2(rows),
         KV_ROWS=triton.next_power_of_2(num_kv_heads),
         BLOCK_SIZE=k_cache.shape[1],
+        V_BLOCK=v_cache.shape[1],
         QK_NORM=qk_norm,
         FP8=fp8,
         num_warps=4,

@@ -17,10 +17,17 @@ the last ``q_len`` are new queries lets query ``i`` (0-based among the new ones)
 ``0 .. context_len - q_len + i``. Prefix-cache hits (and chunked prefill) are this same case.
 
 The shape above is each cache's logical one; its memory may be laid out otherwise, and everything
-here indexes through it, never a ``view``. The Triton backend lays an fp8 V cache out key-major:
-``[num_blocks, num_kv_heads, head_dim, block_size]`` memory seen through a permuted view (see
-``key_major``), so that a tile of keys, the reduction axis of ``p @ v``, is contiguous and goes
-to the tensor cores untransposed (kernels/decode_attention.py).
+here indexes through it, never a ``view``. The Triton backend lays an fp8 V cache out key-major in
+blocks of 64 slots (``key_major``): ``[num_blocks * block_size / 64, num_kv_heads, head_dim, 64]``
+memory seen through a permuted view as a cache of 64-slot blocks, so that the keys of one dim, the
+reduction axis of ``p @ v``, are contiguous and go to the tensor cores untransposed
+(kernels/decode_attention.py), while a token's 128 bytes of a head land 64 bytes apart, in 8 KB, not
+256 apart over a whole 256-slot block. Slot ``s`` of V is row ``s % 64`` of V block ``s // 64``, and
+K block ``b`` holds V blocks ``b * block_size / 64`` onwards: the V cache may have smaller blocks than
+K (``in_blocks_of`` reads it with K's). H200, Qwen3-0.6B shapes, one layer, by V block (16, 32, 64,
+128, 256 slots): one decode step's qkv_prep at batch 256 9.7, 11.4, 16.0, 23.6, 26.9 us; decode
+attention over lengths 100..2048 151-152 us from 64 slots up, 157.4 at 32 and 192.5 at 16, whose
+16-byte pieces of a dim fill half a sector each (benchmarks/results.jsonl, "v_sub_block_sweep").
 
 An fp8 cache (``torch.float8_e4m3fn``) holds ``x / scale`` (computed ``x * (1 / scale)``, see
 ``quantize_fp8_ref``) saturated to +-448, with one float32 scale per layer for K and one for V
@@ -59,12 +66,33 @@ def _to_cache(x: torch.Tensor, cache: torch.Tensor, scale: torch.Tensor | None) 
     return x.to(cache.dtype)
 
 
-def key_major(cache: torch.Tensor) -> torch.Tensor:
+V_SUB_BLOCK = 64  # slots per block of the engine's key-major V cache (read when a cache is made)
+
+
+def key_major(cache: torch.Tensor, sub_block: int | None = None) -> torch.Tensor:
     """The memory of a contiguous [num_blocks, block_size, num_kv_heads, head_dim] cache read as
-    [num_blocks, num_kv_heads, head_dim, block_size], seen with the logical shape again: a key-major
-    V cache. Its contents are not carried over (allocate, then write)."""
+    [num_blocks * block_size / sub, num_kv_heads, head_dim, sub], seen as a cache of ``sub``-slot
+    blocks: a key-major V cache. ``sub``: ``sub_block`` (default ``V_SUB_BLOCK``), at most
+    ``block_size``. Its contents are not carried over (allocate, then write; ``to_key_major``
+    copies)."""
     num_blocks, block_size, num_kv_heads, head_dim = cache.shape
-    return cache.view(num_blocks, num_kv_heads, head_dim, block_size).permute(0, 3, 1, 2)
+    sub = min(sub_block or V_SUB_BLOCK, block_size)
+    assert block_size % sub == 0, f"key-major V blocks of {sub} slots must divide the block size {block_size}"
+    return cache.view(num_blocks * block_size // sub, num_kv_heads, head_dim, sub).permute(0, 3, 1, 2)
+
+
+def to_key_major(cache: torch.Tensor, sub_block: int | None = None) -> torch.Tensor:
+    """A key-major copy of a [num_blocks, block_size, num_kv_heads, head_dim] cache."""
+    out = key_major(torch.empty_like(cache, memory_format=torch.contiguous_format), sub_block)
+    return out.copy_(cache.reshape(out.shape))
+
+
+def in_blocks_of(cache: torch.Tensor, block_size: int) -> torch.Tensor:
+    """A cache of smaller blocks (a key-major V) seen in blocks of ``block_size`` slots, as K's: the
+    cache itself if its blocks are that size already, else a copy to read."""
+    if cache.shape[1] == block_size:
+        return cache
+    return cache.reshape(-1, block_size, *cache.shape[2:])
 
 
 def store_kvcache_ref(
@@ -78,9 +106,9 @@ def store_kvcache_ref(
 ) -> None:
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    block_size = k_cache.shape[1]
+    block_size, v_block_size = k_cache.shape[1], v_cache.shape[1]  # V's may be smaller (key_major)
     k_cache[slots // block_size, slots % block_size] = _to_cache(key[keep], k_cache, k_scale)
-    v_cache[slots // block_size, slots % block_size] = _to_cache(value[keep], v_cache, v_scale)
+    v_cache[slots // v_block_size, slots % v_block_size] = _to_cache(value[keep], v_cache, v_scale)
 
 
 def gather_kv(cache: torch.Tensor, block_table: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -110,7 +138,7 @@ def paged_decode_attention_ref(
     rows = pos % block_size
     # [batch, max_len, num_kv_heads, head_dim]
     k = dequantize_ref(k_cache[blocks, rows], k_scale)
-    v = dequantize_ref(v_cache[blocks, rows], v_scale)
+    v = dequantize_ref(in_blocks_of(v_cache, block_size)[blocks, rows], v_scale)
     qg = q.float().view(batch, num_kv_heads, group, head_dim)
     scores = torch.einsum("bhgd,blhd->bhgl", qg, k) * scale
     pad = torch.arange(max_len, device=q.device)[None, :] >= context_lens[:, None].to(q.device)
@@ -133,6 +161,7 @@ def paged_prefill_attention_ref(
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
+    v_cache = in_blocks_of(v_cache, k_cache.shape[1])
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     for b, ctx in enumerate(context_lens.tolist()):

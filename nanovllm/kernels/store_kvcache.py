@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from nanovllm.kernels.decode_attention import check_kv_caches
+
 
 @triton.jit
 def quantize_fp8(x, scale_ptr):
@@ -53,6 +55,7 @@ def _store_kvcache_kernel(
     stride_cvd,
     num_kv_heads,
     BLOCK_SIZE: tl.constexpr,
+    V_BLOCK: tl.constexpr,  # the V cache's block: BLOCK_SIZE, or fewer key-major (reference.key_major)
     HEAD_DIM: tl.constexpr,
     BLOCK_H: tl.constexpr,  # num_kv_heads rounded up to a power of two
     FP8: tl.constexpr,  # the cache is float8_e4m3fn: quantise with the scales
@@ -76,10 +79,10 @@ def _store_kvcache_kernel(
         value = quantize_fp8(value, v_scale_ptr)
     # int64: block_id * stride_cb overflows int32 on caches of more than 2 G elements.
     block, in_block = slot // BLOCK_SIZE, slot % BLOCK_SIZE
+    v_block, v_row = slot // V_BLOCK, slot % V_BLOCK
     k_dst = block * stride_cb + in_block * stride_cs + heads[:, None] * stride_ch + dims[None, :] * stride_cd
-    v_dst = (
-        block * stride_cvb + in_block * stride_cvs + heads[:, None] * stride_cvh + dims[None, :] * stride_cvd
-    )
+    v_dst = v_block * stride_cvb + v_row * stride_cvs + heads[:, None] * stride_cvh
+    v_dst += dims[None, :] * stride_cvd
     tl.store(k_cache_ptr + k_dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + v_dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
@@ -95,7 +98,8 @@ def store_kvcache(
 ) -> None:
     num_tokens, num_kv_heads, head_dim = key.shape
     assert value.shape == key.shape and slot_mapping.shape == (num_tokens,)
-    assert k_cache.shape == v_cache.shape and k_cache.shape[2:] == (num_kv_heads, head_dim)
+    assert k_cache.shape[2:] == (num_kv_heads, head_dim)
+    check_kv_caches(k_cache, v_cache)
     assert head_dim & (head_dim - 1) == 0, "head_dim must be a power of two"
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     assert not fp8 or (k_scale is not None and v_scale is not None), "an fp8 KV cache needs its scales"
@@ -107,6 +111,7 @@ def store_kvcache(
         *key.stride(), *value.stride(), *k_cache.stride(), *v_cache.stride(),
         num_kv_heads,
         BLOCK_SIZE=k_cache.shape[1],
+        V_BLOCK=v_cache.shape[1],
         HEAD_DIM=head_dim,
         BLOCK_H=triton.next_power_of_2(num_kv_heads),
         FP8=fp8,

@@ -2,13 +2,20 @@
 
 import torch
 
-from nanovllm.kernels.reference import FP8_DTYPE, key_major, quantize_fp8_ref
+from nanovllm.kernels.reference import FP8_DTYPE, V_SUB_BLOCK, quantize_fp8_ref, to_key_major
 
 POISON = 1e4  # fills blocks no sequence owns: reading one by mistake shows up in the output
 
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def v_sub_block(block_size: int) -> int:
+    """The V block of a key-major test cache: the engine's (reference.V_SUB_BLOCK) where the block
+    is larger, else half the block from 32 slots up, so the small blocks the interpreter runs still
+    split V into blocks of their own."""
+    return V_SUB_BLOCK if block_size > V_SUB_BLOCK else max(16, block_size // 2)
 
 
 def make_paged_kv(
@@ -50,7 +57,7 @@ def make_paged_kv(
         v_cache = quantize_fp8_ref(v_cache, torch.tensor([kv_scales[1]]))
     v_cache = v_cache.to(dtype)
     if v_key_major:
-        v_cache = key_major(torch.empty_like(v_cache)).copy_(v_cache)
+        v_cache = to_key_major(v_cache, v_sub_block(block_size))
     return (
         k_cache.to(dtype).to(dev),
         v_cache.to(dev),

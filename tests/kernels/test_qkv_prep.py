@@ -4,12 +4,12 @@ model's own unfused layers (RMSNorm, RotaryEmbedding, store_kvcache_ref)."""
 import pytest
 import torch
 
-from tests.kernels.paged_kv import device
+from tests.kernels.paged_kv import device, v_sub_block
 
 pytest.importorskip("triton")
 
 from nanovllm.kernels.qkv_prep import qkv_prep  # noqa: E402
-from nanovllm.kernels.reference import FP8_DTYPE, key_major, qkv_prep_ref, store_kvcache_ref  # noqa: E402
+from nanovllm.kernels.reference import FP8_DTYPE, in_blocks_of, qkv_prep_ref, store_kvcache_ref, to_key_major  # noqa: E402
 from nanovllm.layers.layernorm import RMSNorm  # noqa: E402
 from nanovllm.layers.rotary_embedding import RotaryEmbedding  # noqa: E402
 
@@ -49,12 +49,12 @@ def run_both(
     )
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     if v_key_major:  # the kernel writes a key-major V (reference.key_major), the reference a plain one
-        v_cache = key_major(torch.empty_like(v_cache)).copy_(v_cache)
+        v_cache = to_key_major(v_cache, v_sub_block(block_size))
     scales = [torch.tensor([s], device=qkv.device) for s in kv_scales]
     args = (qkv, positions, rope.cos_sin_cache, num_heads, num_kv_heads)
     q = qkv_prep(*args, k_cache, v_cache, slots, q_w, k_w, 1e-6, *scales)
     q_ref = qkv_prep_ref(*args, k_ref, v_ref, slots, q_w, k_w, 1e-6, *scales)
-    return (q, k_cache, v_cache), (q_ref, k_ref, v_ref)
+    return (q, k_cache, in_blocks_of(v_cache, block_size)), (q_ref, k_ref, v_ref)
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
@@ -62,7 +62,8 @@ def run_both(
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 2), (3, 1)])  # 3 + 2 rows: padding rows
 @pytest.mark.parametrize("v_key_major", [False, True])
 def test_qkv_prep(qk_norm, dtype, num_heads, num_kv_heads, v_key_major):
-    got, want = run_both(num_heads, num_kv_heads, 32, 16, dtype, dtype, qk_norm, v_key_major=v_key_major)
+    # 32-slot blocks: a key-major V's are 16 (paged_kv.v_sub_block)
+    got, want = run_both(num_heads, num_kv_heads, 32, 32, dtype, dtype, qk_norm, v_key_major=v_key_major)
     # float32: the same arithmetic up to fused multiply-adds; float16: at most one rounding step apart
     tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-3)
     for g, w in zip(got, want, strict=True):

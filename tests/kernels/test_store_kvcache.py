@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from tests.kernels.paged_kv import device
+from tests.kernels.paged_kv import device, v_sub_block
 
 pytest.importorskip("triton")
 
-from nanovllm.kernels.reference import FP8_DTYPE, key_major, quantize_fp8_ref, store_kvcache_ref  # noqa: E402
+from nanovllm.kernels.reference import FP8_DTYPE, key_major, quantize_fp8_ref, store_kvcache_ref, to_key_major  # noqa: E402
 from nanovllm.kernels.store_kvcache import store_kvcache  # noqa: E402
 
 
@@ -36,7 +36,7 @@ def run_case(
     k_cache = torch.randn(shape, generator=gen).to(cache_dtype).to(device())
     v_cache = torch.randn(shape, generator=gen).to(cache_dtype).to(device())
     if v_key_major:
-        v_cache = key_major(torch.empty_like(v_cache)).copy_(v_cache)
+        v_cache = to_key_major(v_cache, v_sub_block(block_size))
     k_ref, v_ref = k_cache.clone(), v_cache.contiguous()
     k_scale, v_scale = (torch.tensor([s], device=device()) for s in kv_scales)
     store_kvcache(key, value, k_cache, v_cache, slot_mapping, k_scale, v_scale)
@@ -87,13 +87,13 @@ def test_store_kvcache_fp8_never_writes_nan(v_key_major):
     specials = torch.tensor([float("nan"), float("inf"), float("-inf"), 1e30, -0.0, 2.0])
     key = specials.repeat(2 * 16 // 6 + 1)[: 2 * 16].view(1, 2, 16).repeat(3, 1, 1).to(device())
     value = key.flip(-1).contiguous()
-    shape = (2, 16, 2, 16)
+    shape = (2, 32, 2, 16)  # a key-major V: 4 blocks of 16
     k_cache = torch.zeros(shape, dtype=FP8_DTYPE, device=device())
-    v_cache = key_major(torch.zeros_like(k_cache)) if v_key_major else torch.zeros_like(k_cache)
+    v_cache = key_major(torch.zeros_like(k_cache), 16) if v_key_major else torch.zeros_like(k_cache)
     scale = torch.tensor([0.5], device=device())
-    store_kvcache(key, value, k_cache, v_cache, torch.tensor([3, 17, 30], device=device()), scale, scale)
+    store_kvcache(key, value, k_cache, v_cache, torch.tensor([3, 37, 60], device=device()), scale, scale)
     for cache, src in ((k_cache, key), (v_cache, value)):
-        got = cache.float().flatten(0, 1)[[3, 17, 30]]
+        got = cache.float().flatten(0, 1)[[3, 37, 60]]
         want = torch.where(src.isnan(), 0.0, src * 2).clamp(-448, 448)
         assert not cache.float().isnan().any()
         torch.testing.assert_close(got, want, atol=0, rtol=0)
