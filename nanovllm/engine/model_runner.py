@@ -149,7 +149,7 @@ class ModelRunner:
         """Size and allocate the cache; returns the number of blocks.
 
         Layout: one tensor [2, num_layers, num_blocks, block_size, num_kv_heads, head_dim]; layer i
-        reads ``kv_cache[0, i]`` (K) and ``kv_cache[1, i]`` (V), V key-major in 16-slot blocks where
+        reads ``kv_cache[0, i]`` (K) and ``kv_cache[1, i]`` (V), V key-major in 64-slot blocks where
         the backend asks (``v_key_major``: the Triton kernels' fp8 cache; kernels/reference.py).
         """
         cfg = self.config
