@@ -43,7 +43,7 @@ dec = dict(q_ptr=bf16, k_cache_ptr=bf16, v_cache_ptr=bf16, block_tables_ptr="*i3
            k_scale_ptr="*fp32", v_scale_ptr="*fp32")
 dk = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=256, BLOCK_N=64, DOT_PRECISION="tf32", FP8=False,
           FP16_DOT=False, V_STAGED=False, MERGE_G=2, MERGE_CHUNK=16, SPLITS_PAD=64, ORDERED=True,
-          V_KEY_MAJOR=False)
+          V_KEY_MAJOR=False, V_BLOCK=256, ONE_LOOP=False, MASKED_STAGES=1)
 dec_div16 = ("stride_qb", "stride_qh", "stride_cb", "stride_cs", "stride_ch")
 out = {
     "gemv_rms_norm": ptx(gemv._gemv_kernel, g, {"eps"},
@@ -58,7 +58,7 @@ out = {
                          k_weight_ptr=bf16, q_out_ptr=bf16, k_cache_ptr=bf16, v_cache_ptr=bf16,
                          slot_mapping_ptr="*i64", k_scale_ptr="*fp32", v_scale_ptr="*fp32"),
                     {"eps"}, dict(NUM_HEADS=16, NUM_KV_HEADS=8, HEAD_DIM=128, ROWS=32, KV_ROWS=8,
-                                  BLOCK_SIZE=256,
+                                  BLOCK_SIZE=256, V_BLOCK=256,
                                   QK_NORM=True, FP8=False)),
     "decode_split": ptx(decode_attention._decode_split_kernel, dec, {"qk_scale", "v_unit"},
                         dk | dict(ONE_SPLIT=True), div16=dec_div16),
@@ -67,7 +67,8 @@ out = {
     "decode_split_fp8": ptx(decode_attention._decode_split_kernel,
                             dec | dict(k_cache_ptr=fp8, v_cache_ptr=fp8), {"qk_scale", "v_unit"},
                             dk | dict(ONE_SPLIT=False, FP8=True, FP16_DOT=True, BLOCK_N=128,
-                                      V_KEY_MAJOR=True),  # as the engine's fp8 cache
+                                      V_KEY_MAJOR=True, V_BLOCK=64, ONE_LOOP=True,
+                                      MASKED_STAGES=3),  # as the engine's fp8 cache
                             div16=dec_div16),
 }
 json.dump(out, sys.stdout)
