@@ -26,8 +26,8 @@ def check(
     cache_dtype=None, kv_scales=(1.0, 1.0), v_key_major=False, **kwargs,
 ):  # fmt: skip
     """The kernel against the reference on one cache. A key-major V cache (fp8, as the engine's)
-    holds 448 / scale, the largest fp8 value, in the stale slots past each sequence's end: the
-    kernel reads them whole and must give them weight 0. (Never NaN: the quantiser stores NaN as
+    holds 448, the largest fp8 value, in the stale slots past each sequence's end: the kernel
+    reads them whole and must give them weight 0. (Never NaN: the quantiser stores NaN as
     0, test_store_kvcache.py.) The reference reads the same values laid out slot-major."""
     cache = lambda **kw: make_paged_kv(
         context_lens, num_kv_heads, head_dim, block_size, cache_dtype or dtype, pad=pad,
