@@ -219,7 +219,7 @@ def serve_load(
             loads.append(asyncio.run(run_load(host, port, requests, rate, args.temperature, args.seed)))
             after = _cpu_seconds(proc)
             if before and after:  # what the load cost the server; the event loop is its main thread
-                loop_s, total_s, engine_s = (a - b for a, b in zip(after, before, strict=True))
+                loop_s, total_s, engine_s = _cpu_used(proc.pid, before, after)
                 tokens, seconds = max(1, loads[-1]["output_tokens"]), loads[-1]["seconds"]
                 loads[-1].update(
                     server_cpu_s=round(total_s, 2),
@@ -236,16 +236,20 @@ def serve_load(
             proc.wait(120)
 
 
-def _cpu_seconds(proc: subprocess.Popen | None) -> tuple[float, float, float] | None:
-    """CPU seconds (user + system) of the server's main thread, of the whole server process, and of
-    its descendants (the engine process and its tensor-parallel workers), from /proc (Linux)."""
+def _cpu_seconds(proc: subprocess.Popen | None) -> tuple[dict[int, float], dict[int, float]] | None:
+    """CPU seconds of each thread of the server and of its descendants (the engine process and its
+    tensor-parallel workers), by thread id, from ``/proc/<pid>/task/<tid>/schedstat``: nanoseconds
+    on a CPU, exact. (The clock-tick times of ``/proc/<pid>/stat`` are sampled and adjusted per
+    task: over a small load the main thread read two ticks more than its whole process.)"""
     if proc is None:
         return None
 
-    def cpu(stat: str) -> float:
-        with open(stat) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    def on_cpu(pid: int) -> dict[int, float]:
+        seconds = {}
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                seconds[int(task)] = int(f.read().split()[0]) / 1e9
+        return seconds
 
     def descendants(pid: int) -> list[int]:
         kids = []
@@ -255,11 +259,19 @@ def _cpu_seconds(proc: subprocess.Popen | None) -> tuple[float, float, float] | 
         return kids + [d for k in kids for d in descendants(k)]
 
     try:
-        pid = proc.pid
-        engine = sum(cpu(f"/proc/{d}/stat") for d in descendants(pid))
-        return cpu(f"/proc/{pid}/task/{pid}/stat"), cpu(f"/proc/{pid}/stat"), engine
+        engine = {tid: sec for d in descendants(proc.pid) for tid, sec in on_cpu(d).items()}
+        return on_cpu(proc.pid), engine
     except (OSError, ValueError):
         return None
+
+
+def _cpu_used(pid: int, before: tuple, after: tuple) -> tuple[float, float, float]:
+    """CPU seconds between two ``_cpu_seconds`` readings: the server's main thread (its event loop),
+    all its threads, its descendants' threads. A thread started in between counts from 0; one that
+    ended in between drops out (never below 0), so the event loop never exceeds the server."""
+    (server0, engine0), (server1, engine1) = before, after
+    used = lambda t0, t1: sum(sec - t0.get(tid, 0.0) for tid, sec in t1.items())
+    return server1[pid] - server0[pid], used(server0, server1), used(engine0, engine1)
 
 
 def _device(engine_args: dict) -> str:

@@ -45,11 +45,10 @@ def test_gpu_serve_check_script_runs_on_cpu(tmp_path):
     for result in results:
         (load,) = result["server"]
         assert load["completed"] == 4 and load["failed"] == 0
-        # The server's CPU, read from /proc in clock ticks (10 ms): this small load may cost the event
-        # loop less than one tick (a CI run read 0). The main thread and the whole process are read one
-        # after the other, so a tick can fall between them: the loop may show one tick more.
+        # The server's CPU, per thread in nanoseconds from /proc (bench_serve._cpu_seconds): the event
+        # loop is one of the server's threads, read in the same pass (rounded to 10 ms, it may be 0).
         assert load["event_loop_cpu_s"] >= 0 and load["server_cpu_s"] >= 0
-        assert load["event_loop_cpu_s"] <= load["server_cpu_s"] + 0.01
+        assert load["event_loop_cpu_s"] <= load["server_cpu_s"]
         assert load["event_loop_us_per_token"] >= 0
         # the engine process's CPU is counted apart from the server's; in a thread it is the server's
         assert (load["engine_process_cpu_s"] > 0) == (result["engine"] == "process")
