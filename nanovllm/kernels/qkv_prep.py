@@ -23,7 +23,7 @@ import triton.language as tl
 from nanovllm.kernels import pdl
 from nanovllm.kernels.decode_attention import check_kv_caches
 from nanovllm.kernels.pdl import wait_for_previous
-from nanovllm.kernels.store_kvcache import quantize_fp8
+from nanovllm.kernels.store_kvcache import quantize_fp8, slot_offsets
 
 
 @triton.jit
@@ -103,10 +103,7 @@ def _qkv_prep_kernel(
         k1, k2 = r1.to(dtype).to(tl.float32), r2.to(dtype).to(tl.float32)
         if FP8:
             k1, k2 = quantize_fp8(k1, k_scale_ptr), quantize_fp8(k2, k_scale_ptr)
-        block, in_block = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-        k_dst = (
-            block * stride_cb + in_block * stride_cs + (rows - NUM_HEADS)[:, None] * stride_ch + dims[None, :]
-        )
+        k_dst = slot_offsets(slot, rows - NUM_HEADS, dims, stride_cb, stride_cs, stride_ch, 1, BLOCK_SIZE)
         cache_dtype = k_cache_ptr.dtype.element_ty
         tl.store(k_cache_ptr + k_dst, k1.to(cache_dtype), mask=is_k[:, None])
         tl.store(k_cache_ptr + k_dst + half, k2.to(cache_dtype), mask=is_k[:, None])
@@ -121,9 +118,7 @@ def _qkv_prep_kernel(
         v = tl.load(v_src + v_dims[None, :], mask=v_ok, other=0.0).to(tl.float32)
         if FP8:
             v = quantize_fp8(v, v_scale_ptr)
-        v_block, v_row = slot // V_BLOCK, slot % V_BLOCK  # V's blocks may be smaller (key-major)
-        v_dst = v_block * stride_vb + v_row * stride_vs + v_heads[:, None] * stride_vh
-        v_dst += v_dims[None, :] * stride_vd
+        v_dst = slot_offsets(slot, v_heads, v_dims, stride_vb, stride_vs, stride_vh, stride_vd, V_BLOCK)
         tl.store(v_cache_ptr + v_dst, v.to(cache_dtype), mask=v_ok)
 
 

@@ -31,6 +31,16 @@ def quantize_fp8(x, scale_ptr):
 
 
 @triton.jit
+def slot_offsets(slot, heads, dims, stride_b, stride_s, stride_h, stride_d, BLOCK: tl.constexpr):
+    """Where one token's [heads, dims] lie in a cache of BLOCK-slot blocks with these strides: row
+    ``slot % BLOCK`` of block ``slot // BLOCK`` (a key-major V's blocks may be smaller than K's,
+    reference.key_major). ``slot`` is int64: block * stride_b overflows int32 on caches of more
+    than 2 G elements. Shared with qkv_prep."""
+    block, row = slot // BLOCK, slot % BLOCK
+    return block * stride_b + row * stride_s + heads[:, None] * stride_h + dims[None, :] * stride_d
+
+
+@triton.jit
 def _store_kvcache_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, head_dim], any strides
     value_ptr,
@@ -77,12 +87,8 @@ def _store_kvcache_kernel(
     if FP8:
         key = quantize_fp8(key, k_scale_ptr)
         value = quantize_fp8(value, v_scale_ptr)
-    # int64: block_id * stride_cb overflows int32 on caches of more than 2 G elements.
-    block, in_block = slot // BLOCK_SIZE, slot % BLOCK_SIZE
-    v_block, v_row = slot // V_BLOCK, slot % V_BLOCK
-    k_dst = block * stride_cb + in_block * stride_cs + heads[:, None] * stride_ch + dims[None, :] * stride_cd
-    v_dst = v_block * stride_cvb + v_row * stride_cvs + heads[:, None] * stride_cvh
-    v_dst += dims[None, :] * stride_cvd
+    k_dst = slot_offsets(slot, heads, dims, stride_cb, stride_cs, stride_ch, stride_cd, BLOCK_SIZE)
+    v_dst = slot_offsets(slot, heads, dims, stride_cvb, stride_cvs, stride_cvh, stride_cvd, V_BLOCK)
     tl.store(k_cache_ptr + k_dst, key.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + v_dst, value.to(v_cache_ptr.dtype.element_ty), mask=mask)
 
