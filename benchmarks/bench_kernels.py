@@ -72,6 +72,7 @@ def bench_decode(
     launch: dict | None = None,
     check: bool = False,
     v_key_major: bool = False,
+    layout: str = "",  # "hm": K head-major inside a block; "ps": rows stored longest first, no order
 ) -> dict:
     gen = torch.Generator().manual_seed(seed)  # the same lengths and block order for every cache dtype
     if context_len is None:  # spread as the reference workload's, taken longest first as the engine does
@@ -85,6 +86,11 @@ def bench_decode(
         rows = sorted(range(batch), key=lambda i: -context_lens[i])
         order = torch.tensor([rows, [context_lens[i] for i in rows]], dtype=torch.int32, device="cuda")
     q = torch.randn(batch, NUM_HEADS, HEAD_DIM, dtype=DTYPE, device="cuda")
+    if layout == "ps" and order is not None:  # the rows already in order: no indirection
+        at = order[0].long()
+        q, table, lens, order = q[at].contiguous(), table[at].contiguous(), lens[at].contiguous(), None
+    if layout == "hm":
+        k_cache = k_cache.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3)
     scales = torch.tensor([0.5], device="cuda"), torch.tensor([0.25], device="cuda")
     max_len = max(context_lens)
     splits = choose_num_splits(batch, NUM_KV_HEADS, max_len)  # the engine's split count (64-key tiles)
@@ -118,6 +124,7 @@ def bench_decode(
         "kv_gbs": round(gbs, 1),
         "frac_of_copy_bw": round(gbs / copy_gbs, 3),
         **({"launch": launch} if launch else {}),
+        **({"layout": layout} if layout else {}),
         **({"rel_err": round(err, 5)} if err is not None else {}),
     }
 
