@@ -3,13 +3,15 @@ takes without a change: a sweep to find out what holds the fp8 cache below copy 
 
 Context lengths uniform in 100..2048 as the reference workload's decode, rows longest first
 (``bench_kernels.bench_decode``, timed from a CUDA graph); every variant checked against the
-float32 reference. An fp8 variant is a spec ``block_n,stages[,warps[,maxnreg]][:layout]``, layout
-``hm`` (K head-major inside a block: each head's keys contiguous) or ``ps`` (rows stored longest
-first, so no ``order`` indirection). bf16 and bf16 with presorted rows are the same-run baselines.
+float32 reference. An fp8 variant is a spec ``block_n,stages[,warps[,maxnreg]][:layout][:ws]``,
+layout ``hm`` (K head-major inside a block: each head's keys contiguous) or ``ps`` (rows stored
+longest first, so no ``order`` indirection); ``ws`` splits each tile over the warps, a softmax each
+(the kernel's ``warp_split`` launch option, one sub-tile per warp). bf16 and bf16 with presorted rows
+are the same-run baselines.
 Prints one row per (batch, variant) with the kernel's registers and shared memory, and appends one
 JSON line to ``--results`` (default benchmarks/results.jsonl).
 
-    python benchmarks/bench_decode_launch.py 128,5 64,5,4,96 128,5:hm 128,5:ps [--results F]
+    python benchmarks/bench_decode_launch.py 128,5 64,5,4,96 128,5:hm 128,5:ps 128,5:ws [--results F]
     ncu --clock-control none -k regex:_decode_split_kernel --launch-skip 1 --launch-count 1 \\
         python benchmarks/bench_decode_launch.py --ncu 128,5      # batch 256, through bench_decode
 """
@@ -29,14 +31,18 @@ BATCHES = (256, 128, 64, 8)
 
 
 def parse(spec: str) -> dict:
-    """'bf16' / 'bf16:ps', or 'block_n,stages[,warps[,maxnreg]][:layout]' -> bench_decode's arguments."""
-    head, _, layout = spec.partition(":")
-    assert layout in ("", "hm", "ps"), f"layout {layout!r}: hm or ps"
+    """'bf16' / 'bf16:ps', or 'block_n,stages[,warps[,maxnreg]][:layout][:ws]' -> bench_decode's
+    arguments."""
+    head, *flags = spec.split(":")
+    assert set(flags) <= {"hm", "ps", "ws"} and len(set(flags) & {"hm", "ps"}) <= 1, f"{spec!r}: hm or ps, ws"
+    layout = next((f for f in flags if f != "ws"), "")
     if head == "bf16":
+        assert "ws" not in flags, "ws: fp8 specs only"
         return {"layout": layout}
     parts = [int(x) for x in head.split(",")]
     launch = {"num_stages": parts[1]} | ({"num_warps": parts[2]} if len(parts) > 2 else {})
     launch |= {"maxnreg": parts[3]} if len(parts) > 3 else {}
+    launch |= {"warp_split": launch.get("num_warps", 4)} if "ws" in flags else {}
     return {"cache_dtype": torch.float8_e4m3fn, "v_key_major": True, "block_n": parts[0], "launch": launch,
             "layout": layout}  # fmt: skip
 

@@ -63,6 +63,15 @@ the kernel is bound by memory bandwidth and the design follows from keeping ever
   H200, lengths 100..2048 longest first, shipped splits: batch 256 166.1 -> 154.9 us, 128 97.2 ->
   90.6, 64 58.1 -> 56.0, 8 25.1 -> 20.9; reference workload 32,075 -> 32,863 tok/s (medians of
   three, same call; bf16 cache 25,618).
+* WARP_SPLIT (``launch={"warp_split": 4}``, ONE_LOOP only; off by default, not yet timed on a GPU):
+  the four warps of a program share each tile's scores, so every tile takes the row max across
+  warps through shared memory and hands p back through it for ``p @ v``: 9 barriers per 128-key
+  tile in the sm_90 SASS. Split, each warp takes 32 consecutive keys of the tile (a batch axis of
+  both dots) with its own running max, sum and output, merged once after the loop: 2 barriers,
+  679 instructions a tile instead of 721, but 168 registers instead of 124 (each warp holds a whole
+  [16, 128] output, and rescales it: 64 FMULs a tile) and 82 KB of shared memory at 5 stages
+  instead of 74 (the queries broadcast to the four warps), so 2 programs an SM, not 3.
+  ``benchmarks/bench_decode_launch.py 128,5 128,5:ws 128,4:ws`` times it beside the shipped launch.
 """
 
 import math
@@ -157,6 +166,7 @@ def _decode_split_kernel(
     PDL: tl.constexpr,  # launched early (kernels/pdl.py)
     ONE_LOOP: tl.constexpr,  # every tile in the masked loop, pipelined (fp8 key-major V; see above)
     MASKED_STAGES: tl.constexpr,  # the masked loop's num_stages: 1, or the launch's with ONE_LOOP
+    WARP_SPLIT: tl.constexpr,  # > 1: each tile in this many sub-tiles with a softmax each (ONE_LOOP)
 ):
     wait_for_previous(PDL)  # q and this step's K/V come from the kernel just before
     kv_head = tl.program_id(0)
@@ -189,28 +199,35 @@ def _decode_split_kernel(
         table = block_tables_ptr + seq.to(tl.int64) * stride_bt
         kv_head_off = kv_head * stride_ch
         v_head_off = kv_head * stride_vh
-        # Whole tiles first, unmasked; then the last, partial tile with its keys masked, in a loop of
-        # its own, unpipelined (MASKED_STAGES 1: no buffers). When a tile may span blocks, every tile
-        # is masked, so the table's padding is never read. ONE_LOOP: every tile masked, pipelined, and
-        # stale V slots trusted to be finite (see above).
-        if ONE_LOOP or BLOCK_SIZE % BLOCK_N != 0:
-            full_end = start
+        if WARP_SPLIT > 1:
+            m_i, l_i, acc = _attend_warps(
+                q, qk_scale, k_cache_ptr, v_cache_ptr, table, start, end, kv_head_off, v_head_off, stride_cb,
+                stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM, BLOCK_SIZE, V_BLOCK, BLOCK_N, GROUP_PAD,
+                WARP_SPLIT, MASKED_STAGES, DOT_PRECISION, FP16_DOT,
+            )  # fmt: skip
         else:
-            full_end = start + (end - start) // BLOCK_N * BLOCK_N
-        for tile_start in range(start, full_end, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(
-                m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, table, tile_start, end,
-                kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM,
-                BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR, V_BLOCK,
-                True,
-            )  # fmt: skip
-        for tile_start in tl.range(full_end, end, BLOCK_N, num_stages=MASKED_STAGES):
-            m_i, l_i, acc = _attend_tile(
-                m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, table, tile_start, end,
-                kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM,
-                BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR, V_BLOCK,
-                not ONE_LOOP,
-            )  # fmt: skip
+            # Whole tiles first, unmasked; then the last, partial tile with its keys masked, in a loop
+            # of its own, unpipelined (MASKED_STAGES 1: no buffers). When a tile may span blocks, every
+            # tile is masked, so the table's padding is never read. ONE_LOOP: every tile masked,
+            # pipelined, and stale V slots trusted to be finite (see above).
+            if ONE_LOOP or BLOCK_SIZE % BLOCK_N != 0:
+                full_end = start
+            else:
+                full_end = start + (end - start) // BLOCK_N * BLOCK_N
+            for tile_start in range(start, full_end, BLOCK_N):
+                m_i, l_i, acc = _attend_tile(
+                    m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, table, tile_start, end,
+                    kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM,
+                    BLOCK_SIZE, BLOCK_N, False, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR, V_BLOCK,
+                    True,
+                )  # fmt: skip
+            for tile_start in tl.range(full_end, end, BLOCK_N, num_stages=MASKED_STAGES):
+                m_i, l_i, acc = _attend_tile(
+                    m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, table, tile_start, end,
+                    kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM,
+                    BLOCK_SIZE, BLOCK_N, True, DOT_PRECISION, FP8, FP16_DOT, V_STAGED, V_KEY_MAJOR, V_BLOCK,
+                    not ONE_LOOP,
+                )  # fmt: skip
 
         # l_i >= 1 once a split has seen a key (its max contributes exp2(0)); an empty sequence has
         # l_i = 0 and writes zeros.
@@ -237,6 +254,47 @@ def _decode_split_kernel(
                              stride_ob, stride_oh, GROUP, HEAD_DIM, MERGE_G, MERGE_CHUNK,
                              SPLITS_PAD)  # fmt: skip
                 tl.store(counter, 0)
+
+
+@triton.jit
+def _attend_warps(q, qk_scale, k_cache_ptr, v_cache_ptr, table, start, end, kv_head_off, v_head_off,
+                  stride_cb, stride_cs, stride_vb, stride_vs, stride_vd, HEAD_DIM: tl.constexpr,
+                  BLOCK_SIZE: tl.constexpr, V_BLOCK: tl.constexpr, BLOCK_N: tl.constexpr,
+                  GROUP_PAD: tl.constexpr, W: tl.constexpr, STAGES: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, FP16_DOT: tl.constexpr):  # fmt: skip
+    """The keys ``start .. end`` as ONE_LOOP reads them, but each tile cut into W sub-tiles of
+    consecutive keys, a batch axis of both dots: with W warps Triton gives each warp one sub-tile,
+    and each keeps its own running max, sum and output, so the loop exchanges nothing between warps
+    (see WARP_SPLIT above). Returns the W states merged: max, sum and unnormalised output."""
+    SUB: tl.constexpr = BLOCK_N // W
+    dims = tl.arange(0, HEAD_DIM)
+    sub = tl.arange(0, W)[:, None] * SUB + tl.arange(0, SUB)[None, :]  # [W, SUB] key offsets in a tile
+    q3 = tl.broadcast_to(q[None, :, :], (W, GROUP_PAD, HEAD_DIM))
+    m_i = tl.full([W, GROUP_PAD], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([W, GROUP_PAD], dtype=tl.float32)
+    acc = tl.zeros([W, GROUP_PAD, HEAD_DIM], dtype=tl.float32)
+    for tile_start in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+        block_id = tl.load(table + tile_start // BLOCK_SIZE).to(tl.int64)
+        slot = tl.multiple_of(tile_start % BLOCK_SIZE, BLOCK_N) + sub
+        k_off = block_id * stride_cb + slot * stride_cs + kv_head_off
+        v_off = _v_offsets(block_id, slot, stride_vb, stride_vs, BLOCK_SIZE, V_BLOCK) + v_head_off
+        k = tl.load(k_cache_ptr + k_off[:, :, None] + dims[None, None, :]).to(q.dtype)
+        v = tl.load(v_cache_ptr + v_off[:, :, None] + dims[None, None, :] * stride_vd).to(q.dtype)
+        s = tl.dot(q3, tl.trans(k, 0, 2, 1), input_precision=DOT_PRECISION)  # [W, GROUP_PAD, SUB]
+        if not FP16_DOT:
+            s = s * qk_scale
+        s = tl.where((tile_start + sub < end)[:, None, :], s, float("-inf"))
+        # A sub-tile past ``end`` has no key: its max stays -inf, and exp2(-inf - -inf) is NaN.
+        m_new = tl.maximum(m_i, tl.max(s, axis=2))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, :, None])
+        l_i = l_i * alpha + tl.sum(p, axis=2)
+        acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    m = tl.max(m_i, axis=0)
+    weight = tl.exp2(m_i - tl.where(m == float("-inf"), 0.0, m)[None, :])  # [W, GROUP_PAD]
+    return m, tl.sum(l_i * weight, axis=0), tl.sum(acc * weight[:, :, None], axis=0)
 
 
 @triton.jit
@@ -434,7 +492,7 @@ def paged_decode_attention(
     v_scale: torch.Tensor | None = None,
     block_n: int | None = None,  # keys per tile: 64, or 128 for fp8 (the split heuristic assumes 64)
     out: torch.Tensor | None = None,  # [batch, num_heads, head_dim] to write into (a view is fine)
-    launch: dict | None = None,  # num_warps / num_stages in place of 4 / 3 (benchmark sweeps)
+    launch: dict | None = None,  # num_warps / num_stages in place of 4 / 3, warp_split (benchmark sweeps)
     order: torch.Tensor | None = None,  # [2, batch] int32: rows longest context first, their lengths
 ) -> torch.Tensor:  # [batch, num_heads, head_dim]
     batch, num_heads, head_dim = q.shape
@@ -473,7 +531,11 @@ def paged_decode_attention(
     # With ONE_LOOP, 3 and 5 stages were within 7% of each other at batches 8-256, and 8 warps or
     # 64- or 256-key tiles 5-40% slower (H200, lengths 100..2048).
     launch = {"num_warps": 4, "num_stages": 5 if fp8 and v_key_major else 3} | (launch or {})
+    warp_split = launch.pop("warp_split", 1)
     one_loop = fp8 and v_key_major and block_size % block_n == 0
+    assert warp_split == 1 or (one_loop and block_n % (16 * warp_split) == 0), (
+        "warp_split: an fp8 cache with key-major V, tiles inside a block, and 16 keys or more a sub-tile"
+    )
     _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, context_lens if order is None else order, out,
         partial, lse, counters,
@@ -506,6 +568,7 @@ def paged_decode_attention(
         V_KEY_MAJOR=v_key_major,
         ONE_LOOP=one_loop,
         MASKED_STAGES=launch["num_stages"] if one_loop else 1,
+        WARP_SPLIT=warp_split,
         **launch,
         **pdl.launch_options(q),
     )  # fmt: skip

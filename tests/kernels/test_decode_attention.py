@@ -116,6 +116,27 @@ def test_decode_fp8_key_major_tiles(block_n):
               v_key_major=True, num_splits=splits, block_n=block_n)  # fmt: skip
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_fp8_warp_split(dtype, num_splits):
+    """Each 64-key tile in 4 sub-tiles of 16 keys, each with its own softmax, merged at the end: the
+    same function. Lengths 1 and 5 leave three sub-tiles of their only tile without a key (a max of
+    -inf there must not become NaN); 17 and 65 one or two."""
+    check(
+        [1, 5, 17, 63, 64, 65, 130, 300], 4, 2, 32, 64, dtype, cache_dtype=FP8_DTYPE, kv_scales=(0.1, 0.03),
+        v_key_major=True, num_splits=num_splits, block_n=64, launch={"warp_split": 4},
+    )  # fmt: skip
+
+
+def test_decode_warp_split_needs_the_one_loop_layout():
+    split = {"warp_split": 4}
+    with pytest.raises(AssertionError, match="warp_split"):  # slot-major V: tiles transposed on the way
+        check([5, 40], 4, 2, 32, 64, torch.float32, cache_dtype=FP8_DTYPE, block_n=64, launch=split)
+    with pytest.raises(AssertionError, match="warp_split"):  # sub-tiles of 8 keys: below the dot's 16
+        check([5, 40], 4, 2, 32, 32, torch.float32, cache_dtype=FP8_DTYPE, v_key_major=True, block_n=32,
+              launch=split)  # fmt: skip
+
+
 @pytest.mark.parametrize("pad", ["-1", "0"])
 def test_decode_block_table_padding(pad):
     check([5, 40, 64], 4, 2, 32, 16, torch.float16, pad=pad, max_context_len=64)
@@ -150,6 +171,16 @@ def test_decode_fp8_gpu(block_size, dtype, batch, max_len, v_key_major):
     check_random_batch(batch, max_len, *QWEN3_0_6B, block_size, dtype, FP8_DTYPE, (0.04, 0.01), v_key_major)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch,max_len", [(1, 4096), (7, 1000), (256, 1024), (64, 4096)])
+@pytest.mark.parametrize("stages", [5, 4])
+def test_decode_fp8_warp_split_gpu(batch, max_len, stages):  # as the engine: 256-slot blocks, key-major V
+    launch = {"warp_split": 4, "num_stages": stages}
+    check_random_batch(
+        batch, max_len, *QWEN3_0_6B, 256, torch.bfloat16, FP8_DTYPE, (0.04, 0.01), True, launch=launch
+    )  # fmt: skip
+
+
 def check_random_batch(
     batch,
     max_len,
@@ -161,13 +192,14 @@ def check_random_batch(
     cache_dtype=None,
     kv_scales=(1.0, 1.0),
     v_key_major=False,
+    **kwargs,
 ):
     gen = torch.Generator().manual_seed(batch)
     lens = torch.randint(1, max_len + 1, (batch,), generator=gen).tolist()
     lens[0] = max_len
     check(
         lens, num_heads, num_kv_heads, head_dim, block_size, dtype, cache_dtype=cache_dtype,
-        kv_scales=kv_scales, max_context_len=max_len, v_key_major=v_key_major,
+        kv_scales=kv_scales, max_context_len=max_len, v_key_major=v_key_major, **kwargs,
     )  # fmt: skip
 
 

@@ -43,7 +43,7 @@ dec = dict(q_ptr=bf16, k_cache_ptr=bf16, v_cache_ptr=bf16, block_tables_ptr="*i3
            k_scale_ptr="*fp32", v_scale_ptr="*fp32")
 dk = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=256, BLOCK_N=64, DOT_PRECISION="tf32", FP8=False,
           FP16_DOT=False, V_STAGED=False, MERGE_G=2, MERGE_CHUNK=16, SPLITS_PAD=64, ORDERED=True,
-          V_KEY_MAJOR=False, V_BLOCK=256, ONE_LOOP=False, MASKED_STAGES=1)
+          V_KEY_MAJOR=False, V_BLOCK=256, ONE_LOOP=False, MASKED_STAGES=1, WARP_SPLIT=1)
 dec_div16 = ("stride_qb", "stride_qh", "stride_cb", "stride_cs", "stride_ch")
 out = {
     "gemv_rms_norm": ptx(gemv._gemv_kernel, g, {"eps"},
@@ -70,6 +70,12 @@ out = {
                                       V_KEY_MAJOR=True, V_BLOCK=64, ONE_LOOP=True,
                                       MASKED_STAGES=3),  # as the engine's fp8 cache
                             div16=dec_div16),
+    "decode_split_fp8_warps": ptx(decode_attention._decode_split_kernel,
+                                  dec | dict(k_cache_ptr=fp8, v_cache_ptr=fp8), {"qk_scale", "v_unit"},
+                                  dk | dict(ONE_SPLIT=False, FP8=True, FP16_DOT=True, BLOCK_N=128,
+                                            V_KEY_MAJOR=True, V_BLOCK=64, ONE_LOOP=True, MASKED_STAGES=3,
+                                            WARP_SPLIT=4),  # the warp_split launch option
+                                  div16=dec_div16),
 }
 json.dump(out, sys.stdout)
 """
@@ -85,7 +91,7 @@ DEPENDENT = {
     # q, caches, block tables, lengths, out, partial, lse, counters
     **{
         name: ("_decode_split_kernel", {0, 1, 2, 3, 4, 5, 6, 7, 8, 9})
-        for name in ("decode_split", "decode_split_merge", "decode_split_fp8")
+        for name in ("decode_split", "decode_split_merge", "decode_split_fp8", "decode_split_fp8_warps")
     },
 }
 WEIGHT_PREFETCH = {"gemv_rms_norm", "gemv", "gemv_silu_mul"}
