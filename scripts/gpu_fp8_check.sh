@@ -10,6 +10,8 @@
 #              fp8: sequences running at once, KV blocks, tok/s (~2 min)
 #   tests      the fp8 kernel tests at real shapes, CUDA-graph replay with changing scales, and the
 #              engine's fp8 GPU test (~3 min; a call of its own)
+#   warps      the warp_split option (kernels/decode_attention.py) against the shipped launch at one
+#              layer, bench_decode_launch.py, then its GPU tests at real shapes (~3 min)
 # Dry run on a CPU (tiny model and sizes, the kernel benchmark only imported):
 #   NANOVLLM_FP8_TINY=1 PYTHON=.venv/bin/python OUT=/tmp/fp8dry scripts/gpu_fp8_check.sh all
 set -uo pipefail
@@ -49,5 +51,11 @@ case "${1:-all}" in
     timeout 420 "$PY" -m pytest tests/kernels -q -p no:cacheprovider -k "fp8 or graph" 2>&1 | tail -15 | tee "$OUT/fp8_kernel_tests.log"
     timeout 150 "$PY" -m pytest tests/test_kv_cache_fp8.py -q -p no:cacheprovider -m gpu 2>&1 | tail -8 | tee "$OUT/fp8_engine_tests.log"
     ;;
-  *) echo "unknown part $1: all | kernels | reference | long | tests" >&2; exit 2 ;;
+  warps)
+    timeout 300 "$PY" benchmarks/bench_decode_launch.py 128,5 128,5:ws 128,4:ws 128,4,4,160:ws 256,3:ws \
+      --results "$OUT/results.jsonl" 2>&1 | tee "$OUT/decode_launch.log"
+    timeout 240 "$PY" -m pytest tests/kernels/test_decode_attention.py -q -p no:cacheprovider -k warp_split 2>&1 \
+      | tail -5 | tee "$OUT/warp_split_tests.log"
+    ;;
+  *) echo "unknown part $1: all | kernels | reference | long | tests | warps" >&2; exit 2 ;;
 esac
