@@ -70,8 +70,9 @@ the kernel is bound by memory bandwidth and the design follows from keeping ever
   both dots) with its own running max, sum and output, merged once after the loop: 2 barriers,
   679 instructions a tile instead of 721, but 168 registers instead of 124 (each warp holds a whole
   [16, 128] output, and rescales it: 64 FMULs a tile) and 82 KB of shared memory at 5 stages
-  instead of 74 (the queries broadcast to the four warps), so 2 programs an SM, not 3.
-  ``benchmarks/bench_decode_launch.py 128,5 128,5:ws 128,4:ws`` times it beside the shipped launch.
+  instead of 74 (the queries broadcast to the four warps), so 2 programs an SM, not 3; at 4 stages
+  (one tile buffer, 49 KB) the registers allow 3. ``scripts/gpu_fp8_check.sh warps`` times both
+  beside the shipped launch (benchmarks/bench_decode_launch.py, spec suffix ``:ws``).
 """
 
 import math
@@ -534,7 +535,9 @@ def paged_decode_attention(
     warp_split = launch.pop("warp_split", 1)
     one_loop = fp8 and v_key_major and block_size % block_n == 0
     assert warp_split == 1 or (one_loop and block_n % (16 * warp_split) == 0), (
-        "warp_split: an fp8 cache with key-major V, tiles inside a block, and 16 keys or more a sub-tile"
+        f"warp_split {warp_split} needs an fp8 cache with key-major V (reference.key_major) and a block_n "
+        f"that divides the block size with 16 keys or more a warp; got block_n {block_n}, block size "
+        f"{block_size}, {k_cache.dtype}, V key-major {v_key_major}"
     )
     _decode_split_kernel[(num_kv_heads, batch, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, context_lens if order is None else order, out,
