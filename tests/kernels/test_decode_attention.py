@@ -120,8 +120,8 @@ def test_decode_fp8_key_major_tiles(block_n):
 @pytest.mark.parametrize("num_splits", [1, 3])
 def test_decode_fp8_warp_split(dtype, num_splits):
     """Each 64-key tile in 4 sub-tiles of 16 keys, each with its own softmax, merged at the end: the
-    same function. Lengths 1 and 5 leave three sub-tiles of their only tile without a key (a max of
-    -inf there must not become NaN); 17 and 65 one or two."""
+    same function. Some warps never see a key (a max of -inf there must not become NaN): three with
+    lengths 1 and 5, two with 17, and with 3 splits the last split of 130 (its 2 keys)."""
     check(
         [1, 5, 17, 63, 64, 65, 130, 300], 4, 2, 32, 64, dtype, cache_dtype=FP8_DTYPE, kv_scales=(0.1, 0.03),
         v_key_major=True, num_splits=num_splits, block_n=64, launch={"warp_split": 4},
