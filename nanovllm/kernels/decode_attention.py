@@ -275,24 +275,18 @@ def _attend_warps(q, qk_scale, k_cache_ptr, v_cache_ptr, table, start, end, kv_h
     l_i = tl.zeros([W, GROUP_PAD], dtype=tl.float32)
     acc = tl.zeros([W, GROUP_PAD, HEAD_DIM], dtype=tl.float32)
     for tile_start in tl.range(start, end, BLOCK_N, num_stages=STAGES):
-        block_id = tl.load(table + tile_start // BLOCK_SIZE).to(tl.int64)
-        slot = tl.multiple_of(tile_start % BLOCK_SIZE, BLOCK_N) + sub
-        k_off = block_id * stride_cb + slot * stride_cs + kv_head_off
-        v_off = _v_offsets(block_id, slot, stride_vb, stride_vs, BLOCK_SIZE, V_BLOCK) + v_head_off
+        k_off, v_off = _block_tile_offsets(
+            table, tile_start, sub, kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb, stride_vs,
+            BLOCK_SIZE, BLOCK_N, V_BLOCK,
+        )  # fmt: skip
         k = tl.load(k_cache_ptr + k_off[:, :, None] + dims[None, None, :]).to(q.dtype)
         v = tl.load(v_cache_ptr + v_off[:, :, None] + dims[None, None, :] * stride_vd).to(q.dtype)
         s = tl.dot(q3, tl.trans(k, 0, 2, 1), input_precision=DOT_PRECISION)  # [W, GROUP_PAD, SUB]
         if not FP16_DOT:
             s = s * qk_scale
         s = tl.where((tile_start + sub < end)[:, None, :], s, float("-inf"))
-        # A sub-tile past ``end`` has no key: its max stays -inf, and exp2(-inf - -inf) is NaN.
-        m_new = tl.maximum(m_i, tl.max(s, axis=2))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, :, None])
-        l_i = l_i * alpha + tl.sum(p, axis=2)
-        acc = acc * alpha[:, :, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        # A warp whose keys all lie past ``end`` has seen none yet: its rows are empty.
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION, 2, MAY_BE_EMPTY=True)
     m = tl.max(m_i, axis=0)
     weight = tl.exp2(m_i - tl.where(m == float("-inf"), 0.0, m)[None, :])  # [W, GROUP_PAD]
     return m, tl.sum(l_i * weight, axis=0), tl.sum(acc * weight[:, :, None], axis=0)
@@ -327,10 +321,10 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, table, start, end, kv_head_off, v_hea
     pos = start + tl.arange(0, BLOCK_N)
     key_mask = pos < end
     if BLOCK_SIZE % BLOCK_N == 0:  # tiles start at multiples of BLOCK_N: one block per tile
-        block_id = tl.load(table + start // BLOCK_SIZE).to(tl.int64)
-        slot = tl.multiple_of(start % BLOCK_SIZE, BLOCK_N) + tl.arange(0, BLOCK_N)
-        k_off = block_id * stride_cb + slot * stride_cs + kv_head_off
-        v_off = _v_offsets(block_id, slot, stride_vb, stride_vs, BLOCK_SIZE, V_BLOCK) + v_head_off
+        k_off, v_off = _block_tile_offsets(
+            table, start, tl.arange(0, BLOCK_N), kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb,
+            stride_vs, BLOCK_SIZE, BLOCK_N, V_BLOCK,
+        )  # fmt: skip
     else:
         if MASKED:
             block_ids = tl.load(table + pos // BLOCK_SIZE, mask=key_mask, other=0).to(tl.int64)
@@ -358,6 +352,18 @@ def load_kv_tile(k_cache_ptr, v_cache_ptr, table, start, end, kv_head_off, v_hea
     if V_WHOLE and ZERO_STALE_V:  # a stale slot may hold anything, NaN included, and 0 * NaN is NaN
         v = tl.where(key_mask[:, None], v, 0.0)
     return k, v, key_mask
+
+
+@triton.jit
+def _block_tile_offsets(table, start, keys, kv_head_off, v_head_off, stride_cb, stride_cs, stride_vb,
+                        stride_vs, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                        V_BLOCK: tl.constexpr):  # fmt: skip
+    """K and V cache offsets of the keys ``start + keys`` (``keys`` of any shape, in 0 .. BLOCK_N) of a
+    tile that lies inside one block (``start`` a multiple of BLOCK_N, which divides BLOCK_SIZE)."""
+    block_id = tl.load(table + start // BLOCK_SIZE).to(tl.int64)
+    slot = tl.multiple_of(start % BLOCK_SIZE, BLOCK_N) + keys
+    k_off = block_id * stride_cb + slot * stride_cs + kv_head_off
+    return k_off, _v_offsets(block_id, slot, stride_vb, stride_vs, BLOCK_SIZE, V_BLOCK) + v_head_off
 
 
 @triton.jit
@@ -396,14 +402,20 @@ def _attend_tile(m_i, l_i, acc, q, qk_scale, v_unit, k_cache_ptr, v_cache_ptr, t
 
 
 @triton.jit
-def online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION: tl.constexpr):
-    """A tile's scores ``s`` (base 2, -inf where masked) and values ``v`` into the running max, sum
-    and unnormalised output. Shared with the prefill kernel."""
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    alpha = tl.exp2(m_i - m_new)
-    p = tl.exp2(s - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+def online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION: tl.constexpr, KEYS_AXIS: tl.constexpr = 1,
+                        MAY_BE_EMPTY: tl.constexpr = False):  # fmt: skip
+    """A tile's scores ``s`` (base 2, -inf where masked; the keys along KEYS_AXIS, its last) and
+    values ``v`` into the running max, sum and unnormalised output. MAY_BE_EMPTY: a row may have
+    seen no key yet, its max still -inf, where exp2(-inf - -inf) would be NaN. Shared with the
+    prefill kernel."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=KEYS_AXIS))
+    m_use = m_new
+    if MAY_BE_EMPTY:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_use)
+    p = tl.exp2(s - tl.expand_dims(m_use, KEYS_AXIS))
+    l_i = l_i * alpha + tl.sum(p, axis=KEYS_AXIS)
+    acc = acc * tl.expand_dims(alpha, KEYS_AXIS) + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
     return m_new, l_i, acc
 
 
