@@ -8,6 +8,7 @@ tile as bf16's 64. Prefill is reported in
 TFLOP/s (causal: half of the dense 4 * q_len * context_len * head_dim flops per head).
 
     python benchmarks/bench_kernels.py [results.jsonl]   # Qwen3-0.6B attention shapes, one layer
+    python benchmarks/bench_kernels.py --qkv-prep [results.jsonl]   # qkv_prep alone (~20 s)
 
 The JSON line is also appended to benchmarks/results.jsonl (device, commit and date included).
 """
@@ -242,17 +243,34 @@ def bench_qkv_prep(batch: int, cache_dtype: torch.dtype, v_key_major: bool, num_
             "v_layout": "key-major" if v_key_major else "slot-major", "us": round(ms * 1e3, 2)}  # fmt: skip
 
 
+def qkv_prep_rows(batches: tuple[int, ...]) -> list[dict]:
+    """bench_qkv_prep for the bf16 cache, fp8 slot-major and fp8 key-major V, printed as they come."""
+    rows = []
+    for b in batches:
+        for dtype, km in ((DTYPE, False), (torch.float8_e4m3fn, False), (torch.float8_e4m3fn, True)):
+            rows.append(bench_qkv_prep(b, dtype, km))
+            print(f"qkv_prep {rows[-1]}")
+    return rows
+
+
 def main() -> None:
     assert torch.cuda.is_available(), "the kernel benchmark needs a CUDA device"
+    if "--qkv-prep" in sys.argv:  # one decode step's qkv_prep, to compare two trees in one device call
+        rows = qkv_prep_rows((256, 64, 8, 1))
+        _record({
+            "bench": "qkv_prep_decode",
+            "device": torch.cuda.get_device_name(),
+            "commit": git_commit(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "workload": "Qwen3-0.6B qkv_prep (norm + rotary + KV store), one decode step, one token a "
+            "sequence at a random slot of its own block in a 4,500-block cache, CUDA-graph replay",
+            "baseline": "the bf16 cache, same run (and another tree's rows from the same device call)",
+            "rows": rows,
+        }, sys.argv[-1] if sys.argv[-1].endswith(".jsonl") else None)  # fmt: skip
+        return
     if "--balance-sweep" in sys.argv:
         copy_gbs = copy_bandwidth_gbs()
-        qkv_rows = [
-            bench_qkv_prep(b, dtype, km)
-            for b in (256, 64, 8)
-            for dtype, km in ((DTYPE, False), (torch.float8_e4m3fn, False), (torch.float8_e4m3fn, True))
-        ]
-        for r in qkv_rows:
-            print(f"qkv_prep {r}")
+        qkv_rows = qkv_prep_rows((256, 64, 8))
         _record({
             "bench": "decode_balance_sweep",
             "device": torch.cuda.get_device_name(),

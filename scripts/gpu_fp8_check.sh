@@ -12,6 +12,10 @@
 #              engine's fp8 GPU test (~3 min; a call of its own)
 #   warps      the warp_split option (kernels/decode_attention.py) against the shipped launch at one
 #              layer, bench_decode_launch.py, then its GPU tests at real shapes (~3 min)
+#   store      the cost of the fp8 V store: benchmarks/bench_v_store.py by layout (reading a sector
+#              before writing a byte of it, or prefetching it to L2), then qkv_prep alone three rounds,
+#              alternating with the tree in $OLD if set (labelled $OLD_COMMIT), then qkv_prep's and
+#              the store's GPU tests (~3 min)
 # Dry run on a CPU (tiny model and sizes, the kernel benchmark only imported):
 #   NANOVLLM_FP8_TINY=1 PYTHON=.venv/bin/python OUT=/tmp/fp8dry scripts/gpu_fp8_check.sh all
 set -uo pipefail
@@ -57,5 +61,18 @@ case "${1:-all}" in
     timeout 240 "$PY" -m pytest tests/kernels/test_decode_attention.py -q -p no:cacheprovider -k warp_split 2>&1 \
       | tail -5 | tee "$OUT/warp_split_tests.log"
     ;;
-  *) echo "unknown part $1: all | kernels | reference | long | tests | warps" >&2; exit 2 ;;
+  store)
+    timeout 150 "$PY" benchmarks/bench_v_store.py --results "$OUT/results.jsonl" 2>&1 | tee "$OUT/v_store.log"
+    for round in 1 2 3; do
+      if [ -n "${OLD:-}" ]; then
+        (cd "$OLD" && NANOVLLM_COMMIT="${OLD_COMMIT:-old}" timeout 90 "$PY" benchmarks/bench_kernels.py --qkv-prep \
+          "$OUT/results.jsonl" | grep '^qkv_prep' | sed "s/^/old round $round: /") | tee -a "$OUT/qkv_prep.log"
+      fi
+      timeout 90 "$PY" benchmarks/bench_kernels.py --qkv-prep "$OUT/results.jsonl" | grep '^qkv_prep' \
+        | sed "s/^/new round $round: /" | tee -a "$OUT/qkv_prep.log"
+    done
+    timeout 200 "$PY" -m pytest tests/kernels/test_qkv_prep.py tests/kernels/test_store_kvcache.py -q \
+      -p no:cacheprovider -m gpu 2>&1 | tail -5 | tee "$OUT/qkv_store_tests.log"
+    ;;
+  *) echo "unknown part $1: all | kernels | reference | long | tests | warps | store" >&2; exit 2 ;;
 esac
