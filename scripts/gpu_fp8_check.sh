@@ -16,6 +16,9 @@
 #              before writing a byte of it, or prefetching it to L2), then qkv_prep alone three rounds,
 #              alternating with the tree in $OLD if set (labelled $OLD_COMMIT), then qkv_prep's and
 #              the store's GPU tests (~3 min)
+#   ab         the reference workload, this tree against the tree in $OLD (labelled $OLD_COMMIT): one
+#              process per tree and round (auto then fp8), in turn, three rounds; medians and fp8/auto
+#              per tree (~6 min: a call of its own)
 # Dry run on a CPU (tiny model and sizes, the kernel benchmark only imported):
 #   NANOVLLM_FP8_TINY=1 PYTHON=.venv/bin/python OUT=/tmp/fp8dry scripts/gpu_fp8_check.sh all
 set -uo pipefail
@@ -74,5 +77,22 @@ case "${1:-all}" in
     timeout 200 "$PY" -m pytest tests/kernels/test_qkv_prep.py tests/kernels/test_store_kvcache.py -q \
       -p no:cacheprovider -m gpu 2>&1 | tail -5 | tee "$OUT/qkv_store_tests.log"
     ;;
-  *) echo "unknown part $1: all | kernels | reference | long | tests | warps | store" >&2; exit 2 ;;
+  ab)
+    [ -n "${OLD:-}" ] || { echo "ab needs OLD=<a copy of the tree to compare against>" >&2; exit 2; }
+    for round in 1 2 3; do
+      for tree in old new; do
+        dir=.; label="${NANOVLLM_COMMIT:-new}"
+        [ "$tree" = old ] && { dir="$OLD"; label="${OLD_COMMIT:-old}"; }
+        (cd "$dir" && NANOVLLM_COMMIT="$label" timeout 120 "$PY" benchmarks/bench_fp8.py --parts reference \
+          --runs 1 --results "$OUT/ab_$tree.jsonl" --note "$NOTE; A/B of two trees, round $round of 3" \
+          > "$OUT/ab_${tree}_$round.log" 2>&1)
+        grep -E '^reference ' "$OUT/ab_${tree}_$round.log" | sed "s/^/$tree ($label): /"
+      done
+    done
+    for tree in old new; do
+      grep -h '"kv_cache_fp8_speed"' "$OUT/ab_$tree.jsonl" >> "$OUT/results.jsonl"
+      "$PY" benchmarks/bench_fp8.py --summarize "$OUT/ab_$tree.jsonl" | tee "$OUT/ab_${tree}_summary.json"
+    done
+    ;;
+  *) echo "unknown part $1: all | kernels | reference | long | tests | warps | store | ab" >&2; exit 2 ;;
 esac
