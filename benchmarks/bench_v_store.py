@@ -18,7 +18,8 @@ write finds its sector in L2. Layouts:
 * key-major with the store's cache hints (.cs, .wt, evict_last, evict_first);
 * the engine's layout, each byte's sector read before it is written: "read first" makes the stored
   value depend on the loaded one (the store waits for the read), "read first, no wait" does not
-  (same-address order is the hardware's), "L2 prefetch" issues ``prefetch.global.L2`` instead. A
+  (same-address order is the hardware's), "L2 prefetch" issues ``prefetch.global.L2`` instead, and
+  "a trip ahead" one memory round trip before the store (as qkv_prep could, from the slot). A
   write that misses L2 with part of a sector is what the key-major store pays for; a read miss is
   what the decode kernel pays for the same sector a moment later anyway.
 """
@@ -35,7 +36,8 @@ import triton.language as tl
 HEADS, DIM, BLOCK, NUM_BLOCKS, LAYERS = 8, 128, 256, 4500, 28
 LAYOUTS = ["slot-major", "key-major", "chunk16", "key-major .cs", "key-major .wt", "key-major evict_last",
            "key-major evict_first", "key-major 16-slot blocks", "key-major 64-slot blocks",
-           "64-slot, read first", "64-slot, read first, no wait", "64-slot, L2 prefetch"]  # fmt: skip
+           "64-slot, read first", "64-slot, read first, no wait", "64-slot, L2 prefetch",
+           "64-slot, L2 prefetch, a trip ahead"]  # fmt: skip
 
 
 @triton.jit
@@ -45,7 +47,10 @@ def _store_v(v_ptr, cache_ptr, slots_ptr, sink_ptr, LAYOUT: tl.constexpr, HEADS:
     slot = tl.load(slots_ptr + token).to(tl.int64)
     h = tl.arange(0, HEADS)[:, None]
     d = tl.arange(0, DIM)[None, :]
-    v = tl.load(v_ptr + token * HEADS * DIM + h * DIM + d)
+    v_src = v_ptr + token * HEADS * DIM + h * DIM + d
+    if LAYOUT == 12:  # v's address depends on the slot (slot >> 62 is 0): read after the prefetch
+        v_src += (slot >> 62) * 16  # times 16 keeps the loads 16-byte vectors
+    v = tl.load(v_src)
     block, s = slot // BLOCK, slot % BLOCK
     base = block * BLOCK * HEADS * DIM
     if LAYOUT == 0:
@@ -73,7 +78,7 @@ def _store_v(v_ptr, cache_ptr, slots_ptr, sink_ptr, LAYOUT: tl.constexpr, HEADS:
         old = tl.load(cache_ptr + off)
         tl.store(cache_ptr + off, v)
         tl.store(sink_ptr + token, tl.sum(tl.sum(old.to(tl.float32), axis=1), axis=0))
-    elif LAYOUT == 11:
+    elif LAYOUT >= 11:
         tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [cache_ptr + off],
                                   dtype=tl.int32, is_pure=False, pack=1)  # fmt: skip
         tl.store(cache_ptr + off, v)
