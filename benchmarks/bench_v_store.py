@@ -26,12 +26,15 @@ write finds its sector in L2. Layouts:
 
 import argparse
 import datetime
-import json
-import os
+import sys
+from pathlib import Path
 
 import torch
 import triton
 import triton.language as tl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from nanovllm.benchmark import _record, git_commit  # noqa: E402
 
 HEADS, DIM, BLOCK, NUM_BLOCKS, LAYERS = 8, 128, 256, 4500, 28
 LAYOUTS = ["slot-major", "key-major", "chunk16", "key-major .cs", "key-major .wt", "key-major evict_last",
@@ -129,19 +132,17 @@ def main() -> None:
             print(f"store batch {batch:>3} {name:<30}: {us:6.2f} us a layer")
             rows.append({"batch": batch, "v_layout": name, "us_a_layer": round(us, 2)})
     if args.results:
-        line = {
+        _record({
             "bench": "fp8_v_store_layouts",
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "commit": os.environ.get("NANOVLLM_COMMIT", "unknown"),
+            "commit": git_commit(),
             "device": torch.cuda.get_device_name(),
             "workload": "benchmarks/bench_v_store.py: one decode step's V store, 8 KV heads x 128 dims a "
             "token at a random slot of its own 256-slot block, 28 layers a CUDA graph, a 4,500-block "
             "cache a layer",
             "baseline": "the slot-major layout, same run",
             "rows": rows,
-        }
-        with open(args.results, "a") as f:
-            f.write(json.dumps(line) + "\n")
+        }, args.results)  # fmt: skip
 
 
 if __name__ == "__main__":
