@@ -16,6 +16,9 @@
 #              before writing a byte of it, or prefetching it to L2), then qkv_prep alone three rounds,
 #              alternating with the tree in $OLD if set (labelled $OLD_COMMIT), then qkv_prep's and
 #              the store's GPU tests (~3 min)
+#   flat       the flat (stream-K style) decode kernel, kernels/decode_flat.py, against the shipped
+#              split kernel at one layer: benchmarks/bench_decode_flat.py (pipeline depths x programs
+#              per SM, batches 256..1), then its GPU tests (~3 min)
 #   ab         the reference workload, this tree against the tree in $OLD (labelled $OLD_COMMIT): one
 #              process per tree and round (auto then fp8), in turn, three rounds; medians and fp8/auto
 #              per tree (~6 min: a call of its own)
@@ -64,6 +67,11 @@ case "${1:-all}" in
     timeout 240 "$PY" -m pytest tests/kernels/test_decode_attention.py -q -p no:cacheprovider -k warp_split 2>&1 \
       | tail -5 | tee "$OUT/warp_split_tests.log"
     ;;
+  flat)
+    timeout 300 "$PY" benchmarks/bench_decode_flat.py --results "$OUT/results.jsonl" 2>&1 | tee "$OUT/decode_flat.log"
+    timeout 200 "$PY" -m pytest tests/kernels/test_decode_flat.py -q -p no:cacheprovider 2>&1 | tail -5 \
+      | tee "$OUT/decode_flat_tests.log"
+    ;;
   store)
     timeout 150 "$PY" benchmarks/bench_v_store.py --results "$OUT/results.jsonl" 2>&1 | tee "$OUT/v_store.log"
     for round in 1 2 3; do
@@ -94,5 +102,5 @@ case "${1:-all}" in
       "$PY" benchmarks/bench_fp8.py --summarize "$OUT/ab_$tree.jsonl" | tee "$OUT/ab_${tree}_summary.json"
     done
     ;;
-  *) echo "unknown part $1: all | kernels | reference | long | tests | warps | store | ab" >&2; exit 2 ;;
+  *) echo "unknown part $1: all | kernels | reference | long | tests | warps | flat | store | ab" >&2; exit 2 ;;
 esac

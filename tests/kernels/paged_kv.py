@@ -44,7 +44,7 @@ def make_paged_kv(
     for i, (n, nb) in enumerate(zip(context_lens, blocks_per_seq, strict=True)):
         own, ids = ids[:nb], ids[nb:]
         block_tables[i, :nb] = torch.tensor(own, dtype=torch.int32)
-        rows = torch.tensor(own)
+        rows = torch.tensor(own, dtype=torch.long)  # empty for a row with no keys
         # Rows past context_len inside the last block stay poisoned too.
         k = torch.randn(nb * block_size, num_kv_heads, head_dim, generator=gen)
         v = torch.randn(nb * block_size, num_kv_heads, head_dim, generator=gen)
