@@ -19,6 +19,9 @@
 #   flat       the flat (stream-K style) decode kernel, kernels/decode_flat.py, against the shipped
 #              split kernel at one layer: benchmarks/bench_decode_flat.py (pipeline depths x programs
 #              per SM, batches 256..1), then its GPU tests (~3 min)
+#   flatab     the reference workload with the split decode kernel against the flat one
+#              (NANOVLLM_DECODE=${FLAT:-flat}, layers/attention_triton.py): one process per kernel and
+#              round, in turn, three rounds; medians and fp8/auto per kernel (~6 min: a call of its own)
 #   ab         the reference workload, this tree against the tree in $OLD (labelled $OLD_COMMIT): one
 #              process per tree and round (auto then fp8), in turn, three rounds; medians and fp8/auto
 #              per tree (~6 min: a call of its own)
@@ -72,6 +75,22 @@ case "${1:-all}" in
     timeout 200 "$PY" -m pytest tests/kernels/test_decode_flat.py -q -p no:cacheprovider 2>&1 | tail -5 \
       | tee "$OUT/decode_flat_tests.log"
     ;;
+  flatab)
+    for round in 1 2 3; do
+      for kernel in split "${FLAT:-flat}"; do
+        tag="${kernel//:/_}"
+        NANOVLLM_DECODE="$kernel" timeout 120 "$PY" benchmarks/bench_fp8.py --parts reference --runs 1 \
+          --results "$OUT/flatab_$tag.jsonl" --note "$NOTE; NANOVLLM_DECODE=$kernel, round $round of 3" \
+          > "$OUT/flatab_${tag}_$round.log" 2>&1
+        grep -E '^reference ' "$OUT/flatab_${tag}_$round.log" | sed "s/^/$kernel: /"
+      done
+    done
+    for kernel in split "${FLAT:-flat}"; do
+      tag="${kernel//:/_}"
+      grep -h '"kv_cache_fp8_speed"' "$OUT/flatab_$tag.jsonl" >> "$OUT/results.jsonl"
+      "$PY" benchmarks/bench_fp8.py --summarize "$OUT/flatab_$tag.jsonl" | tee "$OUT/flatab_${tag}_summary.json"
+    done
+    ;;
   store)
     timeout 150 "$PY" benchmarks/bench_v_store.py --results "$OUT/results.jsonl" 2>&1 | tee "$OUT/v_store.log"
     for round in 1 2 3; do
@@ -102,5 +121,5 @@ case "${1:-all}" in
       "$PY" benchmarks/bench_fp8.py --summarize "$OUT/ab_$tree.jsonl" | tee "$OUT/ab_${tree}_summary.json"
     done
     ;;
-  *) echo "unknown part $1: all | kernels | reference | long | tests | warps | flat | store | ab" >&2; exit 2 ;;
+  *) echo "unknown part $1: all | kernels | reference | long | tests | warps | flat | flatab | store | ab" >&2; exit 2 ;;
 esac

@@ -1,7 +1,8 @@
 """Decode attention with the work cut evenly over the programs ("flat", stream-K style), in Triton.
 
-An experiment beside the split kernel (decode_attention.py), not yet used by the engine and not yet
-timed on a GPU (``scripts/gpu_fp8_check.sh flat`` times both). The split kernel gives each program
+An experiment beside the split kernel (decode_attention.py), not yet run on a GPU: the engine takes
+it only with ``NANOVLLM_DECODE=flat`` (layers/attention_triton.py), and ``scripts/gpu_fp8_check.sh``
+times both, at one layer (``flat``) and on the reference workload (``flatab``). The split kernel gives each program
 one (row, KV head, split); at batches of 64 and more a row is one program, and a program with an
 fp8 cache reads half the bytes of a bf16 one in half as many 128-key tiles. Its fixed costs (the
 chain of dependent loads before its first tile, filling the pipeline, draining it) then weigh twice
@@ -10,16 +11,17 @@ bandwidth at batch 256 / 128 / 64 where bf16 reads at 1.0 / 0.94 / 0.65, and mor
 slower (session 30, bench_kernels.py --balance-sweep).
 
 Here each KV head's work is one list of tiles, the rows' tiles one after another, cut into ranges of
-equal length, one per program (``plan_flat_decode``, on the host, from the context lengths)::
+equal length, one per program (``flat_plan.plan_flat_decode``, on the host, from the context
+lengths and block tables)::
 
     tiles of one KV head:  | row 0 ......... | row 1 ... | row 2 ................. | row 3 |
     programs:              |--- p0 ---|--- p1 ---|--- p2 ---|--- p3 ---|--- p4 ---|- p5 -|
 
     grid = (num_kv_heads, programs)
 
-* A program walks its range in one pipelined loop: the loads of the tiles ahead (their row, the
-  block-table entry, then K and V) are in flight while it computes, across row boundaries too, so a
-  row costs its bytes and not a round trip. Every program does the same number of tiles (one more
+* A program walks its range in one pipelined loop: the loads of the tiles ahead (each tile's
+  record, with its row and cache block, then K and V) are in flight while it computes, across row
+  boundaries too, so a row costs its bytes and not a round trip. Every program does the same number of tiles (one more
   at most), so all finish together: nothing to order longest first.
 * A tile's row is looked up each iteration (``tiles``), and so are its queries (a few hundred bytes,
   from L1 or L2 after the row's first tile). At a row's first tile in the range the running max
@@ -29,8 +31,9 @@ equal length, one per program (``plan_flat_decode``, on the host, from the conte
   atomic counter per row and KV head, as the split kernel's) merges them, in range order. A
   program holds at most two pieces: its first row's (slot 0, ``program * 2``) and its last row's
   (slot 1), so the scratch is ``[2 * programs, num_heads, head_dim]`` whatever the batch.
-* The plan is a function of the context lengths, so the host computes it from values it already
-  has (the scheduler knows every length) and the kernel never waits for the GPU. A CUDA graph fixes
+* The plan is a function of the context lengths and block tables, so the host computes it from
+  values it already has (InputBatch packs it after the block tables) and the kernel never waits
+  for the GPU. A CUDA graph fixes
   the grid: ``programs`` comes from the device and heads only, and a plan with fewer tiles than
   ``min_tiles`` a program leaves the last ranges empty.
 * Rows with no keys have no tiles and are not written (the split kernel writes zeros; the engine's

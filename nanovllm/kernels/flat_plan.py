@@ -34,6 +34,18 @@ class FlatPlan:
         move = lambda a: torch.as_tensor(a, dtype=torch.int32).to(device)  # noqa: E731
         return FlatPlan(self.block_size, self.block_n, move(self.tiles), move(self.bounds), move(self.pieces))
 
+    def packed(self) -> np.ndarray:
+        """tiles, bounds and pieces back to back, int32: one buffer for one host-to-device copy."""
+        return np.concatenate([self.tiles.reshape(-1), self.bounds, self.pieces.reshape(-1)]).astype(np.int32)
+
+    def views_of(self, buffer: torch.Tensor) -> "FlatPlan":
+        """This plan read from ``buffer``, where ``packed()`` was copied: views, no copies."""
+        n_tiles, n_bounds = self.tiles.size, self.bounds.size
+        tiles = buffer[:n_tiles].view(4, -1)
+        bounds = buffer[n_tiles : n_tiles + n_bounds]
+        pieces = buffer[n_tiles + n_bounds : n_tiles + n_bounds + self.pieces.size].view(2, -1)
+        return FlatPlan(self.block_size, self.block_n, tiles, bounds, pieces)
+
 
 def plan_flat_decode(
     context_lens, block_tables, block_size: int, block_n: int, programs: int, min_tiles: int = 2

@@ -168,3 +168,47 @@ def test_pdl_on_and_off_identical(tmp_path, monkeypatch, eager):
                 for batch in (prompts[:1], prompts[1:4], prompts)
             ]
     assert runs[True] == runs[False]
+
+
+@pytest.fixture
+def decode_kernel(monkeypatch):
+    """Set NANOVLLM_DECODE for the engines started next (layers/attention_triton.py reads it once)."""
+    from nanovllm.layers import attention_triton
+
+    def choose(value: str) -> None:
+        monkeypatch.setenv("NANOVLLM_DECODE", value)
+        attention_triton.flat_setting.cache_clear()
+
+    yield choose
+    monkeypatch.delenv("NANOVLLM_DECODE", raising=False)
+    attention_triton.flat_setting.cache_clear()
+
+
+@pytest.mark.parametrize("eager", [False, True], ids=["graphs", "eager"])
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_flat_decode_kernel_gives_the_split_kernels_tokens(tiny_ckpt, decode_kernel, eager, kv_cache_dtype):
+    """NANOVLLM_DECODE=flat (kernels/decode_flat.py, an experiment): float32, the split kernel's greedy
+    tokens through decode steps of 1, 3 (the graph of 4: a padded row with no tiles) and 13 rows, and
+    mixed steps (a 48-token budget chunks the long prompts beside the decodes); with 1 program an SM
+    as well, so rows are cut over fewer, longer ranges."""
+    path = tiny_ckpt("qwen3")
+    more = [[11 + (3 * i + j) % 250 for j in range(n)] for i, n in enumerate((300, 2, 64, 120, 33))]
+    sp = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    runs = {}
+    for setting in ("split", "flat", "flat:1"):
+        decode_kernel(setting)
+        with LLM(path, dtype="float32", enforce_eager=eager, kv_cache_dtype=kv_cache_dtype,
+                 max_num_batched_tokens=48, **SMALL) as llm:  # fmt: skip
+            assert (llm.engine.executor.inputs.flat_plan is None) == (setting == "split")
+            runs[setting] = [
+                [o["token_ids"] for o in llm.generate(batch, sp, use_tqdm=False)]
+                for batch in (PROMPTS[:1], PROMPTS[1:4], PROMPTS + more)
+            ]
+    assert runs["flat"] == runs["split"]
+    assert runs["flat:1"] == runs["split"]
+
+
+def test_bad_decode_kernel_setting_is_refused(tiny_ckpt, decode_kernel):
+    decode_kernel("flat:two")
+    with pytest.raises(ValueError, match="NANOVLLM_DECODE='flat:two'"):
+        LLM(tiny_ckpt("qwen3"), dtype="float32", **SMALL)
