@@ -38,10 +38,15 @@ from nanovllm.kernels.reference import paged_decode_attention_ref  # noqa: E402
 
 BATCHES = (256, 128, 64, 32, 8, 1)
 FP8 = torch.float8_e4m3fn
-# (cache, stages, programs per SM): Triton gives the loop one K/V buffer at 4 stages, two at 5 or 6.
-FLAT = [(FP8, st, per_sm) for st in (4, 5, 6) for per_sm in (2, 3, 4)] + [
-    (DTYPE, st, per_sm) for st in (3, 5) for per_sm in (2, 3)
-]
+# (cache, stages, programs per SM, register cap or None). Triton gives the fp8 loop one K/V buffer
+# at 4 stages, two at 5 or 6 (sm_90 SASS compiled on a CPU: 184 registers and 45 KB of shared memory
+# at 4 stages, 168 and 82 KB at 5), so 2 programs fit on an SM at 4-6 stages, 3 only with 4 stages
+# and a register cap. A program past what fits waits for a whole range to end: a second wave.
+FLAT = [
+    (FP8, 5, 1, None), (FP8, 5, 2, None), (FP8, 5, 3, None), (FP8, 6, 2, None), (FP8, 4, 2, None),
+    (FP8, 4, 3, 168), (FP8, 4, 4, 128), (DTYPE, 3, 2, None), (DTYPE, 3, 3, None), (DTYPE, 5, 2, None),
+]  # fmt: skip
+SHARED_PER_SM, REGS_PER_SM = 228 * 1024, 65536  # Hopper
 
 
 def timed(ref: torch.Tensor, kv_bytes: int, copy_gbs: float, fn, *args, **kwargs) -> dict:
@@ -102,27 +107,35 @@ def main() -> None:
             print(rows[-1], flush=True)
 
             block_n = 128 if fp8 else 64
-            for dtype, stages, per_sm in FLAT:
+            for dtype, stages, per_sm, maxnreg in FLAT:
                 if dtype != cache_dtype:
                     continue
+                launch = {"num_stages": stages} | ({"maxnreg": maxnreg} if maxnreg else {})
                 programs = max(1, per_sm * sms // NUM_KV_HEADS)
                 plan_args = (lens, host_table, BLOCK_SIZE, block_n, programs)
                 plan = plan_flat_decode(*plan_args)
                 flat_args = (q, k_cache, v_cache, plan.to("cuda"), HEAD_DIM**-0.5, *scales)
-                row = timed(
-                    ref, kv_bytes, copy_gbs, flat_decode_attention, *flat_args, launch={"num_stages": stages}
-                )
+                row = timed(ref, kv_bytes, copy_gbs, flat_decode_attention, *flat_args, launch=launch)
                 for kernel in _decode_flat_kernel.device_caches[0][0].values():  # the variant just built
                     if id(kernel) not in seen:
                         seen.add(id(kernel))
-                        built[(dtype, stages)] = {
-                            "regs": getattr(kernel, "n_regs", None),
-                            "shared_bytes": kernel.metadata.shared,
+                        regs, shared = kernel.n_regs, kernel.metadata.shared
+                        fits = min(REGS_PER_SM // (regs * 128), SHARED_PER_SM // (shared + 1024))  # 4 warps
+                        built[(dtype, stages, maxnreg)] = {
+                            "regs": regs,
+                            "shared_bytes": shared,
+                            "fits_per_sm": fits,
                         }
                 used = int((plan.bounds[1:] > plan.bounds[:-1]).sum())
-                rows.append(base | {"kernel": "flat", "stages": stages, "programs_per_sm": per_sm,
-                                    "programs_used": used} | row | {"plan_us_host": plan_us(*plan_args)}
-                            | built.get((dtype, stages), {}))  # fmt: skip
+                variant = {"kernel": "flat", "stages": stages, "maxnreg": maxnreg, "programs_per_sm": per_sm,
+                           "programs_used": used}  # fmt: skip
+                rows.append(
+                    base
+                    | variant
+                    | row
+                    | {"plan_us_host": plan_us(*plan_args)}
+                    | built[(dtype, stages, maxnreg)]
+                )
                 print(rows[-1], flush=True)
     line = {"bench": "decode_flat_sweep", "device": torch.cuda.get_device_name(), "commit": git_commit(),
             "copy_gbs": round(copy_gbs), "rows": rows,

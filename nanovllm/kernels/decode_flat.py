@@ -2,13 +2,14 @@
 
 An experiment beside the split kernel (decode_attention.py), not yet run on a GPU: the engine takes
 it only with ``NANOVLLM_DECODE=flat`` (layers/attention_triton.py), and ``scripts/gpu_fp8_check.sh``
-times both, at one layer (``flat``) and on the reference workload (``flatab``). The split kernel gives each program
-one (row, KV head, split); at batches of 64 and more a row is one program, and a program with an
-fp8 cache reads half the bytes of a bf16 one in half as many 128-key tiles. Its fixed costs (the
-chain of dependent loads before its first tile, filling the pipeline, draining it) then weigh twice
-as much: H200, one layer, lengths uniform in 100..2048, fp8 reads at 0.86 / 0.76 / 0.56 of copy
-bandwidth at batch 256 / 128 / 64 where bf16 reads at 1.0 / 0.94 / 0.65, and more splits made fp8
-slower (session 30, bench_kernels.py --balance-sweep).
+times both, at one layer (``flat``) and on the reference workload (``flatab``).
+
+The split kernel gives each program one (row, KV head, split); at batches of 64 and more a row is one
+program, and a program with an fp8 cache reads half the bytes of a bf16 one in half as many 128-key
+tiles. Its fixed costs (the chain of dependent loads before its first tile, filling the pipeline,
+draining it) then weigh twice as much: H200, one layer, lengths uniform in 100..2048, fp8 reads at
+0.86 / 0.76 / 0.56 of copy bandwidth at batch 256 / 128 / 64 where bf16 reads at 1.0 / 0.94 / 0.65,
+and more splits made fp8 slower (session 30, bench_kernels.py --balance-sweep).
 
 Here each KV head's work is one list of tiles, the rows' tiles one after another, cut into ranges of
 equal length, one per program (``flat_plan.plan_flat_decode``, on the host, from the context
@@ -21,8 +22,13 @@ lengths and block tables)::
 
 * A program walks its range in one pipelined loop: the loads of the tiles ahead (each tile's
   record, with its row and cache block, then K and V) are in flight while it computes, across row
-  boundaries too, so a row costs its bytes and not a round trip. Every program does the same number of tiles (one more
-  at most), so all finish together: nothing to order longest first.
+  boundaries too, so a row costs its bytes and not a round trip.
+* Every program does the same number of tiles (one more at most), so all finish together, provided
+  they all run at once: ``programs`` must not exceed what fits on the SMs, or the ones past it wait
+  for a whole range to end (a second wave). sm_90 SASS compiled on a CPU, fp8 with key-major V,
+  128-key tiles: 168 registers and 82 KB of shared memory at 5 stages (two K/V tiles in flight, and
+  the queries' buffers), 184 and 45 KB at 4 (one): 2 programs an SM either way, hence the engine's
+  default of 2 (``flat_plan.device_programs``).
 * A tile's row is looked up each iteration (``tiles``), and so are its queries (a few hundred bytes,
   from L1 or L2 after the row's first tile). At a row's first tile in the range the running max
   restarts at -inf, and the online-softmax step then scales the old sum and output by exp2(-inf) = 0.
@@ -33,11 +39,10 @@ lengths and block tables)::
   (slot 1), so the scratch is ``[2 * programs, num_heads, head_dim]`` whatever the batch.
 * The plan is a function of the context lengths and block tables, so the host computes it from
   values it already has (InputBatch packs it after the block tables) and the kernel never waits
-  for the GPU. A CUDA graph fixes
-  the grid: ``programs`` comes from the device and heads only, and a plan with fewer tiles than
-  ``min_tiles`` a program leaves the last ranges empty.
+  for the GPU. A CUDA graph fixes the grid: ``programs`` comes from the device and heads only, and
+  a plan with fewer tiles than ``min_tiles`` a program leaves the last ranges empty.
 * Rows with no keys have no tiles and are not written (the split kernel writes zeros; the engine's
-  decode rows always hold the new token's key).
+  decode rows always hold the new token's key, and a CUDA graph's padding rows are ignored).
 * Tiles lie inside one cache block (``block_n`` divides the block size), as the split kernel's
   ONE_LOOP path: an fp8 cache with key-major V reads every tile whole and masks the scores; the
   stale V slots meet weights of exactly 0 (an fp8 cache is never NaN, reference.py). Other caches
@@ -61,7 +66,7 @@ from nanovllm.kernels.decode_attention import (
 from nanovllm.kernels.flat_plan import FlatPlan
 
 
-@triton.jit(do_not_specialize=["tiles_ptr", "bounds_ptr", "pieces_ptr", "stride_tiles"])
+@triton.jit(do_not_specialize=["tiles_ptr", "bounds_ptr", "pieces_ptr", "stride_tiles", "stride_pieces"])
 def _decode_flat_kernel(
     q_ptr,  # [batch, num_heads, head_dim]
     k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_dim]

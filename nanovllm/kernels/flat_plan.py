@@ -79,9 +79,9 @@ def plan_flat_decode(
     return FlatPlan(block_size, block_n, tiles, bounds.astype(np.int32), pieces)
 
 
-def device_programs(device: torch.device, num_kv_heads: int, per_sm: int = 3) -> int:
-    """Programs per KV head for ``per_sm`` programs on every SM (3: what the fp8 loop's registers and
-    shared memory allow, decode_attention.py)."""
+def device_programs(device: torch.device, num_kv_heads: int, per_sm: int = 2) -> int:
+    """Programs per KV head for ``per_sm`` programs on every SM (2: what fits of the fp8 loop,
+    kernels/decode_flat.py)."""
     if device.type != "cuda":
         return 8
     sms = torch.cuda.get_device_properties(device).multi_processor_count

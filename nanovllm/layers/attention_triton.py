@@ -2,7 +2,7 @@
 
 Decode runs the split kernel (kernels/decode_attention.py). ``NANOVLLM_DECODE=flat[:PER_SM[:STAGES]]``
 runs the flat one instead (kernels/decode_flat.py): an experiment, off by default until a GPU
-measures it faster; PER_SM programs on every SM (default 3), STAGES its loop's pipeline depth (the
+measures it faster; PER_SM programs on every SM (default 2), STAGES its loop's pipeline depth (the
 kernel's default: 5 for fp8, 3 otherwise). The host then plans each step's decode rows
 (``Context.decode_plan``).
 """
@@ -33,7 +33,7 @@ def flat_setting() -> tuple[int, int | None] | None:
             f"NANOVLLM_DECODE={value!r}: use 'split' (the default) or 'flat[:PROGRAMS_PER_SM[:STAGES]]', "
             "e.g. 'flat' or 'flat:2:5'"
         )
-    return int(numbers[0]) if numbers else 3, int(numbers[1]) if len(numbers) > 1 else None
+    return int(numbers[0]) if numbers else 2, int(numbers[1]) if len(numbers) > 1 else None
 
 
 def _flat_launch() -> dict | None:

@@ -27,7 +27,7 @@ def setting(monkeypatch):
 
 @pytest.mark.parametrize(
     "value, expect",
-    [(None, None), ("split", None), ("flat", (3, None)), ("flat:2", (2, None)), ("flat:4:6", (4, 6))],
+    [(None, None), ("split", None), ("flat", (2, None)), ("flat:2", (2, None)), ("flat:4:6", (4, 6))],
 )
 def test_decode_setting(setting, value, expect):
     assert setting(value) == expect
