@@ -26,9 +26,12 @@ lengths and block tables)::
 * Every program does the same number of tiles (one more at most), so all finish together, provided
   they all run at once: ``programs`` must not exceed what fits on the SMs, or the ones past it wait
   for a whole range to end (a second wave). sm_90 SASS compiled on a CPU, fp8 with key-major V,
-  128-key tiles: 168 registers and 82 KB of shared memory at 5 stages (two K/V tiles in flight, and
-  the queries' buffers), 184 and 45 KB at 4 (one): 2 programs an SM either way, hence the engine's
-  default of 2 (``flat_plan.device_programs``).
+  128-key tiles: 168 registers, and 45 KB of shared memory at 4 stages (one K/V tile in flight) or
+  82 KB at 5 and 6 (two, and the queries' buffers): 3 programs fit an SM at 4 stages, 2 at 5, the
+  launcher's default and so the engine's default of 2 an SM (``flat_plan.device_programs``).
+* The queries go to fp16 unscaled (bf16 -> fp16 is exact in fp16's range; saturated past it) and
+  the scale multiplies the fp32 scores: folding it into q first, as the split kernel does, took 16
+  more registers a thread (184 at 4 stages: 2 programs an SM, not 3).
 * A tile's row is looked up each iteration (``tiles``), and so are its queries (a few hundred bytes,
   from L1 or L2 after the row's first tile). At a row's first tile in the range the running max
   restarts at -inf, and the online-softmax step then scales the old sum and output by exp2(-inf) = 0.
@@ -136,8 +139,8 @@ def _decode_flat_kernel(
             context_len = tl.load(tiles_ptr + 2 * stride_tiles + t)
             q = tl.load(q_ptr + seq * stride_qb + heads[:, None] * stride_qh + dims[None, :],
                         mask=row_mask[:, None], other=0.0)  # fmt: skip
-            if FP16_DOT:  # the scale folded in before the cast (see decode_attention.py)
-                q = (q.to(tl.float32) * qk).to(tl.float16)
+            if FP16_DOT:  # bf16 -> fp16 exactly in fp16's range, saturated past it (never inf)
+                q = tl.clamp(q, -65504.0, 65504.0).to(tl.float16)
             block_id = tl.load(tiles_ptr + 3 * stride_tiles + t).to(tl.int64)
             keys = tl.arange(0, BLOCK_N)
             key_mask = key + keys < context_len
@@ -163,8 +166,7 @@ def _decode_flat_kernel(
             piece_lo = tl.where(first, t, piece_lo)
             from_key_0 = tl.where(first, key == 0, from_key_0)
             s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [GROUP_PAD, BLOCK_N]
-            if not FP16_DOT:
-                s = s * qk
+            s = s * qk
             s = tl.where(key_mask[None, :], s, float("-inf"))
             # Every tile holds a key of its row, so a restarted max becomes finite here.
             m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, s, v, DOT_PRECISION)

@@ -107,6 +107,26 @@ def test_flat_decode_fp8(programs, v_key_major, kv_scales):
     check_flat(LENS, 4, 2, 32, 32, torch.float32, 16, programs, FP8_DTYPE, kv_scales, v_key_major)
 
 
+@pytest.mark.parametrize("programs", [1, 5])
+def test_flat_decode_fp8_bf16_queries(programs):
+    """bf16 queries with an fp8 cache, as the engine's: both go to fp16 for the dot, the scale after."""
+    check_flat(LENS, 4, 2, 32, 32, torch.bfloat16, 16, programs, FP8_DTYPE, (0.05, 0.02), True)
+
+
+def test_flat_decode_queries_past_fp16_range_stay_finite():
+    """A bf16 query past fp16's largest value saturates on the way to fp16: the output is finite
+    (an inf there would make the scores, and so the output, NaN)."""
+    lens = [40, 17]
+    k_cache, _, table, _ = make_paged_kv(lens, 2, 32, 16, FP8_DTYPE)
+    v_cache = make_paged_kv(lens, 2, 32, 16, FP8_DTYPE, v_key_major=True)[1]
+    q = torch.randn(2, 4, 32, device=device()).to(torch.bfloat16)
+    q[0, 1, 3] = 1e6
+    scale = torch.tensor([1.0], device=device())
+    plan = plan_flat_decode(lens, table.cpu(), 16, 16, 3).to(device())
+    out = flat_decode_attention(q, k_cache, v_cache, plan, 0.2, scale, scale)
+    assert torch.isfinite(out.float()).all()
+
+
 def test_flat_decode_rows_without_keys():
     """A row with no keys gets no tile: it is not written, and the rows beside it are right."""
     check_flat([0, 40, 0, 3, 0], 4, 2, 32, 16, torch.float32, 16, 3)
