@@ -48,12 +48,14 @@ class FlatPlan:
 
 
 def plan_flat_decode(
-    context_lens, block_tables, block_size: int, block_n: int, programs: int, min_tiles: int = 2
+    context_lens, block_tables, block_size: int, block_n: int, programs: int, min_tiles: int = 1
 ) -> FlatPlan:
     """Cut the rows' tiles (``ceil(len / block_n)`` each, in row order) into at most ``programs``
     ranges of equal length (to one tile), none shorter than ``min_tiles`` unless there are fewer
     tiles than that; the programs past the last range get an empty one. ``block_tables``: [batch,
-    max_blocks], host values (the table's padding is not read)."""
+    max_blocks], host values (the table's padding is not read). With fewer tiles than programs (a
+    small batch) every tile is a program of its own, as the split kernel spreads one row over the
+    GPU."""
     assert programs >= 1 and min_tiles >= 1
     assert block_n >= 1 and block_size % block_n == 0, (
         f"tiles of {block_n} keys must lie inside blocks of {block_size}"
