@@ -98,6 +98,18 @@ def test_flat_decode(programs, dtype, group):
     assert programs == 1 or plan.pieces[1].max() > 1  # some rows were cut
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    lens=st.lists(st.integers(1, 90), min_size=1, max_size=6),
+    programs=st.integers(1, 24),
+    fp8=st.booleans(),
+)
+def test_flat_decode_any_cut(lens, programs, fp8):
+    """Any lengths cut over any number of programs (ranges that end on a row's last tile, start on
+    its first, or fall inside it; more programs than tiles) give the reference's output."""
+    check_flat(lens, 4, 2, 16, 16, torch.float32, 16, programs, FP8_DTYPE if fp8 else None, (0.1, 0.05), fp8)
+
+
 @pytest.mark.parametrize("programs", [2, 13])
 @pytest.mark.parametrize("v_key_major", [False, True])
 @pytest.mark.parametrize("kv_scales", [(1.0, 1.0), (0.05, 0.02)])
