@@ -3,9 +3,9 @@ Qwen3-0.6B shapes, on a CUDA GPU.
 
 Context lengths uniform in 100..2048 as the reference workload's decode; the split kernel as the
 engine runs it (its split count, rows longest first from 16 rows, fp8 with key-major V and 128-key
-tiles); the flat kernel at several pipeline depths and programs per SM. Every variant is checked
-against the float32 reference and timed from a CUDA graph; the host's time to plan a step is
-printed beside (median of 50 calls, this machine's CPU). Appends one JSON line to ``--results``
+tiles); the flat kernel at several tile sizes, warps, pipeline depths and programs per SM. Every
+variant is checked against the float32 reference and timed from a CUDA graph; the host's time to
+plan a step is printed beside (median of 50 calls, this machine's CPU). Appends one JSON line to ``--results``
 (default benchmarks/results.jsonl).
 
     python benchmarks/bench_decode_flat.py [--results F]
@@ -38,13 +38,17 @@ from nanovllm.kernels.reference import paged_decode_attention_ref  # noqa: E402
 
 BATCHES = (256, 128, 64, 32, 8, 1)
 FP8 = torch.float8_e4m3fn
-# (cache, stages, programs per SM, register cap or None). Triton gives the fp8 loop one K/V buffer
-# at 4 stages, two at 5 or 6 (sm_90 SASS compiled on a CPU: 168 registers; 45 KB of shared memory at
-# 4 stages, 82 KB at 5), so 3 programs fit an SM at 4 stages, 2 at 5 or 6, 4 only with a register cap.
-# A program past what fits waits for a whole range to end: a second wave (the 5-stage, 3-a-SM row).
+# (cache, keys a tile, warps, stages, programs per SM, register cap or None). Triton gives the fp8 loop
+# one K/V buffer at 4 stages, two at 5 or 6 (sm_90 SASS compiled on a CPU, 128-key tiles, 4 warps:
+# 168 registers; 45 KB of shared memory at 4 stages, 82 KB at 5), so 3 programs fit an SM at 4
+# stages, 2 at 5 or 6, 4 only with a register cap; 64-key tiles at 5 stages: 168 and 49 KB (3 an SM);
+# 256-key tiles, 8 warps, 4 stages: 186 and 78 KB (1 an SM). A program past what fits waits for a
+# whole range to end: a second wave (the 5-stage, 3-an-SM row shows what that costs).
 FLAT = [
-    (FP8, 5, 1, None), (FP8, 5, 2, None), (FP8, 5, 3, None), (FP8, 6, 2, None), (FP8, 4, 2, None),
-    (FP8, 4, 3, None), (FP8, 4, 4, 128), (DTYPE, 3, 2, None), (DTYPE, 3, 3, None), (DTYPE, 5, 2, None),
+    (FP8, 128, 4, 5, 1, None), (FP8, 128, 4, 5, 2, None), (FP8, 128, 4, 5, 3, None),
+    (FP8, 128, 4, 6, 2, None), (FP8, 128, 4, 4, 2, None), (FP8, 128, 4, 4, 3, None),
+    (FP8, 128, 4, 4, 4, 128), (FP8, 64, 4, 5, 3, None), (FP8, 256, 8, 4, 1, None),
+    (DTYPE, 64, 4, 3, 2, None), (DTYPE, 64, 4, 3, 3, None), (DTYPE, 64, 4, 5, 2, None),
 ]  # fmt: skip
 SHARED_PER_SM, REGS_PER_SM = 228 * 1024, 65536  # Hopper
 
@@ -106,11 +110,12 @@ def main() -> None:
             rows.append(base | {"kernel": "split", "num_splits": splits} | row)
             print(rows[-1], flush=True)
 
-            block_n = 128 if fp8 else 64
-            for dtype, stages, per_sm, maxnreg in FLAT:
+            for dtype, block_n, warps, stages, per_sm, maxnreg in FLAT:
                 if dtype != cache_dtype:
                     continue
-                launch = {"num_stages": stages} | ({"maxnreg": maxnreg} if maxnreg else {})
+                launch = {"num_warps": warps, "num_stages": stages} | (
+                    {"maxnreg": maxnreg} if maxnreg else {}
+                )
                 programs = max(1, per_sm * sms // NUM_KV_HEADS)
                 plan_args = (lens, host_table, BLOCK_SIZE, block_n, programs)
                 plan = plan_flat_decode(*plan_args)
@@ -120,27 +125,28 @@ def main() -> None:
                     if id(kernel) not in seen:
                         seen.add(id(kernel))
                         regs, shared = kernel.n_regs, kernel.metadata.shared
-                        fits = min(REGS_PER_SM // (regs * 128), SHARED_PER_SM // (shared + 1024))  # 4 warps
-                        built[(dtype, stages, maxnreg)] = {
+                        fits = min(REGS_PER_SM // (regs * 32 * warps), SHARED_PER_SM // (shared + 1024))
+                        built[(dtype, block_n, warps, stages, maxnreg)] = {
                             "regs": regs,
                             "shared_bytes": shared,
                             "fits_per_sm": fits,
                         }
                 used = int((plan.bounds[1:] > plan.bounds[:-1]).sum())
-                variant = {"kernel": "flat", "stages": stages, "maxnreg": maxnreg, "programs_per_sm": per_sm,
-                           "programs_used": used}  # fmt: skip
+                variant = {"kernel": "flat", "block_n": block_n, "warps": warps, "stages": stages,
+                           "maxnreg": maxnreg, "programs_per_sm": per_sm, "programs_used": used}  # fmt: skip
                 rows.append(
                     base
                     | variant
                     | row
                     | {"plan_us_host": plan_us(*plan_args)}
-                    | built[(dtype, stages, maxnreg)]
+                    | built[(dtype, block_n, warps, stages, maxnreg)]
                 )
                 print(rows[-1], flush=True)
     line = {"bench": "decode_flat_sweep", "device": torch.cuda.get_device_name(), "commit": git_commit(),
             "copy_gbs": round(copy_gbs), "rows": rows,
             "workload": "one layer, 16/8 heads x 128, 256-slot blocks, lengths uniform 100..2048, CUDA-graph "
-                        "replay; fp8 scales 0.5 / 0.25, V key-major, 128-key tiles",
+                        "replay; fp8 scales 0.5 / 0.25, V key-major; the split kernel's tiles 128 keys "
+                        "(fp8), 64 (bf16)",
             "baseline": "the shipped split kernel on the same cache, same run"}  # fmt: skip
     _record(line, args.results or str(Path(__file__).with_name("results.jsonl")))
 
