@@ -7,7 +7,7 @@ import torch
 pytest.importorskip("triton")
 
 from nanovllm.layers import attention_triton  # noqa: E402
-from nanovllm.layers.attention_triton import TritonBackend  # noqa: E402
+from nanovllm.layers.attention_triton import FlatSetting, TritonBackend  # noqa: E402
 
 
 @pytest.fixture
@@ -27,16 +27,33 @@ def setting(monkeypatch):
 
 @pytest.mark.parametrize(
     "value, expect",
-    [(None, None), ("split", None), ("flat", (2, None)), ("flat:2", (2, None)), ("flat:4:6", (4, 6))],
+    [
+        (None, None),
+        ("split", None),
+        ("flat", FlatSetting(2)),
+        ("flat:3", FlatSetting(3)),
+        ("flat:4:6", FlatSetting(4, 6)),
+        ("flat:1:4:256:8", FlatSetting(1, 4, 256, 8)),
+    ],
 )
 def test_decode_setting(setting, value, expect):
     assert setting(value) == expect
 
 
-@pytest.mark.parametrize("value", ["flat:0", "flat:two", "flat:1:2:3", "stream-k", "flat:"])
+def test_launch_options_name_only_what_is_set(setting):
+    assert setting("flat").launch() == {}
+    assert setting("flat:1:4:256:8").launch() == {"num_stages": 4, "num_warps": 8}
+
+
+@pytest.mark.parametrize("value", ["flat:0", "flat:two", "flat:1:2:3:4:5", "stream-k", "flat:"])
 def test_bad_decode_setting_names_the_choices(setting, value):
-    with pytest.raises(ValueError, match=r"'split' \(the default\) or 'flat\[:PROGRAMS_PER_SM\[:STAGES\]\]'"):
+    with pytest.raises(ValueError, match=r"'split' \(the default\) or 'flat\[:PROGRAMS_PER_SM\[:STAGES"):
         setting(value)
+
+
+def test_block_n_must_be_a_power_of_two(setting):
+    with pytest.raises(ValueError, match="BLOCK_N must be a power of two from 16, got 96"):
+        setting("flat:2:5:96")
 
 
 def test_plan_shape_follows_the_cache(setting):
@@ -48,3 +65,5 @@ def test_plan_shape_follows_the_cache(setting):
     assert TritonBackend.decode_plan_shape(torch.float8_e4m3fn, 8, 256, cpu)[0] == 128
     assert TritonBackend.decode_plan_shape(torch.bfloat16, 8, 256, cpu)[0] == 64
     assert TritonBackend.decode_plan_shape(torch.float8_e4m3fn, 8, 16, cpu)[0] == 16
+    setting("flat:2:4:256")
+    assert TritonBackend.decode_plan_shape(torch.bfloat16, 8, 256, cpu)[0] == 256
