@@ -32,7 +32,7 @@ from benchmarks.bench_kernels import (  # noqa: E402
 )
 from nanovllm.benchmark import _record, git_commit  # noqa: E402
 from nanovllm.kernels.decode_attention import choose_num_splits, paged_decode_attention  # noqa: E402
-from nanovllm.kernels.decode_flat import _decode_flat_kernel, flat_decode_attention  # noqa: E402
+from nanovllm.kernels.decode_flat import _decode_flat_kernel, fits_per_sm, flat_decode_attention  # noqa: E402
 from nanovllm.kernels.flat_plan import plan_flat_decode  # noqa: E402
 from nanovllm.kernels.reference import paged_decode_attention_ref  # noqa: E402
 
@@ -50,7 +50,6 @@ FLAT = [
     (FP8, 128, 4, 4, 4, 128), (FP8, 64, 4, 5, 3, None), (FP8, 256, 8, 4, 1, None),
     (DTYPE, 64, 4, 3, 2, None), (DTYPE, 64, 4, 3, 3, None), (DTYPE, 64, 4, 5, 2, None),
 ]  # fmt: skip
-SHARED_PER_SM, REGS_PER_SM = 228 * 1024, 65536  # Hopper
 
 
 def timed(ref: torch.Tensor, kv_bytes: int, copy_gbs: float, fn, *args, **kwargs) -> dict:
@@ -124,12 +123,10 @@ def main() -> None:
                 for kernel in _decode_flat_kernel.device_caches[0][0].values():  # the variant just built
                     if id(kernel) not in seen:
                         seen.add(id(kernel))
-                        regs, shared = kernel.n_regs, kernel.metadata.shared
-                        fits = min(REGS_PER_SM // (regs * 32 * warps), SHARED_PER_SM // (shared + 1024))
                         built[(dtype, block_n, warps, stages, maxnreg)] = {
-                            "regs": regs,
-                            "shared_bytes": shared,
-                            "fits_per_sm": fits,
+                            "regs": kernel.n_regs,
+                            "shared_bytes": kernel.metadata.shared,
+                            "fits_per_sm": fits_per_sm(kernel, torch.device("cuda"), warps),
                         }
                 used = int((plan.bounds[1:] > plan.bounds[:-1]).sum())
                 variant = {"kernel": "flat", "block_n": block_n, "warps": warps, "stages": stages,

@@ -52,6 +52,7 @@ lengths and block tables)::
   mask the loads.
 """
 
+import logging
 import math
 
 import torch
@@ -67,6 +68,9 @@ from nanovllm.kernels.decode_attention import (
     online_softmax_step,
 )
 from nanovllm.kernels.flat_plan import FlatPlan
+
+logger = logging.getLogger("nanovllm")
+_checked: set[int] = set()  # the compiled variants whose fit on the GPU was checked
 
 
 @triton.jit(do_not_specialize=["tiles_ptr", "bounds_ptr", "pieces_ptr", "stride_tiles", "stride_pieces"])
@@ -289,7 +293,7 @@ def flat_decode_attention(
     launch = {"num_warps": 4, "num_stages": 5 if fp8 else 3} | (launch or {})
     stages = launch.pop("num_stages")
     merge_g = triton.next_power_of_2(group)
-    _decode_flat_kernel[(num_kv_heads, programs)](
+    kernel = _decode_flat_kernel[(num_kv_heads, programs)](
         q, k_cache, v_cache, plan.tiles, plan.bounds, plan.pieces, out, partial, lse,
         _counters_for(q.device),
         k_scale if fp8 else q, v_scale if fp8 else q,  # unread unless fp8
@@ -317,4 +321,25 @@ def flat_decode_attention(
         **launch,
         **pdl.launch_options(q),
     )  # fmt: skip
+    if q.is_cuda and id(kernel) not in _checked:  # once a compiled variant
+        _checked.add(id(kernel))
+        fits = fits_per_sm(kernel, q.device, launch["num_warps"])
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        if num_kv_heads * programs > fits * sms:
+            logger.warning(
+                "flat decode: %d programs, but %d fit on this GPU at once (%d an SM at %d registers and "
+                "%d bytes of shared memory): the rest run as a second wave; lower PER_SM in NANOVLLM_DECODE",
+                num_kv_heads * programs, fits * sms, fits, kernel.n_regs, kernel.metadata.shared,
+            )  # fmt: skip
     return out
+
+
+def fits_per_sm(kernel, device: torch.device, num_warps: int) -> int:
+    """How many programs of a compiled kernel one SM holds at once, by registers and shared memory
+    (1 KB of it reserved a program)."""
+    props = torch.cuda.get_device_properties(device)
+    regs = getattr(props, "regs_per_multiprocessor", 65536)
+    return min(
+        regs // (kernel.n_regs * 32 * num_warps),
+        props.shared_memory_per_multiprocessor // (kernel.metadata.shared + 1024),
+    )

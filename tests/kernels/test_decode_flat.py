@@ -206,3 +206,17 @@ def test_flat_decode_cuda_graph():
         graph.replay()
         ref = paged_decode_attention_ref(q, k_cache, v_cache, table, ctx, 0.1, k_scale, v_scale)
         torch.testing.assert_close(out, ref, **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.gpu
+def test_flat_decode_warns_when_the_programs_exceed_the_gpu(caplog):
+    """More programs than the SMs hold at once run as a second wave: the launcher says so, once a
+    compiled variant (2 stages here: a variant no other test builds)."""
+    lens = [300] * 4
+    k_cache, v_cache, table, _ = make_paged_kv(lens, 2, 32, 16, torch.float16)
+    q = torch.randn(4, 4, 32, device="cuda", dtype=torch.float16)
+    programs = 64 * torch.cuda.get_device_properties(0).multi_processor_count
+    plan = plan_flat_decode(lens, table.cpu(), 16, 16, programs).to("cuda")
+    with caplog.at_level("WARNING", logger="nanovllm"):
+        flat_decode_attention(q, k_cache, v_cache, plan, 0.2, launch={"num_stages": 2})
+    assert "second wave" in caplog.text
