@@ -77,15 +77,7 @@ class DecodeGraphs:
             block_tables=self.block_tables[:bs],
             slot_mapping=self.slot_mapping[:bs],
             decode_order=self.decode_order[:, :bs] if orders_decode(bs) else None,
-            decode_plan=None
-            if self.plan is None
-            else FlatPlan(
-                self.plan.block_size,
-                self.plan.block_n,
-                self.plan.tiles,
-                self.plan.bounds,
-                self.plan.pieces[:, :bs],
-            ),
+            decode_plan=None if self.plan is None else self.plan.first_rows(bs),
         )
 
     def _forward(self, bs: int) -> None:

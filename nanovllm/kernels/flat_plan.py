@@ -34,6 +34,10 @@ class FlatPlan:
         move = lambda a: torch.as_tensor(a, dtype=torch.int32).to(device)  # noqa: E731
         return FlatPlan(self.block_size, self.block_n, move(self.tiles), move(self.bounds), move(self.pieces))
 
+    def first_rows(self, n: int) -> "FlatPlan":
+        """The same plan over a batch's first ``n`` rows (a CUDA graph's buffers, sized for the largest)."""
+        return FlatPlan(self.block_size, self.block_n, self.tiles, self.bounds, self.pieces[:, :n])
+
     def packed(self) -> np.ndarray:
         """tiles, bounds and pieces back to back, int32: one buffer for one host-to-device copy."""
         return np.concatenate([self.tiles.reshape(-1), self.bounds, self.pieces.reshape(-1)]).astype(np.int32)
