@@ -33,7 +33,7 @@ lengths and block tables)::
   the scale multiplies the fp32 scores: folding it into q first, as the split kernel does, took 16
   more registers a thread (184 at 4 stages: 2 programs an SM, not 3).
 * A tile's row is looked up each iteration (``tiles``), and so are its queries (a few hundred bytes,
-  from L1 or L2 after the row's first tile). At a row's first tile in the range the running max
+  from L2 after the row's first tile). At a row's first tile in the range the running max
   restarts at -inf, and the online-softmax step then scales the old sum and output by exp2(-inf) = 0.
 * A row whose tiles lie inside one range ("whole") writes its output at its last tile. A row cut by
   a range's end leaves a partial output and log-sum-exp per piece; the last piece to arrive (an

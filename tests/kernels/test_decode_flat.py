@@ -40,7 +40,8 @@ def test_plan_covers_every_key_once(lens, block_n, programs, min_tiles):
     sizes = np.diff(bounds)
     assert (sizes >= 0).all()
     used = sizes[sizes > 0]
-    if num_tiles:  # equal ranges (to one tile), none shorter than min_tiles unless all are
+    if num_tiles:  # as many equal ranges (to one tile) as allowed, none shorter than min_tiles unless all are
+        assert len(used) == min(programs, max(1, num_tiles // min_tiles))
         assert used.max() - used.min() <= 1
         assert used.min() >= min(min_tiles, num_tiles)
         assert (sizes[len(used) :] == 0).all(), "the empty ranges come last"
