@@ -18,7 +18,7 @@
 #              the store's GPU tests (~3 min)
 #   flat       the flat (stream-K style) decode kernel, kernels/decode_flat.py, against the shipped
 #              split kernel at one layer: benchmarks/bench_decode_flat.py (pipeline depths x programs
-#              per SM, batches 256..1), then its GPU tests (~3 min)
+#              per SM, batches 256..1), then its GPU tests (~5 min: a call of its own)
 #   flatab     the reference workload with the split decode kernel against the flat one
 #              (NANOVLLM_DECODE=${FLAT:-flat}, layers/attention_triton.py): one process per kernel and
 #              round, in turn, three rounds; medians and fp8/auto per kernel (~6 min: a call of its own)
@@ -71,8 +71,8 @@ case "${1:-all}" in
       | tail -5 | tee "$OUT/warp_split_tests.log"
     ;;
   flat)
-    timeout 300 "$PY" benchmarks/bench_decode_flat.py --results "$OUT/results.jsonl" 2>&1 | tee "$OUT/decode_flat.log"
-    timeout 200 "$PY" -m pytest tests/kernels/test_decode_flat.py -q -p no:cacheprovider 2>&1 | tail -5 \
+    timeout 270 "$PY" benchmarks/bench_decode_flat.py --results "$OUT/results.jsonl" 2>&1 | tee "$OUT/decode_flat.log"
+    timeout 270 "$PY" -m pytest tests/kernels/test_decode_flat.py -q -p no:cacheprovider 2>&1 | tail -5 \
       | tee "$OUT/decode_flat_tests.log"
     ;;
   flatab)
