@@ -8,8 +8,9 @@
 #              bf16 weights, kv_cache_dtype auto and fp8 alternating, three runs each; medians (~3 min)
 #   long       64 sequences of 16,000-token prompts + 512 new tokens, max_model_len 32768, auto then
 #              fp8: sequences running at once, KV blocks, tok/s (~2 min)
-#   tests      the fp8 kernel tests at real shapes, CUDA-graph replay with changing scales, and the
-#              engine's fp8 GPU test (~3 min; a call of its own)
+#   tests      the fp8 kernel tests at real shapes, CUDA-graph replay with changing scales, the
+#              engine's fp8 GPU test, and the engine with the flat decode kernel against the split one
+#              (~6 min; a call of its own)
 #   warps      the warp_split option (kernels/decode_attention.py) against the shipped launch at one
 #              layer, bench_decode_launch.py, then its GPU tests at real shapes (~3 min)
 #   store      the cost of the fp8 V store: benchmarks/bench_v_store.py by layout (reading a sector
@@ -63,6 +64,8 @@ case "${1:-all}" in
   tests)
     timeout 420 "$PY" -m pytest tests/kernels -q -p no:cacheprovider -k "fp8 or graph" 2>&1 | tail -15 | tee "$OUT/fp8_kernel_tests.log"
     timeout 150 "$PY" -m pytest tests/test_kv_cache_fp8.py -q -p no:cacheprovider -m gpu 2>&1 | tail -8 | tee "$OUT/fp8_engine_tests.log"
+    timeout 240 "$PY" -m pytest tests/gpu/test_engine_gpu.py -q -p no:cacheprovider -k "flat_decode or decode_kernel" \
+      2>&1 | tail -5 | tee "$OUT/flat_engine_tests.log"
     ;;
   warps)
     timeout 300 "$PY" benchmarks/bench_decode_launch.py 128,5 128,5:ws 128,4:ws 128,4,4,160:ws 256,3:ws \
