@@ -136,7 +136,7 @@ def main() -> None:
                     | variant
                     | row
                     | {"plan_us_host": plan_us(*plan_args)}
-                    | built[(dtype, block_n, warps, stages, maxnreg)]
+                    | built.get((dtype, block_n, warps, stages, maxnreg), {})
                 )
                 print(rows[-1], flush=True)
     line = {"bench": "decode_flat_sweep", "device": torch.cuda.get_device_name(), "commit": git_commit(),
