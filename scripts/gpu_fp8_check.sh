@@ -8,21 +8,14 @@
 #              bf16 weights, kv_cache_dtype auto and fp8 alternating, three runs each; medians (~3 min)
 #   long       64 sequences of 16,000-token prompts + 512 new tokens, max_model_len 32768, auto then
 #              fp8: sequences running at once, KV blocks, tok/s (~2 min)
-#   tests      the fp8 kernel tests at real shapes, CUDA-graph replay with changing scales, the
-#              engine's fp8 GPU test, and the engine with the flat decode kernel against the split one
-#              (~6 min; a call of its own)
+#   tests      the fp8 kernel tests at real shapes, CUDA-graph replay with changing scales, and the
+#              engine's fp8 GPU test (~3 min; a call of its own)
 #   warps      the warp_split option (kernels/decode_attention.py) against the shipped launch at one
 #              layer, bench_decode_launch.py, then its GPU tests at real shapes (~3 min)
 #   store      the cost of the fp8 V store: benchmarks/bench_v_store.py by layout (reading a sector
 #              before writing a byte of it, or prefetching it to L2), then qkv_prep alone three rounds,
 #              alternating with the tree in $OLD if set (labelled $OLD_COMMIT), then qkv_prep's and
 #              the store's GPU tests (~3 min)
-#   flat       the flat (stream-K style) decode kernel, kernels/decode_flat.py, against the shipped
-#              split kernel at one layer: benchmarks/bench_decode_flat.py (pipeline depths x programs
-#              per SM, batches 256..1), then its GPU tests (~5 min: a call of its own)
-#   flatab     the reference workload with the split decode kernel against the flat one
-#              (NANOVLLM_DECODE=${FLAT:-flat}, layers/attention_triton.py): one process per kernel and
-#              round, in turn, three rounds; medians and fp8/auto per kernel (~6 min: a call of its own)
 #   ab         the reference workload, this tree against the tree in $OLD (labelled $OLD_COMMIT): one
 #              process per tree and round (auto then fp8), in turn, three rounds; medians and fp8/auto
 #              per tree (~6 min: a call of its own)
@@ -64,35 +57,12 @@ case "${1:-all}" in
   tests)
     timeout 420 "$PY" -m pytest tests/kernels -q -p no:cacheprovider -k "fp8 or graph" 2>&1 | tail -15 | tee "$OUT/fp8_kernel_tests.log"
     timeout 150 "$PY" -m pytest tests/test_kv_cache_fp8.py -q -p no:cacheprovider -m gpu 2>&1 | tail -8 | tee "$OUT/fp8_engine_tests.log"
-    timeout 240 "$PY" -m pytest tests/gpu/test_engine_gpu.py -q -p no:cacheprovider -k "flat_decode or decode_kernel" \
-      2>&1 | tail -5 | tee "$OUT/flat_engine_tests.log"
     ;;
   warps)
     timeout 300 "$PY" benchmarks/bench_decode_launch.py 128,5 128,5:ws 128,4:ws 128,4,4,160:ws 256,3:ws \
       --results "$OUT/results.jsonl" 2>&1 | tee "$OUT/decode_launch.log"
     timeout 240 "$PY" -m pytest tests/kernels/test_decode_attention.py -q -p no:cacheprovider -k warp_split 2>&1 \
       | tail -5 | tee "$OUT/warp_split_tests.log"
-    ;;
-  flat)
-    timeout 270 "$PY" benchmarks/bench_decode_flat.py --results "$OUT/results.jsonl" 2>&1 | tee "$OUT/decode_flat.log"
-    timeout 270 "$PY" -m pytest tests/kernels/test_decode_flat.py -q -p no:cacheprovider 2>&1 | tail -5 \
-      | tee "$OUT/decode_flat_tests.log"
-    ;;
-  flatab)
-    for round in 1 2 3; do
-      for kernel in split "${FLAT:-flat}"; do
-        tag="${kernel//:/_}"
-        NANOVLLM_DECODE="$kernel" timeout 120 "$PY" benchmarks/bench_fp8.py --parts reference --runs 1 \
-          --results "$OUT/flatab_$tag.jsonl" --note "$NOTE; NANOVLLM_DECODE=$kernel, round $round of 3" \
-          > "$OUT/flatab_${tag}_$round.log" 2>&1
-        grep -E '^reference ' "$OUT/flatab_${tag}_$round.log" | sed "s/^/$kernel: /"
-      done
-    done
-    for kernel in split "${FLAT:-flat}"; do
-      tag="${kernel//:/_}"
-      grep -h '"kv_cache_fp8_speed"' "$OUT/flatab_$tag.jsonl" >> "$OUT/results.jsonl"
-      "$PY" benchmarks/bench_fp8.py --summarize "$OUT/flatab_$tag.jsonl" | tee "$OUT/flatab_${tag}_summary.json"
-    done
     ;;
   store)
     timeout 150 "$PY" benchmarks/bench_v_store.py --results "$OUT/results.jsonl" 2>&1 | tee "$OUT/v_store.log"
@@ -124,5 +94,5 @@ case "${1:-all}" in
       "$PY" benchmarks/bench_fp8.py --summarize "$OUT/ab_$tree.jsonl" | tee "$OUT/ab_${tree}_summary.json"
     done
     ;;
-  *) echo "unknown part $1: all | kernels | reference | long | tests | warps | flat | flatab | store | ab" >&2; exit 2 ;;
+  *) echo "unknown part $1: all | kernels | reference | long | tests | warps | store | ab" >&2; exit 2 ;;
 esac

@@ -9,7 +9,6 @@ import math
 import torch
 
 from nanovllm.config import Config
-from nanovllm.kernels.flat_plan import FlatPlan
 from nanovllm.utils.buckets import graph_batch_sizes, orders_decode
 from nanovllm.utils.context import Context, forward_context
 
@@ -26,7 +25,7 @@ class DecodeGraphs:
     """
 
     @torch.inference_mode()
-    def __init__(self, model, config: Config, device: torch.device, flat_plan: tuple[int, int] | None = None):
+    def __init__(self, model, config: Config, device: torch.device):
         self.model = model
         self.max_model_len = config.max_model_len
         self.batch_sizes = graph_batch_sizes(config.max_num_seqs)
@@ -43,19 +42,6 @@ class DecodeGraphs:
         self.padding = self.padding.to(device=device, dtype=torch.int32)
         self.decode_order = self.padding.clone()
         self.block_tables = torch.zeros(max_bs, max_blocks, dtype=torch.int32, device=device)
-        # The flat decode kernel's plan (Context.decode_plan), room for the most tiles a step can have.
-        # Its bounds start at 0: every program's range is empty during the warm-up and capture.
-        self.plan = None
-        if flat_plan is not None:
-            block_n, programs = flat_plan
-            max_tiles = max_bs * math.ceil(config.max_model_len / block_n)
-            self.plan = FlatPlan(
-                config.kvcache_block_size,
-                block_n,
-                torch.zeros(4, max_tiles, dtype=torch.int32, device=device),
-                torch.zeros(programs + 1, dtype=torch.int32, device=device),
-                torch.zeros(2, max_bs, dtype=torch.int32, device=device),
-            )
         self.hidden = torch.zeros(max_bs, hidden_size, dtype=dtype, device=device)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         pool = None
@@ -77,7 +63,6 @@ class DecodeGraphs:
             block_tables=self.block_tables[:bs],
             slot_mapping=self.slot_mapping[:bs],
             decode_order=self.decode_order[:, :bs] if orders_decode(bs) else None,
-            decode_plan=None if self.plan is None else self.plan.first_rows(bs),
         )
 
     def _forward(self, bs: int) -> None:
@@ -101,10 +86,5 @@ class DecodeGraphs:
             if batch < bs:
                 self.decode_order[:, batch:bs] = self.padding[:, batch:bs]
         self.block_tables[:batch, : context.block_tables.shape[1]] = context.block_tables
-        if self.plan is not None:  # the padding rows have no tiles: their outputs are left unwritten
-            plan = context.decode_plan
-            self.plan.tiles[:, : plan.tiles.shape[1]] = plan.tiles
-            self.plan.bounds.copy_(plan.bounds)
-            self.plan.pieces[:, :batch] = plan.pieces
         self.graphs[bs].replay()
         return self.hidden[:batch]

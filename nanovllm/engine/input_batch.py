@@ -4,11 +4,9 @@ Every integer the forward needs goes into one int64 and one int32 host buffer, l
 
     int64: input_ids[T] | positions[T] | slot_mapping[T] | logits_indices[S] | fix_at[F] | fix_from[F]
     int32: cu_seqlens_q[B + 1] | context_lens[B] | decode_order[2, D] | block_tables[B, W]
-           | flat decode plan: tiles[4, N] | bounds[P + 1] | pieces[2, E]
 
 (T new tokens, B sequences, S of them sampling, F placeholder inputs, D decodes given an order, else
-0, W = blocks of the longest sequence the engine allows; the plan only with the flat decode kernel:
-N tiles of the E decode rows cut over P programs, kernels/flat_plan.py). On a GPU the buffers are pinned and
+0, W = blocks of the longest sequence the engine allows). On a GPU the buffers are pinned and
 reused, two sets used in turn: with async scheduling step N+1 is packed while step N's copies may
 still be queued behind step N-1.
 
@@ -23,32 +21,19 @@ import numpy as np
 import torch
 
 from nanovllm.engine.step import SchedulerOutput
-from nanovllm.kernels.flat_plan import plan_flat_decode
 from nanovllm.utils.buckets import orders_decode
 from nanovllm.utils.context import Context
 
 
 class InputBatch:
-    def __init__(
-        self,
-        max_num_tokens: int,
-        max_num_seqs: int,
-        max_model_len: int,
-        block_size: int,
-        device,
-        flat_plan: tuple[int, int] | None = None,  # (keys a tile, programs): plan the flat decode kernel
-    ):
+    def __init__(self, max_num_tokens: int, max_num_seqs: int, max_model_len: int, block_size: int, device):
         self.device = device
         self.block_size = block_size
         self.max_num_tokens = max_num_tokens
         self.width = math.ceil(max_model_len / block_size)  # block-table columns
-        self.flat_plan = flat_plan
         pin = device.type == "cuda"
         n64 = 3 * max_num_tokens + 3 * max_num_seqs
         n32 = 4 * max_num_seqs + 1 + max_num_seqs * self.width
-        if flat_plan is not None:
-            block_n, programs = flat_plan
-            n32 += 4 * max_num_seqs * math.ceil(max_model_len / block_n) + programs + 1 + 2 * max_num_seqs
         self._sets = [
             (
                 torch.zeros(n64, dtype=torch.int64, pin_memory=pin),
@@ -125,28 +110,19 @@ class InputBatch:
         bt.fill(0)  # entries past a sequence's blocks: block 0 (references read whole rows)
         for row, table in zip(bt, tables, strict=True):
             row[: len(table)] = table
-        end32 = o32 + b * w
-        decodes = b if max_seqlen_q == 1 else num_decodes
-        plan = None
-        if self.flat_plan is not None and decodes:  # the flat decode kernel's plan, after the tables
-            plan = plan_flat_decode(a32[b + 1 : b + 1 + decodes], bt[:decodes], bs, *self.flat_plan)
-            packed = plan.packed()
-            a32[end32 : end32 + packed.size] = packed
-            end32 += packed.size
         d64 = self._to_device(h64[: o + s + 2 * f])
-        d32 = self._to_device(h32[:end32])
+        d32 = self._to_device(h32[: o32 + b * w])
 
         context = Context(
             cu_seqlens_q=d32[: b + 1],
             max_seqlen_q=max_seqlen_q,
             context_lens=d32[b + 1 : 2 * b + 1],
             max_context_len=pad_context_to if max_seqlen_q == 1 and pad_context_to else max(context_lens),
-            block_tables=d32[o32 : o32 + b * w].view(b, w),
+            block_tables=d32[o32:].view(b, w),
             slot_mapping=d64[2 * t : 3 * t],
             logits_indices=None if s == t else d64[o : o + s],
             num_decodes=0 if max_seqlen_q == 1 else num_decodes,
             decode_order=d32[2 * b + 1 : o32].view(2, d) if d else None,
-            decode_plan=None if plan is None else plan.views_of(d32[o32 + b * w :]),
         )
         fix = (d64[o + s : o + s + f], d64[o + s + f :]) if f else None
         return d64[:t], d64[t : 2 * t], context, sample_ids, fix

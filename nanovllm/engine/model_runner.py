@@ -106,17 +106,12 @@ class ModelRunner:
         self.sampler = Sampler()
         self.eos_token_ids = sorted(config.eos_token_ids)  # min_tokens holds these back
         self.seqs: dict[int, SeqState] = {}
-        # The flat decode kernel's plan shape (NANOVLLM_DECODE, layers/attention_triton.py), else None.
-        flat_plan = self.backend.decode_plan_shape(
-            self.kv_cache_dtype, self.attention_layers[0].num_kv_heads, self.block_size, self.device
-        )
         self.inputs = InputBatch(
             config.max_num_batched_tokens,
             config.max_num_seqs,
             config.max_model_len,
             self.block_size,
             self.device,
-            flat_plan,
         )
         self._metadata: tuple[list[int], SamplingMetadata] | None = None
         # The last step's sampled tokens on the device, and each sampling sequence's row in them.
@@ -133,7 +128,7 @@ class ModelRunner:
         self.num_blocks = self._allocate_kv_cache()
         self.graphs: DecodeGraphs | None = None
         if self.device.type == "cuda" and not config.enforce_eager:
-            self.graphs = DecodeGraphs(self.model, config, self.device, flat_plan)
+            self.graphs = DecodeGraphs(self.model, config, self.device)
 
     def _weights(self):
         if self.config.is_gguf:

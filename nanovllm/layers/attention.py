@@ -24,13 +24,6 @@ class TorchBackend:
     qkv_prep = None  # no fused norm + rotary + store: the model's layers do it
 
     @staticmethod
-    def decode_plan_shape(
-        cache_dtype: torch.dtype, num_kv_heads: int, block_size: int, device: torch.device
-    ) -> None:
-        """The flat decode kernel's plan shape (layers/attention_triton.py): none here."""
-        return None
-
-    @staticmethod
     def v_key_major(cache_dtype: torch.dtype) -> bool:
         """Whether the V cache is laid out key-major (kernels/reference.py): not here (its gathers
         read whole rows)."""

@@ -22,12 +22,6 @@ class FlashAttnBackend:
         return False  # flash-attn reads the slot-major layout (and no fp8 cache)
 
     @staticmethod
-    def decode_plan_shape(
-        cache_dtype: torch.dtype, num_kv_heads: int, block_size: int, device: torch.device
-    ) -> None:
-        return None  # flash-attn plans its own decode
-
-    @staticmethod
     def store(key, value, k_cache, v_cache, slot_mapping, k_scale=None, v_scale=None):
         assert k_cache.dtype != torch.float8_e4m3fn, "flash-attn reads no fp8 KV cache (Config rejects it)"
         store_kvcache(key, value, k_cache, v_cache, slot_mapping)

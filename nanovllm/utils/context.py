@@ -7,12 +7,8 @@ one new token, a prefill chunk one with several. Attention picks its kernel from
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
-
-if TYPE_CHECKING:
-    from nanovllm.kernels.flat_plan import FlatPlan
 
 
 @dataclass
@@ -32,9 +28,6 @@ class Context:
     # takes its rows in this order, so the long ones do not start last and run on alone
     # (kernels/decode_attention.py). None (small batches, see utils/buckets.py): row order.
     decode_order: torch.Tensor | None = None
-    # The decode rows' tiles cut over the flat decode kernel's programs (kernels/flat_plan.py), on the
-    # device; None unless that kernel is on (NANOVLLM_DECODE, layers/attention_triton.py).
-    decode_plan: "FlatPlan | None" = None
 
     @property
     def is_decode_only(self) -> bool:

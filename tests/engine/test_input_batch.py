@@ -48,33 +48,3 @@ def test_decode_order_is_the_decodes_longest_context_first():
     seqs[10] = state(10, 12, 2)
     ctx = build(dict.fromkeys(seqs, 1) | {10: 10}, seqs)
     assert ctx.decode_order.tolist() == [order, [lens[i] for i in order]] and ctx.num_decodes == 10
-
-
-def test_flat_decode_plan_covers_the_decode_rows():
-    """With the flat decode kernel (NANOVLLM_DECODE=flat) the step carries its plan: the decode rows'
-    tiles (all rows of a decode step, the leading decodes of a mixed one) with their blocks, the same
-    arrays ``plan_flat_decode`` gives for those rows, as views of the one int32 copy; and the block
-    tables packed before it are unchanged."""
-    from nanovllm.kernels.flat_plan import plan_flat_decode
-
-    def seq(seq_id: int, num_tokens: int, num_computed: int) -> SeqState:  # blocks 10 * id + j
-        table = [10 * seq_id + j for j in range(-(-num_tokens // 16))]
-        return SeqState(
-            NewSeq(seq_id, list(range(num_tokens)), num_tokens, table, num_computed, SamplingParams())
-        )
-
-    lens = [9, 40, 5, 17]
-    seqs = {i: seq(i, n, n - 1) for i, n in enumerate(lens)}
-    seqs[4] = seq(4, 30, 2)
-    decode_step = dict.fromkeys(range(4), 1)
-    for scheduled in (decode_step, decode_step | {4: 20}):  # the four decodes, alone or before a prefill
-        batch = InputBatch(64, 16, 64, 16, torch.device("cpu"), flat_plan=(16, 3))
-        ctx = batch.build(SchedulerOutput(num_scheduled_tokens=scheduled), seqs, {}, None)[2]
-        expect = plan_flat_decode(lens, ctx.block_tables[:4].numpy(), 16, 16, 3)
-        plan = ctx.decode_plan
-        assert (plan.block_size, plan.block_n) == (16, 16)
-        for name in ("tiles", "bounds", "pieces"):
-            assert getattr(plan, name).tolist() == getattr(expect, name).tolist(), name
-        assert plan.tiles[3].tolist() == [seqs[int(r)].block_table[int(k) // 16] for r, k in plan.tiles[:2].T]
-        assert ctx.block_tables[:, 0].tolist() == [seqs[i].block_table[0] for i in scheduled]
-    assert build(decode_step, seqs).decode_plan is None  # the split kernel: no plan

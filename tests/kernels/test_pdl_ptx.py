@@ -18,7 +18,7 @@ import json, sys
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from nanovllm.kernels import decode_attention, decode_flat, gemv, qkv_prep
+from nanovllm.kernels import decode_attention, gemv, qkv_prep
 
 def ptx(fn, pointers, floats, consts, div16=(), num_warps=4):
     sig, attrs = {}, {}
@@ -77,15 +77,6 @@ out = {
                                             WARP_SPLIT=4),  # the warp_split launch option
                                   div16=dec_div16),
 }
-flat = dict(q_ptr=bf16, k_cache_ptr=fp8, v_cache_ptr=fp8, tiles_ptr="*i32", bounds_ptr="*i32",
-            pieces_ptr="*i32", out_ptr=bf16, partial_ptr="*fp32", lse_ptr="*fp32", counters_ptr="*i32",
-            k_scale_ptr="*fp32", v_scale_ptr="*fp32")
-fk = dict(GROUP=2, GROUP_PAD=16, HEAD_DIM=128, BLOCK_SIZE=256, V_BLOCK=64, BLOCK_N=128, DOT_PRECISION="tf32",
-          FP8=True, FP16_DOT=True, V_KEY_MAJOR=True, MERGE_G=2, MERGE_CHUNK=16, STAGES=5)
-out["decode_flat_fp8"] = ptx(decode_flat._decode_flat_kernel, flat, {"qk_scale"}, fk, div16=dec_div16)
-out["decode_flat"] = ptx(decode_flat._decode_flat_kernel, flat | dict(k_cache_ptr=bf16, v_cache_ptr=bf16),
-                         {"qk_scale"}, fk | dict(V_BLOCK=256, BLOCK_N=64, FP8=False, FP16_DOT=False,
-                                                 V_KEY_MAJOR=False, STAGES=3), div16=dec_div16)
 json.dump(out, sys.stdout)
 """
 
@@ -102,8 +93,6 @@ DEPENDENT = {
         name: ("_decode_split_kernel", {0, 1, 2, 3, 4, 5, 6, 7, 8, 9})
         for name in ("decode_split", "decode_split_merge", "decode_split_fp8", "decode_split_fp8_warps")
     },
-    # q, caches, the plan (tiles, bounds, pieces: copied from the host), out, partial, lse, counters
-    **{name: ("_decode_flat_kernel", set(range(10))) for name in ("decode_flat", "decode_flat_fp8")},
 }
 WEIGHT_PREFETCH = {"gemv_rms_norm", "gemv", "gemv_silu_mul"}
 
