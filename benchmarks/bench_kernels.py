@@ -3,8 +3,8 @@
 Decode is bound by memory: it is reported as GB/s of K/V read and as a fraction of the bandwidth of
 a large device-to-device copy measured here, for a bf16 cache and, beside it, an fp8 (float8_e4m3fn)
 cache at the same shapes (half the bytes: at the same GB/s it is twice as fast), its V key-major as
-the engine lays it out. fp8 is also timed with 128-key tiles, which keep as many bytes in flight per
-tile as bf16's 64. Prefill is reported in
+the engine lays it out, with 64-key tiles as the engine runs it and with 128-key tiles, which keep as
+many bytes in flight per tile as bf16's 64. Prefill is reported in
 TFLOP/s (causal: half of the dense 4 * q_len * context_len * head_dim flops per head).
 
     python benchmarks/bench_kernels.py [results.jsonl]   # Qwen3-0.6B attention shapes, one layer
@@ -182,7 +182,7 @@ def fp8_sweep(copy_gbs: float) -> list[dict]:
 def balance_sweep(copy_gbs: float) -> list[dict]:
     """Decode batches whose context lengths spread as the reference workload's do (uniform in
     100..2048 keys; the run's tail is the small batches): the shipped split count against half, two
-    and four times it, each cache as the engine lays it out (fp8: V key-major, 128-key tiles), rows
+    and four times it, each cache as the engine lays it out (fp8: V key-major, the default tile), rows
     longest first from 16 rows on as the engine orders them; every variant checked against the
     float32 reference."""
     rows = []

@@ -503,7 +503,7 @@ def paged_decode_attention(
     num_splits: int | None = None,  # override the heuristic
     k_scale: torch.Tensor | None = None,  # [1] float32, read for fp8 caches only
     v_scale: torch.Tensor | None = None,
-    block_n: int | None = None,  # keys per tile: 64, or 128 for fp8 (the split heuristic assumes 64)
+    block_n: int = 64,  # keys per tile (the split heuristic assumes 64)
     out: torch.Tensor | None = None,  # [batch, num_heads, head_dim] to write into (a view is fine)
     launch: dict | None = None,  # num_warps / num_stages in place of 4 / 3, warp_split (benchmark sweeps)
     order: torch.Tensor | None = None,  # [2, batch] int32: rows longest context first, their lengths
@@ -519,8 +519,6 @@ def paged_decode_attention(
         max_context_len = block_tables.shape[1] * block_size  # from shapes only: no host sync
     fp8 = k_cache.dtype == torch.float8_e4m3fn
     assert not fp8 or (k_scale is not None and v_scale is not None), "an fp8 KV cache needs its scales"
-    if block_n is None:
-        block_n = 128 if fp8 else 64
     if num_splits is None:
         num_splits = choose_num_splits(batch, num_kv_heads, max_context_len, block_n)
     assert 1 <= num_splits <= MAX_SPLITS, f"num_splits must be in 1..{MAX_SPLITS}, got {num_splits}"
@@ -540,9 +538,10 @@ def paged_decode_attention(
     v_key_major = v_cache.stride(1) == 1
     # Measured on H200 (bf16, head_dim 128): 64-key tiles, 4 warps and 3 stages in flight read
     # K/V at ~95% of copy bandwidth; 32-key tiles fall to ~80%, 128-key tiles or 8 warps are no better.
-    # A key-major fp8 V: 128-key tiles, 5 stages (two tiles in flight; bench_kernels.py --fp8-sweep).
-    # With ONE_LOOP, 3 and 5 stages were within 7% of each other at batches 8-256, and 8 warps or
-    # 64- or 256-key tiles 5-40% slower (H200, lengths 100..2048).
+    # A key-major fp8 V: 5 stages (bench_kernels.py --fp8-sweep). With ONE_LOOP, 3 and 5 stages were
+    # within 7% of each other at batches 8-256 and 8 warps 5-40% slower (H200, lengths 100..2048).
+    # 64-key tiles: 3-9% faster than 128 at batches 8-256 on an H100 (equal at batch 1), within 6%
+    # either way on an H200 (benchmarks/README.md, sessions 30 and 35).
     launch = {"num_warps": 4, "num_stages": 5 if fp8 and v_key_major else 3} | (launch or {})
     warp_split = launch.pop("warp_split", 1)
     one_loop = fp8 and v_key_major and block_size % block_n == 0
