@@ -540,9 +540,10 @@ def paged_decode_attention(
     # K/V at ~95% of copy bandwidth; 32-key tiles fall to ~80%, 128-key tiles or 8 warps are no better.
     # A key-major fp8 V: 5 stages (bench_kernels.py --fp8-sweep). With ONE_LOOP, 3 and 5 stages were
     # within 7% of each other at batches 8-256 and 8 warps 5-40% slower (H200, lengths 100..2048).
-    # 64-key tiles: 3-9% faster than 128 at batches 8-256 on an H100 (at batch 1 equal in one call,
-    # 1.8 us slower in another), within 6% either way on an H200; fp8 reference workload 1.6% faster
-    # (benchmarks/README.md, sessions 30, 35 and 36).
+    # 64-key tiles: on an H100 3-9% faster than 128 at batches 8-256 (at batch 1 equal in one call,
+    # 1.8 us slower in another) and the fp8 reference workload 1.6% faster. On an H200 not yet timed
+    # as shipped: with a 96-register cap 2-4% faster at batches 128-256 and 3-9% slower at 8-64
+    # (benchmarks/README.md, sessions 29, 30, 35 and 36).
     launch = {"num_warps": 4, "num_stages": 5 if fp8 and v_key_major else 3} | (launch or {})
     warp_split = launch.pop("warp_split", 1)
     one_loop = fp8 and v_key_major and block_size % block_n == 0
